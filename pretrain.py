@@ -1,0 +1,353 @@
+"""
+pretrain.py: next-token pretraining of a small Qwen2-style Transformer on packed text.
+
+    tokenizer + data/pretrain.txt  ->  out/pretrain.pt
+
+Run (after `python data.py` and `python tokenizer.py`):
+
+    python pretrain.py                                    # CPU defaults, ~3 minutes on 2 cores
+    python pretrain.py --preset 30m --device cuda --compile          # one GPU
+    torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
+    python pretrain.py --resume                           # continue after a crash / kill -9
+
+Implementation details:
+1. The corpus is tokenized once and cached as a numpy memmap next to the data
+   (`data/pretrain.txt.<hash>.bin`, uint16 when the vocab fits). The hash covers the tokenizer
+   and the data bytes, so a new tokenizer or new data re-tokenizes, nothing else does.
+2. Documents are joined with <|endoftext|> and training reads random windows of `context + 1`
+   tokens from the stream (packed: no compute is spent on padding). The last `val_fraction` of
+   the stream is held out for validation.
+3. The windows of step s come from a generator seeded with (seed, s): the data position is the
+   step, so `--resume` replays exactly the batches an uninterrupted run would have seen.
+4. DDP: every rank draws the same global batch and takes its own rows (rank::world), so N
+   processes see the same data as one process with the same global batch. Only rank 0 prints
+   and saves.
+5. AdamW with weight decay on matrices only (norms, biases, embeddings are not decayed), linear
+   warmup then cosine decay to 10 % (nanoGPT), gradient accumulation, gradient clipping at 1.0.
+6. bf16 autocast on CUDA (float32 elsewhere); `--compile` wraps the model in torch.compile.
+7. Validation loss is also reported in bits per byte, loss / ln 2 * tokens / bytes, which does not
+   depend on the tokenizer, next to the unigram entropy of the data (what a model that ignores
+   context would reach).
+8. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
+   one does not. Writes are atomic, so a kill -9 during a save leaves the previous checkpoint.
+"""
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
+from tokenizer import Tokenizer
+
+PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)
+    "tiny": (128, 4, 4, 2, 384, 128),  # ~0.9M params + embeddings: the CPU default
+    "30m": (384, 12, 6, 2, 1024, 1024),  # ~30M with a 16k vocab, one GPU in minutes
+    "125m": (768, 12, 12, 4, 2048, 1024),  # ~125M with a 32k vocab, GPT-2 small scale
+}
+
+
+@dataclass
+class Args:
+    data: str = "data/pretrain.txt"
+    """training text: .txt (documents separated by a blank line) or .jsonl with {"text": ...}"""
+    tokenizer: str = "out/tokenizer.json"
+    """tokenizer file written by tokenizer.py"""
+    out: str = "out/pretrain.pt"
+    """checkpoint to write (the metrics go to the same path with .jsonl)"""
+    preset: str = "tiny"
+    """model size: tiny (CPU), 30m or 125m (one GPU); the size flags below override it"""
+    hidden_size: int = 0
+    """width of the residual stream (0 = from the preset)"""
+    num_layers: int = 0
+    """number of Transformer blocks (0 = from the preset)"""
+    context: int = 0
+    """sequence length in tokens (0 = from the preset)"""
+    steps: int = 1200
+    """optimizer steps"""
+    batch_size: int = 16
+    """sequences per optimizer step, summed over ranks and accumulation steps"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (per rank)"""
+    lr: float = 3e-3
+    """peak learning rate"""
+    warmup: int = 100
+    """linear warmup steps"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm at this value (0 = off)"""
+    val_fraction: float = 0.02
+    """share of the token stream held out for validation"""
+    eval_every: int = 300
+    """evaluate (validation loss, bits per byte, a sample) every N steps"""
+    eval_batches: int = 8
+    """validation batches per evaluation"""
+    save_every: int = 300
+    """write a resumable checkpoint every N steps"""
+    log_every: int = 50
+    """print a progress line every N steps"""
+    resume: bool = False
+    """continue from the resumable checkpoint at --out"""
+    device: str = "auto"
+    """cuda, mps, cpu or auto (the first available)"""
+    dtype: str = "auto"
+    """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
+    compile: bool = False
+    """torch.compile the model"""
+    seed: int = 0
+    """random seed (weights and data order)"""
+
+
+def parse_args(cls):
+    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+        else:
+            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+    return cls(**vars(parser.parse_args()))
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def read_documents(path: str) -> list[str]:
+    """Documents of a .txt file (separated by blank lines) or a .jsonl file ({"text": ...})."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass --data")
+    documents = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f'{path}:{line_no}: expected an object with a string "text"')
+                documents.append(record["text"])
+        else:
+            documents = [d.strip("\n") for d in f.read().split("\n\n")]
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise ValueError(f"{path}: the corpus is empty")
+    return documents
+
+
+# detail 1: tokenize once, cache as a memmap keyed by the tokenizer and the data
+def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
+    """The corpus as one token stream (documents joined by <|endoftext|>), cached next to the data."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass --data")
+    key = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
+    with open(path, "rb") as f:
+        key.update(f.read())
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    cache = f"{path}.{key.hexdigest()[:12]}.bin"
+    if not os.path.exists(cache):
+        documents = read_documents(path)
+        tokens = tokenizer.encode_array(documents)  # joined by <|endoftext|>
+        with open(cache + ".tmp", "wb") as f:
+            f.write(np.asarray(tokens, dtype=dtype).tobytes())
+        os.replace(cache + ".tmp", cache)
+    return np.memmap(cache, dtype=dtype, mode="r")
+
+
+# detail 3: the windows of a step depend only on (seed, step)
+def get_batch(tokens: np.ndarray, batch_size: int, context: int, seed: int, step: int):
+    """batch_size random windows of context + 1 tokens: inputs and next-token targets, (B, T) each."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts]))
+    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
+def format_time(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def main(args: Args):
+    # -------------------------------------------------------------- distributed, device, dtype
+    ddp = "RANK" in os.environ  # set by torchrun
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    torch.manual_seed(args.seed)
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+    micro_batch = args.batch_size // (world * args.grad_accum)
+
+    # -------------------------------------------------------------- data and model
+    if not os.path.exists(args.tokenizer):
+        raise FileNotFoundError(f"{args.tokenizer} not found: run `python tokenizer.py` first")
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if ddp and not master:
+        dist.barrier()  # rank 0 writes the token cache first
+    tokens = load_tokens(args.data, tokenizer)
+    if ddp and master:
+        dist.barrier()
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    preset_hidden, layers, heads, kv_heads, intermediate, context = PRESETS[args.preset]
+    hidden, layers, context = args.hidden_size or preset_hidden, args.num_layers or layers, args.context or context
+    intermediate = intermediate * hidden // preset_hidden  # the MLP keeps the preset's width ratio
+    n_val = max(int(len(tokens) * args.val_fraction), context + 2)
+    train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
+    if len(train_tokens) < context + 2:
+        raise ValueError(f"{args.data}: {len(tokens)} tokens is too few for a context of {context}")
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
+    )
+    model, step = Transformer(config).to(args.device), 0
+    if args.resume:  # detail 8: the model, optimizer, RNG and step of the last resumable checkpoint
+        model, _, checkpoint = load_checkpoint(args.out, device=args.device)
+        if "optimizer" not in checkpoint:
+            raise ValueError(f"{args.out} is a finished run (step {checkpoint['step']}): nothing to resume")
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        step = checkpoint["step"]
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    if args.resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+
+    # detail 7: bits per byte needs bytes per token on the validation text; unigram entropy for scale
+    val_bytes = len(tokenizer.decode(val_tokens.tolist()).encode("utf-8"))
+    tokens_per_byte = len(val_tokens) / val_bytes
+    counts = np.bincount(train_tokens, minlength=tokenizer.vocab_size).astype(np.float64)
+    probs = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(probs * np.log(probs)).sum())
+
+    @torch.no_grad()
+    def evaluate():
+        raw_model.eval()
+        losses = []
+        for i in range(args.eval_batches):
+            inputs, targets = get_batch(val_tokens, micro_batch, context, seed=10_000 + args.seed, step=i)
+            with autocast:
+                losses.append(raw_model(inputs.to(args.device), targets.to(args.device))[1].item())
+        prompt = [tokenizer.eot_id]
+        sample = generate(raw_model, [prompt], 48, temperature=0.8, top_k=50, generator=torch.Generator(args.device).manual_seed(0))[0]
+        raw_model.train()
+        loss = sum(losses) / len(losses)
+        return loss, loss / math.log(2) * tokens_per_byte, tokenizer.decode(sample[0].tolist())
+
+    # -------------------------------------------------------------- the training loop
+    tokens_per_step = args.batch_size * context
+    if master:
+        print(f"pretrain | {raw_model.num_params() / 1e6:.2f}M params (non-embedding), context {context}, "
+              f"{len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on {args.device} in {args.dtype}")
+        print(f"pretrain | {args.steps * tokens_per_step / 1e6:.1f}M tokens to see: "
+              f"{args.steps * tokens_per_step / raw_model.num_params(non_embedding=False):.1f} tokens per parameter "
+              f"(Chinchilla-optimal is ~20) | unigram entropy {unigram_entropy:.3f} nats/token")
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        log_path = os.path.splitext(args.out)[0] + ".jsonl"
+        kept = []  # on resume, keep only the log lines of the steps that are not replayed
+        if args.resume and os.path.exists(log_path):
+            kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+        log_file = open(log_path, "w")
+        log_file.writelines(kept)
+    start_time, start_step, last_time = time.time(), step, time.time()
+    model.train()
+    while step < args.steps:
+        lr = lr_at(step, args.lr, args.warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # detail 4: the global batch of this step, of which this rank takes its rows
+        inputs, targets = get_batch(train_tokens, args.batch_size, context, args.seed, step)
+        inputs, targets = inputs[rank::world].to(args.device), targets[rank::world].to(args.device)
+        loss_sum = torch.zeros((), device=args.device)
+        for micro in range(args.grad_accum):
+            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
+            with sync, autocast:
+                _, loss = model(inputs[rows], targets[rows])
+            with sync:
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            if ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            if master:
+                now = time.time()
+                elapsed, rate = now - start_time, (step - start_step) / (now - start_time)
+                tok_per_s = tokens_per_step * min(args.log_every, step - start_step) / (now - last_time)
+                last_time = now
+                print(f"pretrain | step {step}/{args.steps} | loss {loss_sum.item():.4f} | lr {lr:.1e} | "
+                      f"{tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
+                log_file.write(json.dumps({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                log_file.flush()
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            val_loss, val_bpb, sample = evaluate()
+            print(f"pretrain | step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f} | sample: {sample[:120]!r}")
+            log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb}) + "\n")
+            log_file.flush()
+        # detail 8: resumable checkpoints carry the optimizer and the RNG state
+        if master and step % args.save_every == 0 and step < args.steps:
+            save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step, args=dataclasses.asdict(args),
+                            optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+
+    if master:
+        metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": unigram_entropy}
+        save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step, args=dataclasses.asdict(args), metrics=metrics)
+        print(f"pretrain | done in {format_time(time.time() - start_time)} | val loss {val_loss:.4f} nats/token "
+              f"(unigram entropy {unigram_entropy:.4f}) | val bpb {val_bpb:.4f} | wrote {args.out}")
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(Args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,343 @@
+"""
+sft.py: supervised fine-tuning on conversations, with the loss on assistant tokens only.
+
+    out/pretrain.pt + data/sft.jsonl  ->  out/sft.pt
+
+Run:
+
+    python sft.py                                         # CPU defaults, ~1 minute on 2 cores
+    python sft.py --device cuda --batch-size 64 --steps 2000          # one GPU
+    torchrun --nproc_per_node 8 sft.py --batch-size 256               # many GPUs, no code change
+    python sft.py --resume                                # continue after a crash / kill -9
+
+Implementation details:
+1. Each {"messages": [...]} line is rendered with the ChatML template by `encode_chat`, which
+   also returns the assistant mask: 1 on the assistant's reply tokens and their closing
+   <|im_end|>, 0 on system and user turns and on the `<|im_start|>assistant\\n` headers. The model
+   learns to answer and to stop, never to imitate the user.
+2. Targets are the next tokens where the mask is 1 and -100 (ignored) elsewhere, so the loss is
+   the mean cross-entropy over assistant tokens only.
+3. Conversations longer than the context are cut at the context (counted in a warning).
+4. Length-bucketed batches instead of pad-to-max: every epoch is shuffled, then sorted by length
+   within windows of 64 batches, so a batch holds conversations of similar length and little
+   compute goes to padding. Right padding needs no attention mask: causal attention never looks
+   ahead at it.
+5. The loss of a step is the sum over the assistant tokens of the whole global batch divided by
+   their count, so every token weighs the same whatever the micro-batch or rank it lands on
+   (and N ranks give the same loss as one process).
+6. The schedule, optimizer, clipping, DDP, resume and progress line are pretrain.py's.
+7. Before and after training: greedy replies to the held-out prompts of data/eval.jsonl, exact
+   match after stripping whitespace, per task family, and the share of replies that end with
+   <|im_end|>.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import generate, load_checkpoint, save_checkpoint
+from tokenizer import Tokenizer
+
+
+@dataclass
+class Args:
+    init: str = "out/pretrain.pt"
+    """checkpoint to fine-tune (from pretrain.py)"""
+    data: str = "data/sft.jsonl"
+    """conversations, one {"messages": [...]} per line"""
+    eval_data: str = "data/eval.jsonl"
+    """held-out prompts with answers, for the before/after accuracy"""
+    out: str = "out/sft.pt"
+    """checkpoint to write (the metrics go to the same path with .jsonl)"""
+    steps: int = 400
+    """optimizer steps"""
+    batch_size: int = 32
+    """conversations per optimizer step, summed over ranks and accumulation steps"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (per rank)"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    warmup: int = 40
+    """linear warmup steps"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm at this value (0 = off)"""
+    max_new_tokens: int = 32
+    """reply length limit for the held-out evaluation"""
+    save_every: int = 200
+    """write a resumable checkpoint every N steps"""
+    log_every: int = 50
+    """print a progress line every N steps"""
+    resume: bool = False
+    """continue from the resumable checkpoint at --out"""
+    device: str = "auto"
+    """cuda, mps, cpu or auto (the first available)"""
+    dtype: str = "auto"
+    """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
+    compile: bool = False
+    """torch.compile the model"""
+    seed: int = 0
+    """random seed (data order)"""
+
+
+def parse_args(cls):
+    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+        else:
+            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+    return cls(**vars(parser.parse_args()))
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
+    """The records of a JSONL file; a malformed line is an error naming file:line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass the path")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            missing = [key for key in required if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} has no records")
+    return records
+
+
+# detail 1, 2, 3: render, mask, shift, truncate
+def sft_example(tokenizer: Tokenizer, messages: list[dict], context: int) -> tuple[list[int], list[int], bool]:
+    """(inputs, targets, truncated): targets are the next token on assistant positions, -100 elsewhere."""
+    ids, mask = tokenizer.encode_chat(messages)
+    truncated = len(ids) > context + 1
+    ids, mask = ids[: context + 1], mask[: context + 1]
+    targets = [token if keep else -100 for token, keep in zip(ids[1:], mask[1:])]
+    return ids[:-1], targets, truncated
+
+
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose target is not -100 (the reference the model's
+    chunked loss is tested against): logits (B, T, V), targets (B, T)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+# detail 4: length-bucketed batches; the batch of a step depends only on (seed, step)
+def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the conversations in the global batch of `step`."""
+    batches_per_epoch = len(lengths) // batch_size
+    epoch, index = divmod(step, batches_per_epoch)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    window = 64 * batch_size
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: lengths[i])]
+    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
+    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
+    return batches[shuffle[index]]
+
+
+def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows])  # (B, T)
+
+
+# detail 7: held-out accuracy with greedy replies
+@torch.no_grad()
+def heldout_accuracy(model, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 128) -> dict:
+    """Exact-match accuracy of greedy replies (overall and per family) and the share that end with <|im_end|>."""
+    was_training = model.training
+    model.eval()
+    correct, total, well_formed = defaultdict(int), defaultdict(int), 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [tokenizer.encode_prompt(r["prompt"]) for r in chunk]
+        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
+        for record, tokens, row_mask in zip(chunk, completions.tolist(), mask.tolist()):
+            tokens = tokens[: int(sum(row_mask))]
+            ended = bool(tokens) and tokens[-1] == tokenizer.im_end_id
+            reply = tokenizer.decode(tokens[:-1] if ended else tokens)
+            family = record.get("family", "all")
+            correct[family] += reply.strip() == str(record["answer"]).strip()
+            total[family] += 1
+            well_formed += ended
+    model.train(was_training)
+    result = {"accuracy": sum(correct.values()) / len(records), "well_formed": well_formed / len(records)}
+    result.update({f"accuracy/{family}": correct[family] / total[family] for family in sorted(total)})
+    return result
+
+
+def format_accuracy(result: dict) -> str:
+    families = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items() if k.startswith("accuracy/"))
+    return f"accuracy {result['accuracy']:.1%} ({families}) | ends with <|im_end|> {result['well_formed']:.0%}"
+
+
+def format_time(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def main(args: Args):
+    # -------------------------------------------------------------- distributed, device, dtype
+    ddp = "RANK" in os.environ  # set by torchrun
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    torch.manual_seed(args.seed)
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+    micro_batch = args.batch_size // (world * args.grad_accum)
+
+    # -------------------------------------------------------------- data and model
+    model, tokenizer, _ = load_checkpoint(args.resume and args.out or args.init, device=args.device, head="lm")
+    context = model.config.max_position_embeddings
+    examples, truncated = [], 0
+    for line_no, record in enumerate(read_jsonl(args.data, required=("messages",)), 1):
+        messages = record["messages"]
+        if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise ValueError(f"{args.data}:{line_no}: a conversation needs at least one assistant turn")
+        try:
+            inputs, targets, cut = sft_example(tokenizer, messages, context)
+        except ValueError as e:
+            raise ValueError(f"{args.data}:{line_no}: {e}") from None
+        truncated += cut
+        if any(t != -100 for t in targets):
+            examples.append((inputs, targets))
+    if len(examples) < args.batch_size:
+        raise ValueError(f"{args.data}: {len(examples)} usable conversations, fewer than --batch-size {args.batch_size}")
+    if truncated and master:
+        print(f"sft | warning: {truncated} of {len(examples)} conversations were longer than the context ({context}) and were cut")
+    lengths = [len(inputs) for inputs, _ in examples]
+    eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
+
+    step = 0
+    if args.resume:  # the model came from --out above; now the optimizer, RNG and step
+        checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
+        if "optimizer" not in checkpoint:
+            raise ValueError(f"{args.out} is a finished run (step {checkpoint['step']}): nothing to resume")
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        step = checkpoint["step"]
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    if args.resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+
+    # -------------------------------------------------------------- the training loop
+    if master:
+        before = checkpoint["metrics"]["before"] if args.resume else heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
+        print(f"sft | {len(examples)} conversations, {sum(lengths) / len(lengths):.0f} tokens on average, {world} process(es) on {args.device} in {args.dtype}")
+        print(f"sft | before: {format_accuracy(before)}")
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        log_path = os.path.splitext(args.out)[0] + ".jsonl"
+        kept = []  # on resume, keep only the log lines of the steps that are not replayed
+        if args.resume and os.path.exists(log_path):
+            kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+        log_file = open(log_path, "w")
+        log_file.writelines(kept)
+    start_time, start_step, last_time, tokens_seen = time.time(), step, time.time(), 0
+    model.train()
+    while step < args.steps:
+        lr = lr_at(step, args.lr, args.warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [examples[i] for i in batch_indices(lengths, args.batch_size, args.seed, step)]
+        n_targets = sum(t != -100 for _, targets in batch for t in targets)  # detail 5: of the global batch
+        batch = batch[rank::world]
+        loss_sum = torch.zeros((), device=args.device)
+        for micro in range(args.grad_accum):
+            rows = batch[micro * micro_batch : (micro + 1) * micro_batch]
+            inputs = pad_batch([inputs for inputs, _ in rows], tokenizer.pad_id).to(args.device)
+            targets = pad_batch([targets for _, targets in rows], -100).to(args.device)
+            n_micro = (targets != -100).sum()
+            tokens_seen += inputs.numel() * world
+            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
+            with sync, autocast:
+                _, loss = model(inputs, targets)  # mean over this micro-batch's assistant tokens
+                loss = loss * n_micro / n_targets  # its share of the global mean
+            with sync:
+                (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
+            loss_sum += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            if ddp:
+                dist.all_reduce(loss_sum)
+            if master:
+                now = time.time()
+                elapsed, rate = now - start_time, (step - start_step) / (now - start_time)
+                tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
+                print(f"sft | step {step}/{args.steps} | loss {loss_sum.item():.4f} | lr {lr:.1e} | "
+                      f"{tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
+                log_file.write(json.dumps({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                log_file.flush()
+        if master and step % args.save_every == 0 and step < args.steps:
+            save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step, args=dataclasses.asdict(args),
+                            metrics={"before": before}, optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+
+    if master:
+        after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
+        save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step, args=dataclasses.asdict(args),
+                        metrics={"before": before, "after": after})
+        print(f"sft | done in {format_time(time.time() - start_time)}")
+        print(f"sft | before: {format_accuracy(before)}")
+        print(f"sft | after:  {format_accuracy(after)} | wrote {args.out}")
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(Args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
