@@ -40,7 +40,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import generate, load_checkpoint, save_checkpoint
+from model import format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -172,36 +171,6 @@ def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])  # (B, T)
 
 
-# detail 7: held-out accuracy with greedy replies
-@torch.no_grad()
-def heldout_accuracy(model, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 128) -> dict:
-    """Exact-match accuracy of greedy replies (overall and per family) and the share that end with <|im_end|>."""
-    was_training = model.training
-    model.eval()
-    correct, total, well_formed = defaultdict(int), defaultdict(int), 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [tokenizer.encode_prompt(r["prompt"]) for r in chunk]
-        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
-        for record, tokens, row_mask in zip(chunk, completions.tolist(), mask.tolist()):
-            tokens = tokens[: int(sum(row_mask))]
-            ended = bool(tokens) and tokens[-1] == tokenizer.im_end_id
-            reply = tokenizer.decode(tokens[:-1] if ended else tokens)
-            family = record.get("family", "all")
-            correct[family] += reply.strip() == str(record["answer"]).strip()
-            total[family] += 1
-            well_formed += ended
-    model.train(was_training)
-    result = {"accuracy": sum(correct.values()) / len(records), "well_formed": well_formed / len(records)}
-    result.update({f"accuracy/{family}": correct[family] / total[family] for family in sorted(total)})
-    return result
-
-
-def format_accuracy(result: dict) -> str:
-    families = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items() if k.startswith("accuracy/"))
-    return f"accuracy {result['accuracy']:.1%} ({families}) | ends with <|im_end|> {result['well_formed']:.0%}"
-
-
 def format_time(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
@@ -268,7 +237,7 @@ def main(args: Args):
         model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
 
     # -------------------------------------------------------------- the training loop
-    if master:
+    if master:  # detail 7: held-out accuracy before training
         before = checkpoint["metrics"]["before"] if args.resume else heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
         print(f"sft | {len(examples)} conversations, {sum(lengths) / len(lengths):.0f} tokens on average, {world} process(es) on {args.device} in {args.dtype}")
         print(f"sft | before: {format_accuracy(before)}")

@@ -47,6 +47,14 @@ def world(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(world):
+    """out/sft.pt of the tiny world: the starting point of every post-training stage's tests."""
+    run_ok(os.path.join(ROOT, "sft.py"), *TINY_SFT(world), "--steps", "20", "--log-every", "10",
+           "--out", str(world / "out" / "sft.pt"))
+    return world / "out" / "sft.pt"
+
+
 def TINY_PRETRAIN(d):
     return ["--data", str(d / "data" / "pretrain.txt"), "--tokenizer", str(d / "out" / "tokenizer.json"),
             "--hidden-size", "32", "--num-layers", "2", "--context", "64", "--batch-size", "8", "--lr", "3e-3",
