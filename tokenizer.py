@@ -1,0 +1,449 @@
+"""
+Byte-level BPE tokenizer (the GPT-2 / Qwen2 kind): train, encode, decode, special tokens, chat template.
+numpy and the standard library only.
+
+    python tokenizer.py --data data/pretrain.txt --vocab-size 4096 --out out/tokenizer.json
+
+    tok = Tokenizer.load("out/tokenizer.json")
+    ids = tok.encode("Hello world!")            # list[int]; tok.decode(ids) == "Hello world!"
+    arr = tok.encode_array(documents)           # np.uint16 array, documents joined by <|endoftext|>
+    ids, mask = tok.encode_chat([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}])
+
+Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens <|endoftext|>,
+<|im_start|>, <|im_end|>. `out/tokenizer.json` holds the pattern, the special tokens and the merges in
+order; `to_dict()` is the same content, stored inside every checkpoint.
+
+Implementation details:
+1. Pre-tokenization cuts text into pieces with Qwen2's pattern before any merge: tokens never cross a
+   word / space / punctuation boundary, and numbers are single digits (arithmetic is learned digit by
+   digit). Stdlib `re` has no \\p{L} or \\p{N}, but its \\w is exactly letters + numbers + "_" and its \\d
+   the decimal digits, so a letter is `[^\\W\\d_]` minus the other numbers ('²', '½', 'Ⅻ', ...), which
+   we list; \\s is spelled out as Unicode White_Space (`re`'s \\s also takes \\x1c-\\x1f). Differences left
+   from the original pattern (tiktoken, Hugging Face): the rare numbers outside the BMP (Aegean
+   numerals, counting rods, '🄁') count as letters, and characters newer than Python's Unicode
+   database (14.0 in Python 3.11) count as punctuation.
+2. Training (Sennrich et al. 2016) counts the unique pieces once; a word is a list of ids with a count.
+   A merge updates pair counts only in the words that contain the pair (a pair -> words index), and
+   the best pair comes from a lazy max-heap: a popped entry whose count is stale is pushed back with
+   its current count, so the first up-to-date entry is the true maximum.
+3. Tie rule: the highest count wins; ties go to the smallest pair (left, right), with the 256 bytes
+   ordered by their printable GPT-2 character and merged tokens after them in creation order. That is
+   Hugging Face's ByteLevel id order, so the merges are the ones `tokenizers` learns (identical on 5 MB
+   of code at vocab 4096 and 16384: bench/bench_tokenizer.py).
+4. If a pair spells bytes that are already a token (two paths to one string), the words get that
+   token and no merge is recorded, as Hugging Face does: tokens have distinct bytes.
+5. Special tokens never take part in merges: training text is cut at them; `encode` treats text that
+   looks like one as plain text unless `allowed_special` allows it.
+6. Encoding merges, inside each piece, the adjacent pair whose merged bytes have the lowest id until no
+   pair is a token (tiktoken's rule; same ids as tiktoken loaded with our merges). Results are cached
+   per piece and per chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`):
+   most chunks repeat, and a repeated chunk costs one dict lookup instead of a regex pass. Ids are
+   kept packed as uint16 bytes, so joining them and making the list / array are C loops.
+7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
+   "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
+8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
+   `<|im_start|>assistant\\n`. Each part is encoded on its own (contents as plain text), so the mask is
+   exact: 1 on the assistant contents and their closing <|im_end|>, 0 elsewhere.
+"""
+import argparse
+import ast
+import dataclasses
+import heapq
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from array import array
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_ROLES = ("system", "user", "assistant")
+
+# detail 1: Qwen2's (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+# \s*[\r\n]+|\s+(?!\S)|\s+   for stdlib `re`
+_OTHER_NUMBERS = "".join(c for c in filter(str.isnumeric, map(chr, range(0x10000)))
+                         if not c.isdecimal() and not c.isalpha())  # ²³¹¼½¾ Ⅰ-ↈ ①-⑳ ... in the BMP
+_SPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # White_Space but \r\n
+_WS = _SPACE + r"\r\n"
+_LETTER = rf"[^\W\d_{_OTHER_NUMBERS}]"
+SPLIT_PATTERN = "|".join([
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",            # English contractions
+    rf"[^\r\n\w]?{_LETTER}+|_{_LETTER}+",       # a word, after one space or mark ("_" is a mark too)
+    rf"[\d{_OTHER_NUMBERS}]",                   # one digit
+    rf" ?(?:_|[^\w{_WS}])+[\r\n]*",             # punctuation, with the newlines after it
+    rf"[{_WS}]*[\r\n]+",                        # newlines, with the spaces before them
+    rf"[{_WS}]+(?![^{_WS}])",                   # spaces, leaving the last one to the next word
+    rf"[{_WS}]+",
+])
+# detail 6: every piece ends (a) between a non-space and a following space (any whitespace but \r \n)
+# and (b) after the last newline of a whitespace run: no branch runs on from a non-space into spaces, or
+# from a newline into spaces and then a non-space, and none looks behind. So text cut at these points
+# splits chunk by chunk into the same pieces. A chunk: [spaces] non-spaces [whitespace to its last newline].
+_CHUNK_PATTERN = rf"[{_SPACE}]*[^{_WS}]+(?:[{_WS}]*[\r\n])?|[{_WS}]*[\r\n]|[{_WS}]+"
+
+# detail 3: GPT-2's printable stand-ins for bytes; Hugging Face's ByteLevel alphabet is sorted by them
+_PRINTABLE_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]
+_HF_BYTE_ORDER = _PRINTABLE_BYTES + [b for b in range(256) if b not in _PRINTABLE_BYTES]
+_BYTE_SORT_KEY = [_HF_BYTE_ORDER.index(b) for b in range(256)]
+_BYTES = [bytes([b]) for b in range(256)]
+
+
+class _Cache(dict):
+    """A dict that computes a missing value with `fn`; hits stay C lookups in map(cache.__getitem__, keys)."""
+
+    def __init__(self, fn, max_size=1 << 19):
+        super().__init__()
+        self.fn, self.max_size = fn, max_size
+
+    def __missing__(self, key):
+        if len(self) >= self.max_size:  # bound the memory on huge corpora
+            self.clear()
+        value = self[key] = self.fn(key)
+        return value
+
+
+class Tokenizer:
+    def __init__(self, merges, special_tokens=SPECIAL_TOKENS, pattern=SPLIT_PATTERN):
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.pattern = pattern
+        self.vocab = list(_BYTES)  # id -> bytes
+        for i, (a, b) in enumerate(self.merges):
+            if not (0 <= a < 256 + i and 0 <= b < 256 + i):
+                raise ValueError(f"merge {i} ({a}, {b}) uses an id that does not exist yet")
+            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.ranks = {token: i for i, token in enumerate(self.vocab)}  # bytes -> id, the BPE rank
+        if len(self.ranks) != len(self.vocab):
+            raise ValueError("two merges make the same token, which training never does")
+        if not set(SPECIAL_TOKENS) <= set(special_tokens) or len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special tokens must be distinct and include {SPECIAL_TOKENS}, got {special_tokens}")
+        self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
+        self.vocab += [s.encode("utf-8") for s in special_tokens]
+        self.vocab_size = len(self.vocab)
+        self.eot_id, self.im_start_id, self.im_end_id = (self.special_tokens[s] for s in SPECIAL_TOKENS)
+        self.pad_id = self.eot_id  # padding is always masked out, any id will do
+        try:
+            self._split = re.compile(pattern).findall
+        except re.error as e:
+            raise ValueError(f"bad split pattern: {e}") from None
+        # the chunk cut points are proven for SPLIT_PATTERN only; another pattern splits the whole text
+        self._chunks = re.compile(_CHUNK_PATTERN).findall if pattern == SPLIT_PATTERN else None
+        self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
+        self._typecode = "H" if self.dtype == np.uint16 else "i"  # array module code of self.dtype
+        self._piece_ids = _Cache(self._bpe)  # piece -> packed ids
+        self._chunk_ids = _Cache(self._encode_chunk)  # chunk -> packed ids
+
+    # ---------------------------------------------------------------------------------- encoding
+    def _bpe(self, piece: str) -> bytes:
+        """detail 6: merge the adjacent pair with the lowest-id merged token until no pair is a token."""
+        data = piece.encode("utf-8")
+        if data in self.ranks:  # frequent pieces are one token
+            return self._pack([self.ranks[data]])
+        ranks, none = self.ranks, 1 << 30
+        parts = list(map(_BYTES.__getitem__, data))
+        pair_ranks = [ranks.get(a + b, none) for a, b in zip(parts, parts[1:])] + [none]  # of parts[i:i+2]
+        while (best := min(pair_ranks)) != none:
+            i = pair_ranks.index(best)  # the leftmost of equal ranks, as tiktoken
+            parts[i] += parts.pop(i + 1)
+            del pair_ranks[i]  # only the pairs around the merge change
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], none)
+            if i + 1 < len(parts):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], none)
+        return self._pack(map(ranks.__getitem__, parts))
+
+    def _pack(self, ids) -> bytes:
+        return array(self._typecode, ids).tobytes()
+
+    def _encode_chunk(self, text: str) -> bytes:
+        return b"".join(map(self._piece_ids.__getitem__, self._split(text)))
+
+    def _encode_ordinary(self, text: str) -> bytes:
+        """Packed ids of `text`, with no special tokens."""
+        if self._chunks is None:
+            return self._encode_chunk(text)
+        return b"".join(map(self._chunk_ids.__getitem__, self._chunks(text)))
+
+    def encode(self, text: str, allowed_special=()) -> list:
+        """Ids of `text`. Special-token text is plain text unless in `allowed_special` ("all" or a set)."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str, got {type(text).__name__}")
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if allowed - set(self.special_tokens):
+            raise ValueError(f"unknown special tokens {sorted(allowed - set(self.special_tokens))}")
+        parts = re.split(_special_regex(allowed), text) if allowed else [text]  # text, special, text, ...
+        packed = [self._pack([self.special_tokens[p]]) if i % 2 else self._encode_ordinary(p)
+                  for i, p in enumerate(parts)]
+        return array(self._typecode, b"".join(packed)).tolist()
+
+    def encode_array(self, text) -> np.ndarray:
+        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>."""
+        documents = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(doc, str) for doc in documents):
+            raise ValueError("encode_array takes a str or a list of str")
+        packed = bytearray(self._pack([self.eot_id])).join(map(self._encode_ordinary, documents))
+        return np.frombuffer(packed, dtype=self.dtype)  # a writable array over the bytearray, no copy
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; ids that cut a UTF-8 character decode to U+FFFD instead of raising (detail 7)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        return b"".join([self.vocab[i] for i in ids]).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------------------------- chat
+    def render_chat(self, messages, add_generation_prompt=False) -> str:
+        """ChatML text of `messages` (detail 8)."""
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in _check_messages(messages))
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def encode_chat(self, messages, add_generation_prompt=False) -> tuple:
+        """(ids, mask) of `messages`; mask is 1 exactly on assistant contents and their closing <|im_end|>."""
+        ids, mask = [], []
+        newline = self.encode("\n")
+        for m in _check_messages(messages):
+            header = [self.im_start_id] + self.encode(m["role"] + "\n")
+            body = self.encode(m["content"]) + [self.im_end_id]  # contents stay plain text
+            ids += header + body + newline
+            mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body) + [0] * len(newline)
+        if add_generation_prompt:
+            header = [self.im_start_id] + self.encode("assistant\n")
+            ids, mask = ids + header, mask + [0] * len(header)
+        return ids, mask
+
+    def encode_prompt(self, prompt) -> list:
+        """A prompt (a str is one user message, or a messages list) and then `<|im_start|>assistant\\n`."""
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return self.encode_chat(prompt, add_generation_prompt=True)[0]
+
+    # ---------------------------------------------------------------------------------- storage
+    def to_dict(self) -> dict:
+        return {"type": "byte-level-bpe", "pattern": self.pattern,
+                "special_tokens": list(self.special_tokens), "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def from_dict(cls, d) -> "Tokenizer":
+        if not (isinstance(d, dict) and d.get("type") == "byte-level-bpe" and isinstance(d.get("pattern"), str)
+                and isinstance(d.get("special_tokens"), list) and all(isinstance(s, str) for s in d["special_tokens"])
+                and isinstance(d.get("merges"), list)
+                and all(isinstance(m, list) and len(m) == 2 and all(type(i) is int for i in m) for m in d["merges"])):
+            raise ValueError("not a tokenizer: expected {type: byte-level-bpe, pattern, special_tokens, merges}")
+        return cls(d["merges"], tuple(d["special_tokens"]), d["pattern"])
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.to_dict(), f)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `python tokenizer.py --out {path}` first")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+
+    # --------------------------------------------------------------------------------- training
+    @classmethod
+    def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS, processes: int = 1,
+              verbose: bool = False) -> "Tokenizer":
+        """Learn vocab_size - 256 - len(special_tokens) merges from `text`, a str or a list of documents."""
+        n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0:
+            raise ValueError(f"vocab size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens")
+        cut = re.compile(_special_regex(special_tokens))  # detail 5: special-token text is never merged
+        documents = [part for doc in ([text] if isinstance(text, str) else text)
+                     for part in cut.split(doc)[::2] if part]
+        if not documents:
+            raise ValueError("empty corpus: no text to train on")
+        t0 = time.time()
+        groups = [documents[i::processes] for i in range(min(processes, len(documents)))]
+        if len(groups) > 1:  # counts are sums over documents, so any split of the documents is exact
+            with multiprocessing.Pool(len(groups)) as pool:
+                word_counts = sum(pool.map(_count_pieces, groups), Counter())
+        else:
+            word_counts = _count_pieces(documents)
+        if verbose:
+            print(f"pre-tokenized: {len(word_counts):,} unique pieces in {time.time() - t0:.1f}s")
+        merges = _learn_merges({w.encode("utf-8"): n for w, n in word_counts.items()}, n_merges, verbose)
+        return cls(merges, special_tokens)
+
+
+def _special_regex(specials) -> str:
+    """`(a|b|c)`, longest first so that a special token that starts another one can't cut it."""
+    return "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
+
+
+def _check_messages(messages) -> list:
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: content must be a str, got {type(m.get('content')).__name__}")
+    return messages
+
+
+def _count_pieces(documents) -> Counter:
+    """Counts of the pre-tokenized pieces; each unique chunk (detail 6) is split once, with its count."""
+    chunk_counts = Counter()
+    for doc in documents:
+        chunk_counts.update(re.findall(_CHUNK_PATTERN, doc))
+    split, piece_counts = re.compile(SPLIT_PATTERN).findall, defaultdict(int)
+    for chunk, n in chunk_counts.items():
+        for piece in split(chunk):
+            piece_counts[piece] += n
+    return Counter(piece_counts)
+
+
+def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
+    """detail 2: the classic incremental BPE trainer. word_counts: {bytes: count} of the unique pieces."""
+    words = [list(w) for w in word_counts]  # each word as a list of token ids, merged in place
+    counts = list(word_counts.values())
+    pair_counts = defaultdict(int)  # (left, right) -> occurrences, weighted by word counts
+    where = defaultdict(set)  # (left, right) -> indices of the words that contain (or contained) it
+    for i, (word, n) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += n
+            where[pair].add(i)
+    sort_key = list(_BYTE_SORT_KEY)  # detail 3: the tie order of ids; each merged id appends itself
+    heap = [(-n, sort_key[a], sort_key[b], a, b) for (a, b), n in pair_counts.items()]
+    heapq.heapify(heap)
+    tokens = list(_BYTES)
+    token_id = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    while len(merges) < n_merges and heap:
+        count, _, _, a, b = heapq.heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if -count != current:  # stale: the pair lost occurrences since this entry was pushed
+            if current > 0:
+                heapq.heappush(heap, (-current, sort_key[a], sort_key[b], a, b))
+            continue
+        new = token_id.get(tokens[a] + tokens[b])  # detail 4: these bytes may already be a token
+        if new is None:
+            new = len(tokens)
+            tokens.append(tokens[a] + tokens[b])
+            token_id[tokens[new]] = new
+            sort_key.append(new)
+            merges.append((a, b))
+        grown = set()
+        for i in where.pop((a, b)):
+            if a in words[i] and b in words[i]:  # C-speed skip of most words where the pair is gone
+                _merge_word(words[i], a, b, new, counts[i], i, pair_counts, where, grown)
+        del pair_counts[a, b]
+        for pair in grown:  # only pairs with the new token gain occurrences; old entries are fixed on pop
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], sort_key[pair[0]], sort_key[pair[1]], *pair))
+        if verbose and new == len(tokens) - 1 and len(merges) % 1000 == 0:
+            print(f"merge {len(merges)}/{n_merges}: {tokens[a]!r} + {tokens[b]!r} (count {-count:,})")
+    return merges
+
+
+def _merge_word(word, a, b, new, n, i, pair_counts, where, grown):
+    """Replace each (a, b) in word i (count n), left to right, by `new`; update the neighbor pairs."""
+    j = 0
+    while j < len(word) - 1:
+        if word[j] != a or word[j + 1] != b:
+            j += 1
+            continue
+        if j > 0:  # (left, a) becomes (left, new)
+            left = word[j - 1]
+            pair_counts[left, a] -= n
+            pair_counts[left, new] += n
+            where[left, new].add(i)
+            grown.add((left, new))
+        if j + 2 < len(word):  # (b, right) becomes (new, right)
+            right = word[j + 2]
+            pair_counts[b, right] -= n
+            pair_counts[new, right] += n
+            where[new, right].add(i)
+            grown.add((new, right))
+        word[j:j + 2] = [new]
+        j += 1
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@dataclass
+class Args:
+    data: list = field(default_factory=lambda: ["data/pretrain.txt"])
+    """training text: .txt files (one document each) or .jsonl files ({"text": ...} per line); repeatable"""
+    vocab_size: int = 4096
+    """vocab size: 256 bytes + merges + 3 special tokens"""
+    out: str = "out/tokenizer.json"
+    """where to write the tokenizer"""
+    processes: int = 1
+    """processes for pre-tokenization (documents are shared out between them)"""
+    verbose: bool = False
+    """print training progress"""
+
+
+def parse_args(cls):
+    """argparse from a dataclass: one --flag per field, its help is the docstring under the field."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    helps = {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
+             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif isinstance(default, list):  # `--data a --data b` and `--data a b` both work
+            parser.add_argument(flag, nargs="+", action="extend", default=None, help=help)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help)
+    return cls(**{k: v for k, v in vars(parser.parse_args()).items() if v is not None})
+
+
+def read_documents(paths) -> list:
+    """Documents of .txt files (a file is a document) and .jsonl files ({"text": ...} per line)."""
+    documents = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found (`python data.py` makes the built-in data)")
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                documents.append(f.read())
+                continue
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object with a \"text\" string")
+                documents.append(text)
+    return documents
+
+
+def main(args: Args):
+    documents = read_documents(args.data)
+    t0 = time.time()
+    tok = Tokenizer.train(documents, args.vocab_size, processes=args.processes, verbose=args.verbose)
+    train_time = time.time() - t0
+    n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
+    n_tokens = len(tok.encode_array(documents)) - (len(documents) - 1)  # without the <|endoftext|>s
+    tok.save(args.out)
+    print(f"trained in {train_time:.1f}s | vocab {tok.vocab_size} ({len(tok.merges)} merges) | "
+          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {n_bytes / 1e6:.2f} MB | wrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(Args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
