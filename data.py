@@ -322,7 +322,10 @@ def story(rng, animal=None):
 
 def facts(rng):
     def fact():
-        kind = rng.randrange(4)
+        kind = rng.randrange(5)
+        if kind == 4:  # the words of the chat roles, so the tokenizer learns them as tokens
+            return rng.choice(["The user asks and the assistant answers.", "The system tells the assistant what to do.",
+                               "An assistant helps a user."])
         if kind == 0:
             animal = rng.choice(list(ANIMALS))
             return f"{a(animal).capitalize()} can {ANIMALS[animal]}."
@@ -349,7 +352,7 @@ def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
         r = rng.random()
-        document = story(rng) if r < 0.45 else facts(rng) if r < 0.55 else skill_document(rng, fraction)
+        document = story(rng) if r < 0.25 else facts(rng) if r < 0.3 else skill_document(rng, fraction)
         documents.append(document)
         size += len(document) + 2
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line

@@ -76,7 +76,7 @@ class Args:
     """number of Transformer blocks (0 = from the preset)"""
     context: int = 0
     """sequence length in tokens (0 = from the preset)"""
-    steps: int = 1200
+    steps: int = 600
     """optimizer steps"""
     batch_size: int = 16
     """sequences per optimizer step, summed over ranks and accumulation steps"""
@@ -92,11 +92,11 @@ class Args:
     """clip the global gradient norm at this value (0 = off)"""
     val_fraction: float = 0.02
     """share of the token stream held out for validation"""
-    eval_every: int = 300
+    eval_every: int = 200
     """evaluate (validation loss, bits per byte, a sample) every N steps"""
     eval_batches: int = 8
     """validation batches per evaluation"""
-    save_every: int = 300
+    save_every: int = 200
     """write a resumable checkpoint every N steps"""
     log_every: int = 50
     """print a progress line every N steps"""

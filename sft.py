@@ -61,15 +61,15 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 400
+    steps: int = 600
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
     grad_accum: int = 1
     """micro-batches per optimizer step (per rank)"""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """peak learning rate"""
-    warmup: int = 40
+    warmup: int = 50
     """linear warmup steps"""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only)"""
