@@ -160,7 +160,7 @@ def test_sft_ddp_equals_single_process(world, tmp_path):
 def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly."""
     script = os.path.join(ROOT, f"{stage}.py")
-    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "300", "--save-every", "4"]
+    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120", "--save-every", "4"]
     run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
     process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,13 +171,13 @@ def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     process.send_signal(signal.SIGKILL)
     process.wait()
     checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
-    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 300  # killed mid-run, after a save
+    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 120  # killed mid-run, after a save
     run_ok(script, *args, "--out", str(tmp_path / "killed.pt"), "--resume")
     full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
-    assert sorted(full) == sorted(resumed) == list(range(1, 301))
+    assert sorted(full) == sorted(resumed) == list(range(1, 121))
     assert full == resumed  # exact: same batches, same weights, same optimizer state
     final = torch.load(tmp_path / "killed.pt", weights_only=True)
-    assert "optimizer" not in final and final["step"] == 300
+    assert "optimizer" not in final and final["step"] == 120
     assert all(torch.equal(final["model"][k], v) for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
 
 

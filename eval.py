@@ -1,0 +1,271 @@
+"""
+eval.py: every checkpoint side by side on the same held-out data, as one markdown table.
+
+    out/*.pt + data/eval.jsonl + data/pretrain_val.txt  ->  a table on stdout and out/eval.json
+
+Run:
+
+    python eval.py                                        # every out/*.pt, ~5 seconds per checkpoint on 2 cores
+    python eval.py --checkpoints "out/sft.pt out/grpo.pt" # some checkpoints (paths or globs)
+    python eval.py --plot                                 # also out/curves.png from the out/*.jsonl logs
+    python eval.py --device cuda                          # one GPU
+
+Columns (one row per checkpoint):
+1. stage and parameters (all of them, embeddings included).
+2. held-out accuracy: greedy replies to the 600 prompts of data/eval.jsonl, exact match after
+   stripping whitespace, overall and per task family (model.heldout_accuracy, the numbers every
+   stage prints); well-formed = the share of replies that end with <|im_end|>.
+3. reward: the reward model's score of the replies, normalised with the mean and std of the
+   rewards of its training replies that reward.py stores, so 0 is "as good as an average
+   training reply" (PPO optimises the same normalised score).
+4. KL to sft: mean over reply tokens of log pi(token) - log pi_sft(token). The replies are
+   SAMPLED from the checkpoint (temperature 1, fixed seed) for `--samples` prompts spread evenly
+   over the families, which makes it an unbiased estimate of the per-token KL(pi || pi_sft), the
+   price the RL stages pay (0 for sft.pt itself). The reward and the reply length use the same
+   samples: what the policy does on average, where accuracy shows what its greedy answer does.
+   (ppo.py and grpo.py log the KL of a whole reply, the sum over its tokens.)
+5. val bpb: bits per byte on data/pretrain_val.txt, loss / ln 2 * tokens / bytes, in windows of
+   the model's context: what post-training costs the language model.
+6. The reward model (a score head) has no replies: its row holds its held-out pairwise
+   accuracy (from its checkpoint's metrics) in the accuracy column, blanks elsewhere.
+A cell is blank when it does not apply or its input is missing (no reward.pt, no sft.pt, a
+different tokenizer). Rows are in pipeline order.
+"""
+
+import argparse
+import ast
+import dataclasses
+import glob
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import STAGES, completion_logprobs, generate, heldout_accuracy, left_pad, load_checkpoint, sequence_scores
+
+
+@dataclass
+class Args:
+    checkpoints: str = "out/*.pt"
+    """checkpoints to evaluate: paths or globs, separated by spaces"""
+    eval_data: str = "data/eval.jsonl"
+    """held-out prompts with answers"""
+    val_data: str = "data/pretrain_val.txt"
+    """held-out text for bits per byte (documents separated by a blank line)"""
+    reference: str = "out/sft.pt"
+    """the model the KL is measured against (the column is blank without it)"""
+    reward_model: str = "out/reward.pt"
+    """score-head checkpoint for the reward column (blank without it)"""
+    out: str = "out/eval.json"
+    """where the table is written as JSON (the plot goes next to it)"""
+    max_new_tokens: int = 32
+    """reply length limit"""
+    samples: int = 200
+    """prompts (evenly spread over --eval-data) whose sampled replies give the reward, KL and length columns (0 = all)"""
+    val_tokens: int = 8192
+    """tokens of --val-data used for bits per byte"""
+    batch_size: int = 128
+    """prompts or windows per forward pass"""
+    plot: bool = False
+    """also plot loss, reward and KL curves from the checkpoints' .jsonl logs (needs matplotlib)"""
+    device: str = "auto"
+    """cuda, mps, cpu or auto (the first available)"""
+    seed: int = 0
+    """sampling seed"""
+
+
+def parse_args(cls):
+    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+        else:
+            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+    return cls(**vars(parser.parse_args()))
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
+    """The records of a JSONL file; a malformed line is an error naming file:line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass the path")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            missing = [key for key in required if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} has no records")
+    return records
+
+
+# column 4: KL(pi || pi_ref) per token ~ mean over sampled reply tokens of log pi - log pi_ref
+@torch.no_grad()
+def sampled_replies(model, tokenizer, records, max_new_tokens, batch_size, seed, reference=None, reward_model=None):
+    """Sample a reply to each prompt; -> mean reply length (tokens), KL to the reference per token, mean reward."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
+    lengths, kl_sum, scores = [], 0.0, []
+    for start in range(0, len(records), batch_size):
+        prompts = [tokenizer.encode_prompt(r["prompt"]) for r in records[start:start + batch_size]]
+        # at temperature 1 with no top-k / top-p, the log-probs of the sampled tokens are the model's own
+        completion_ids, logp, completion_mask = generate(model, prompts, max_new_tokens, temperature=1.0,
+                                                         eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=generator)
+        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, device)
+        lengths += completion_mask.sum(dim=1).tolist()
+        if reference is not None:
+            ref_logp = completion_logprobs(reference, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, N)
+            kl_sum += ((logp - ref_logp) * completion_mask).sum().item()
+        if reward_model is not None:
+            scores += sequence_scores(reward_model, prompt_ids, prompt_mask, completion_ids, completion_mask).tolist()
+    return {"reply_length": sum(lengths) / len(lengths),
+            "kl_to_sft": kl_sum / sum(lengths) if reference is not None else None,
+            "reward": sum(scores) / len(scores) if reward_model is not None else None}
+
+
+# column 5: bits per byte = loss / ln 2 * tokens / bytes, which does not depend on the tokenizer
+@torch.no_grad()
+def bits_per_byte(model, tokens: torch.Tensor, tokens_per_byte: float, batch_size: int) -> float | None:
+    context = model.config.max_position_embeddings
+    windows = tokens[: (len(tokens) - 1) // context * context + 1]
+    if len(windows) < context + 1:
+        return None
+    inputs, targets = windows[:-1].view(-1, context), windows[1:].view(-1, context)           # (W, T)
+    device = next(model.parameters()).device
+    loss_sum = 0.0
+    for start in range(0, len(inputs), batch_size):
+        _, loss = model(inputs[start:start + batch_size].to(device), targets[start:start + batch_size].to(device))
+        loss_sum += loss.item() * len(inputs[start:start + batch_size])
+    return loss_sum / len(inputs) / math.log(2) * tokens_per_byte
+
+
+def markdown_table(rows: list[dict], families: list[str]) -> str:
+    header = ["checkpoint", "stage", "params", "accuracy", *families, "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
+
+    def cell(value, kind):
+        if value is None:
+            return ""
+        return {"%": f"{value:.1%}", "M": f"{value / 1e6:.2f}M", "2": f"{value:.2f}", "3": f"{value:.3f}", "1": f"{value:.1f}"}[kind]
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for row in rows:
+        values = [row["checkpoint"], row["stage"], cell(row["params"], "M"), cell(row["accuracy"], "%"),
+                  *[cell(row.get(f"accuracy/{f}"), "%") for f in families], cell(row["well_formed"], "%"),
+                  cell(row["reward"], "2"), cell(row["kl_to_sft"], "3"), cell(row["reply_length"], "1"), cell(row["val_bpb"], "3")]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(log_paths: list[str], path: str):
+    """Loss, reward and KL against step from each stage's .jsonl log, one panel each."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval | --plot needs matplotlib: pip install matplotlib")
+        return
+    # the keys the stages log: ppo's reward is "score", dpo's is its implicit reward margin, distill's
+    # divergence to the teacher is "kd"
+    panels = {"loss": ("loss",), "reward": ("reward", "score", "rewards/margin"), "KL": ("kl", "kd")}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (title, wanted), ax in zip(panels.items(), axes):
+        for log_path in log_paths:
+            records = [json.loads(line) for line in open(log_path) if line.strip()]
+            for key in wanted:
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+                if points:
+                    ax.plot(*zip(*points), label=f"{os.path.splitext(os.path.basename(log_path))[0]} {key}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    print(f"eval | wrote {path}")
+
+
+def main(args: Args):
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    start_time = time.time()
+    paths = sorted({p for pattern in args.checkpoints.split() for p in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])})
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint matches {args.checkpoints!r}: run `bash pipeline.sh` first")
+    records = read_jsonl(args.eval_data, required=("prompt", "answer"))
+    sample_records = records[:: max(1, len(records) // args.samples)][: args.samples] if args.samples else records
+    loaded = [load_checkpoint(path, device=args.device) for path in paths]
+    order = lambda i: (STAGES.index(loaded[i][2].get("stage")) if loaded[i][2].get("stage") in STAGES else len(STAGES), paths[i])
+    indices = sorted(range(len(paths)), key=order)  # pipeline order
+
+    def optional(path, head):  # the reference and the reward model: None when absent
+        return load_checkpoint(path, device=args.device, head=head) if os.path.exists(path) else (None, None, None)
+    reference, _, reference_checkpoint = optional(args.reference, "lm")
+    reward_model, _, reward_checkpoint = optional(args.reward_model, "score")
+    if reward_model is not None:
+        reward_mean, reward_std = reward_checkpoint["metrics"].get("reward_mean", 0.0), reward_checkpoint["metrics"].get("reward_std", 1.0)
+    val_text = open(args.val_data, encoding="utf-8").read() if os.path.exists(args.val_data) else None
+    if val_text is None:
+        print(f"eval | {args.val_data} not found: no bits per byte")
+
+    rows, families, val_cache = [], [], {}
+    for i in indices:
+        model, tokenizer, checkpoint = loaded[i]
+        model.eval()
+        row = {"checkpoint": paths[i], "stage": checkpoint.get("stage", "?"), "params": model.num_params(non_embedding=False),
+               "accuracy": None, "well_formed": None, "reward": None, "kl_to_sft": None, "reply_length": None, "val_bpb": None}
+        if model.config.head == "score":  # column 6: a reward model's own held-out number
+            row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
+            rows.append(row)
+            continue
+        row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens, args.batch_size))
+        families += [k.split("/", 1)[1] for k in row if k.startswith("accuracy/") and k.split("/", 1)[1] not in families]
+        same = lambda other: other is not None and other["tokenizer"] == checkpoint["tokenizer"]  # same token ids
+        row.update({key: value for key, value in sampled_replies(
+            model, tokenizer, sample_records, args.max_new_tokens, args.batch_size, args.seed,
+            reference if same(reference_checkpoint) else None, reward_model if same(reward_checkpoint) else None).items()})
+        if row["reward"] is not None:
+            row["reward"] = (row["reward"] - reward_mean) / reward_std
+        if val_text is not None:
+            key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
+            if key not in val_cache:  # tokenize once per tokenizer
+                tokens = tokenizer.encode_array([d for d in val_text.split("\n\n") if d.strip()])[: args.val_tokens + 1]
+                val_cache[key] = (torch.tensor(tokens.astype("int64")), len(tokens) / len(tokenizer.decode(tokens).encode("utf-8")))
+            row["val_bpb"] = bits_per_byte(model, *val_cache[key], args.batch_size)
+        rows.append(row)
+        print(f"eval | {paths[i]} done ({time.time() - start_time:.0f}s)", file=sys.stderr)
+
+    print(markdown_table(rows, families))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"eval | {len(rows)} checkpoints in {time.time() - start_time:.0f}s | wrote {args.out}")
+    if args.plot:
+        logs = [os.path.splitext(paths[i])[0] + ".jsonl" for i in indices]
+        plot_curves([log for log in logs if os.path.exists(log)], os.path.join(os.path.dirname(args.out), "curves.png"))
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(Args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

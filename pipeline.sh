@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# pipeline.sh: every stage in order on the built-in data, from nothing to the results table.
+#
+#   bash pipeline.sh                  # CPU defaults: data/ and out/, about 10 minutes on 2 cores
+#   bash pipeline.sh --quick          # tiny sizes in data/quick/ and out/quick/, about 2 minutes
+#   bash pipeline.sh --data D --out O # other directories (for --quick too)
+#   PYTHON=python3.11 bash pipeline.sh
+#
+# data -> tokenizer -> pretrain -> sft -> reward -> ppo -> grpo -> dpo -> distill -> eval.
+# Each stage's output goes to the terminal and to O/logs/STAGE.log; the first failing stage stops
+# the pipeline and is named; the end prints each stage's wall time and headline (before/after).
+# Every stage runs with its own defaults (the CPU defaults); only paths are passed, plus tiny
+# sizes with --quick. A stage's flags are in `python STAGE.py --help`.
+set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+QUICK=0 DATA="" OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --data) DATA=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "pipeline: unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$QUICK" = 1 ]; then DATA=${DATA:-data/quick} OUT=${OUT:-out/quick}; else DATA=${DATA:-data} OUT=${OUT:-out}; fi
+mkdir -p "$OUT/logs"
+
+# --quick: a tiny world (2 % of the data, 60 held-out prompts), a 2-layer 32-wide model, a few steps per stage
+if [ "$QUICK" = 1 ]; then
+  Q_DATA=(--scale 0.02 --eval-per-family 10)
+  Q_TOKENIZER=(--vocab-size 400)
+  Q_PRETRAIN=(--hidden-size 32 --num-layers 2 --context 64 --batch-size 8 --steps 30 --warmup 5 --log-every 10 --eval-every 30 --eval-batches 2)
+  Q_SFT=(--steps 20 --batch-size 8 --warmup 5 --log-every 10 --max-new-tokens 4)
+  Q_REWARD=(--steps 5 --batch-size 8 --warmup 2 --log-every 5 --stats-pairs 16)
+  Q_PPO=(--steps 2 --prompts-per-step 8 --max-new-tokens 4 --warmup 1 --log-every 1)
+  Q_GRPO=(--steps 2 --prompts-per-step 4 --group-size 4 --max-new-tokens 4 --warmup 1 --log-every 1)
+  Q_DPO=(--steps 5 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4)
+  Q_DISTILL=(--steps 10 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4)
+  Q_EVAL=(--max-new-tokens 4 --val-tokens 2048)
+else
+  Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=() Q_DPO=() Q_DISTILL=() Q_EVAL=()
+fi
+
+STAGES_RUN=() TIMES=()
+run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
+  local name=$1 start rc=0
+  shift
+  echo "pipeline | $name: $*"
+  start=$(date +%s.%N)
+  "$@" 2>&1 | tee "$OUT/logs/$name.log" || rc=${PIPESTATUS[0]}
+  local seconds
+  seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  if [ "$rc" != 0 ]; then
+    echo "pipeline: stage $name failed (exit $rc) after ${seconds}s; its output is in $OUT/logs/$name.log" >&2
+    exit "$rc"
+  fi
+  echo "pipeline | $name took ${seconds}s"
+  STAGES_RUN+=("$name") TIMES+=("$seconds")
+}
+
+T0=$(date +%s.%N)
+run data      $PYTHON data.py --out "$DATA" "${Q_DATA[@]}"
+run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/tokenizer.json" "${Q_TOKENIZER[@]}"
+run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/pretrain.pt" "${Q_PRETRAIN[@]}"
+run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${Q_SFT[@]}"
+run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${Q_REWARD[@]}"
+run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${Q_PPO[@]}"
+run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${Q_GRPO[@]}"
+run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --task-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" "${Q_DPO[@]}"
+run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${Q_DISTILL[@]}"
+run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --out "$OUT/eval.json" "${Q_EVAL[@]}"
+
+echo
+echo "pipeline | done in $(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')s$([ "$QUICK" = 1 ] && echo " (--quick)")"
+for i in "${!STAGES_RUN[@]}"; do
+  name=${STAGES_RUN[$i]}
+  printf "pipeline | %-9s %7ss\n" "$name" "${TIMES[$i]}"
+  # the headline of each training stage: the before/after lines it ends with (eval's table is above)
+  sed -n "/^$name | done in/,\$p" "$OUT/logs/$name.log" | grep -E "before|after|teacher:|student:|baseline:|val bpb" | sed 's/^/    /' || true
+done
