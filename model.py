@@ -622,7 +622,7 @@ def load_checkpoint(path, device="cpu", head=None):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample from or chat with any llm-stages checkpoint.")
+    parser = argparse.ArgumentParser(description="Sample from, chat with, export or import llm-stages checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("sample", "continue a text prompt"), ("chat", "ChatML chat on stdin; /quit or EOF ends")):
         p = commands.add_parser(name, help=text, description=text)
@@ -638,7 +638,16 @@ def main(argv=None):
             p.add_argument("--num-samples", type=int, default=1, help="completions to draw, as one batch")
         else:
             p.add_argument("--system", default="", help="an optional system message")
+    p = commands.add_parser("export", help="checkpoint -> Hugging Face directory (hf.py)")
+    p.add_argument("checkpoint", help="any llm-stages checkpoint")
+    p.add_argument("out_dir", help="directory to write config.json, model.safetensors, tokenizer files into")
+    p = commands.add_parser("import", help="local Qwen2 / Llama directory -> checkpoint (hf.py)")
+    p.add_argument("model_dir", help="a directory with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. out/qwen.pt")
     args = parser.parse_args(argv)
+    if args.command in ("export", "import"):  # interop lives in hf.py, which only its users need
+        import hf
+        return hf.export_hf(args.checkpoint, args.out_dir) if args.command == "export" else hf.import_hf(args.model_dir, args.out)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, head="lm")

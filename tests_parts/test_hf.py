@@ -337,3 +337,19 @@ def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
     assert result.returncode == 0, result.stderr
     model, _, checkpoint = load_checkpoint(str(tmp_path / "sft.pt"))
     assert checkpoint["parent"] == str(tmp_path / "imported.pt")
+
+
+def test_model_cli_export_then_import_round_trips(tmp_path, hf_tok):
+    """`python model.py export` / `import` are the interop entry points: the weights come back exactly."""
+    path, model = hf_checkpoint(tmp_path, hf_tok)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["export", path, str(tmp_path / "hf")], ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *argv], capture_output=True, text=True,
+                                cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr
+    back, tokenizer, _ = load_checkpoint(str(tmp_path / "back.pt"))
+    assert tokenizer.merges == hf_tok.merges
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "import", str(tmp_path / "nothing"), "--out",
+                             str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "x.pt").exists()
