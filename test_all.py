@@ -1,0 +1,2234 @@
+"""
+test_all.py: the test suite of llm-stages (pytest).
+
+    python -m pytest -q test_all.py            # everything (~10 minutes on a 2-core CPU)
+    python -m pytest -q test_all.py -k dpo     # one area
+
+Tests check numbers: hand-computed losses, invariants, parity with Hugging Face transformers and
+tiktoken (skipped with a reason when they are not installed), and tiny end-to-end runs of every
+stage (single process and torchrun with 2 CPU ranks).
+"""
+from collections import Counter
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: tests run side by side
+
+from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
+import data  # noqa: E402
+import model as M  # noqa: E402
+from model import (ModelConfig, Transformer, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
+                   generate, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores)
+from tokenizer import Tokenizer  # noqa: E402
+import hf  # noqa: E402
+from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint  # noqa: E402
+
+
+# =================================================================================================
+# tokenizer
+# =================================================================================================
+
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+SAMPLE = """The quick brown fox doesn't jump; it's 12345 steps away, isn't it? We'LL see: 3.14 + 2 = 5.14
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text if c.isalnum()]  # __init__, _private, x_1
+Grüße aus München! Die Straße ist schön, Mädchen und Jungen lächeln.
+À l'été, où ça? Ça coûte 10 € — c'est très élevé… «Bien sûr».
+你好，世界。日本語のテキストを書きます。한국어 문장도 있습니다.
+Emoji: 😀👍🏽👨‍👩‍👧 🎉🚀 ✅, numbers ²³ ½ Ⅻ ① ٣٤٥ ۱۲, fullwidth １２３.
+Combining: e\u0301 a\u0308 n\u0303; tabs\tand   spaces   \n\n\n  trailing   \r\nwindows\r\n
+"""
+
+
+def corpus():
+    with open(os.path.join(ROOT, "tokenizer.py"), encoding="utf-8") as f:
+        return [SAMPLE * 4, f.read()[:20000], SAMPLE.upper()]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(corpus(), vocab_size=256 + 3 + 500)
+
+
+def random_text(rng, n):
+    pools = ["abcxyzABCXYZ", "0123456789", " ", "  \t", "\n", "\r\n", "\r\x0b\x0c", "\u3000\xa0\u2003",
+             ".,;:!?'\"()[]{}<>|-_=+*/\\#@$%^&~`", "'s'S'll'LL're", "你好世界日本語한국어", "😀👍🏽👨‍👩‍👧🎉",
+             "e\u0301a\u0308\u0303\u20dd", "²³½Ⅻ①٣۱１𝟘𐄇", "\x00\x1c\x1f\x7f\x85\u2028", "ſK",
+             "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    parts = []
+    for _ in range(n):
+        if rng.random() < 0.1:  # any code point UTF-8 can encode (no lone surrogates)
+            c = rng.randrange(0x110000)
+            parts.append(chr(c) if not 0xD800 <= c < 0xE000 else "x")
+        else:
+            pool = rng.choice(pools)
+            parts.append(pool if pool.startswith("<|") else "".join(rng.choice(pool) for _ in range(rng.randint(1, 4))))
+    return "".join(parts)
+
+
+def test_roundtrip_random_unicode(tok):
+    rng = random.Random(0)
+    for _ in range(300):
+        text = random_text(rng, rng.randint(0, 40))
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert not set(ids) & set(tok.special_tokens.values())  # special-looking text stays text
+        assert tok.encode_array(text).tolist() == ids
+        assert tok.decode(tok.encode(text, allowed_special="all")) == text
+
+
+def test_chunked_pretokenization_equals_plain(tok):
+    # tokenizer detail 6: cutting the text into chunks first gives the same pieces, and the same ids
+    from tokenizer import _CHUNK_PATTERN
+    unchunked = Tokenizer(tok.merges, pattern=f"(?:{SPLIT_PATTERN})")  # same pattern, no chunk cache
+    rng = random.Random(1)
+    for _ in range(500):
+        text = random_text(rng, rng.randint(0, 30))
+        chunked = [p for chunk in re.findall(_CHUNK_PATTERN, text) for p in re.findall(SPLIT_PATTERN, chunk)]
+        assert chunked == re.findall(SPLIT_PATTERN, text)
+        assert "".join(chunked) == text
+        assert tok.encode(text) == unchunked.encode(text)
+
+
+def gpt2_chars():
+    """GPT-2's bytes_to_unicode: byte -> the printable character that stands for it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char = {b: chr(b) for b in printable}
+    char.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    return char
+
+
+def hf_byte_order():
+    """Bytes sorted by their GPT-2 character: Hugging Face's ByteLevel alphabet (id) order."""
+    return sorted(range(256), key=gpt2_chars().get)
+
+
+def naive_train(documents, n_merges):
+    """Reference trainer: recount every pair after every merge; max count, ties -> smallest pair in HF order."""
+    specials = "|".join(map(re.escape, SPECIAL_TOKENS))  # never trained on
+    words = Counter(tuple(p.encode()) for doc in documents for part in re.split(specials, doc)
+                    for p in re.findall(SPLIT_PATTERN, part))
+    tokens = [bytes([b]) for b in range(256)]
+    order = {b: i for i, b in enumerate(hf_byte_order())}
+    key = lambda t: order[t] if t < 256 else t  # noqa: E731
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        a, b = max(pairs, key=lambda p: (pairs[p], -key(p[0]), -key(p[1])))
+        if tokens[a] + tokens[b] in tokens:  # same bytes from another pair: reuse the token
+            new = tokens.index(tokens[a] + tokens[b])
+        else:
+            new, _ = len(tokens), tokens.append(tokens[a] + tokens[b])
+            merges.append((a, b))
+        merged = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
+
+
+def test_merges_match_naive_trainer():
+    documents = [SAMPLE, SAMPLE.lower(), corpus()[1][:3000]]
+    fast = Tokenizer.train(documents, vocab_size=256 + 3 + 150)
+    assert fast.merges == naive_train(documents, 150)
+
+
+def test_merges_match_huggingface():
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    # Hugging Face trains on special-token text too; we cut it out, so give both the cut documents
+    documents = [part for doc in corpus() for part in re.split("|".join(map(re.escape, SPECIAL_TOKENS)), doc)]
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(documents, trainers.BpeTrainer(
+        vocab_size=256 + 3 + 300, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    ours = Tokenizer.train(documents, vocab_size=256 + 3 + 300)
+    hf_merges = json.loads(hf.to_str())["model"]["merges"]
+    hf_merges = [m.split(" ") if isinstance(m, str) else m for m in hf_merges]
+    byte_of = {c: b for b, c in gpt2_chars().items()}
+    as_bytes = [(bytes(map(byte_of.get, a)), bytes(map(byte_of.get, b))) for a, b in hf_merges]
+    assert [(ours.vocab[a], ours.vocab[b]) for a, b in ours.merges] == as_bytes
+
+
+def test_tiktoken_parity_with_original_pattern(tok):
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
+    enc = tiktoken.Encoding("ours", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    for text in [SAMPLE, *SAMPLE.splitlines(keepends=True), corpus()[1]]:
+        assert tok.encode(text) == enc.encode_ordinary(text)
+    text = SAMPLE + "<|im_end|>"
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+
+
+def test_special_tokens(tok):
+    for s, i in tok.special_tokens.items():
+        assert tok.encode(s, allowed_special={s}) == [i]
+        assert tok.encode(s, allowed_special="all") == [i]
+        plain = tok.encode(s)
+        assert len(plain) > 1 and i not in plain and tok.decode(plain) == s
+        assert tok.decode([i]) == s
+    text = "a<|endoftext|>b<|im_start|>c"
+    ids = tok.encode(text, allowed_special={"<|endoftext|>"})
+    assert ids == tok.encode("a") + [tok.eot_id] + tok.encode("b<|im_start|>c")
+    assert tok.vocab_size == 256 + len(tok.merges) + 3 and tok.pad_id == tok.eot_id
+    assert [tok.eot_id, tok.im_start_id, tok.im_end_id] == list(range(tok.vocab_size - 3, tok.vocab_size))
+    with pytest.raises(ValueError):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_encode_array(tok):
+    docs = ["first doc", "second <|endoftext|> doc", "третий"]
+    arr = tok.encode_array(docs)
+    assert arr.dtype == np.uint16 and arr.flags.writeable
+    assert arr.tolist() == tok.encode(docs[0]) + [tok.eot_id] + tok.encode(docs[1]) + [tok.eot_id] + tok.encode(docs[2])
+
+
+def test_chat_mask(tok):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "2+3?"},
+                {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "And <|im_end|> 10*10?"},
+                {"role": "assistant", "content": "100, as\nasked."}]
+    ids, mask = tok.encode_chat(messages)
+    assert len(ids) == len(mask) and tok.decode(ids) == tok.render_chat(messages)
+    assert ids.count(tok.im_end_id) == 5  # the "<|im_end|>" inside a content stays plain text
+    runs = [(i, j) for i, j in _runs(mask)]
+    assert [tok.decode(ids[i:j]) for i, j in runs] == ["5<|im_end|>", "100, as\nasked.<|im_end|>"]
+    for i, j in runs:
+        assert tok.decode(ids[:i]).endswith("<|im_start|>assistant\n") and ids[j - 1] == tok.im_end_id
+        assert tok.decode(ids[j:j + 1]) == "\n" and mask[j] == 0
+    ids2, mask2 = tok.encode_chat(messages[:2], add_generation_prompt=True)
+    assert tok.decode(ids2).endswith("<|im_end|>\n<|im_start|>assistant\n") and sum(mask2) == 0
+    assert tok.encode_prompt(messages[:2]) == ids2
+    assert tok.encode_prompt("2+3?") == tok.encode_chat([{"role": "user", "content": "2+3?"}], True)[0]
+    assert tok.render_chat(messages[:1], add_generation_prompt=True) == \
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _runs(mask):
+    start = None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            yield start, i
+            start = None
+
+
+@pytest.mark.parametrize("messages", [[{"role": "bot", "content": "hi"}], [{"role": "user"}],
+                                      [{"role": "user", "content": 3}], [("user", "hi")], {"role": "user"}])
+def test_bad_messages(tok, messages):
+    with pytest.raises(ValueError) as e:
+        tok.encode_chat(messages)
+    assert "\n" not in str(e.value)
+
+
+def test_save_load_identity(tok, tmp_path):
+    path = str(tmp_path / "sub" / "tok.json")
+    tok.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded.merges == tok.merges and loaded.to_dict() == tok.to_dict()
+    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    d = tok.to_dict()
+    assert json.loads(json.dumps(d)) == d and Tokenizer.from_dict(d).vocab == tok.vocab
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_decode_cut_utf8(tok):
+    ids = list("é😀你".encode())  # byte tokens
+    for k in range(len(ids) + 1):
+        tok.decode(ids[:k])
+        tok.decode(ids[k:])
+    assert tok.decode([0xF0]) == "\ufffd"
+    with pytest.raises(ValueError):
+        tok.decode([tok.vocab_size])
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="below"):
+        Tokenizer.train("some text", vocab_size=258)
+    for empty in ["", [], ["", "<|endoftext|>"]]:
+        with pytest.raises(ValueError, match="empty"):
+            Tokenizer.train(empty, vocab_size=300)
+    good = {"type": "byte-level-bpe", "pattern": SPLIT_PATTERN, "special_tokens": list(SPECIAL_TOKENS), "merges": []}
+    for content in ["{not json", "[1, 2]", json.dumps({**good, "special_tokens": []}),
+                    json.dumps({**good, "merges": [[300, 1]]}), json.dumps({**good, "merges": [[1, 2, 3]]}),
+                    json.dumps({**good, "pattern": "("})]:
+        path = tmp_path / "bad.json"
+        path.write_text(content)
+        with pytest.raises(ValueError) as e:
+            Tokenizer.load(str(path))
+        assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(str(tmp_path / "missing.json"))
+
+
+def test_training_with_processes_is_exact():
+    documents = [SAMPLE, corpus()[1][:5000], SAMPLE.upper(), "x <|im_start|> y"]
+    one = Tokenizer.train(documents, vocab_size=400)
+    assert Tokenizer.train(documents, vocab_size=400, processes=2).merges == one.merges
+    assert all(b"<|" not in t for t in one.vocab[:256 + len(one.merges)])  # special tokens never merged
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "tok.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tokenizer.py"), "--out", str(out), "--vocab-size", "300"]
+    r = subprocess.run(cmd + ["--data", str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    (tmp_path / "a.txt").write_text(SAMPLE)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    r = subprocess.run(cmd + ["--data", str(tmp_path / "a.txt"), "--data", str(tmp_path / "b.jsonl")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "bytes/token" in r.stdout
+    assert Tokenizer.load(str(out)).vocab_size == 300
+
+
+# =================================================================================================
+# data
+# =================================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# data.py: the built-in tiny world
+# ---------------------------------------------------------------------------------------------
+# The answers and keys below are recomputed from the prompt text alone, independently of data.py,
+# so a generator bug cannot hide behind its own helpers.
+
+
+
+DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
+              "eval.jsonl", "prefs_eval.jsonl"]
+DATA_FAMILIES = ["add", "sub", "mul", "reverse", "sort", "count"]
+DATA_TINY = ["--scale", "0.02"]
+
+
+def data_generate(out_dir, *flags):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "random"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--out", str(out_dir), *flags],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def data_solve(family, prompt):
+    """(canonical key, answer) of a task prompt, from its text alone."""
+    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+    letters = [w for w in re.findall(r"[A-Za-z]+", prompt) if len(w) == 1]  # prompts have no one-letter words
+    if family in ("add", "sub", "mul"):
+        assert len(numbers) == 2, prompt
+        a, b = numbers
+        if family == "sub":
+            assert a >= b, prompt
+            return f"sub:{a}:{b}", str(a - b)
+        return f"{family}:{min(a, b)}:{max(a, b)}", str(a + b if family == "add" else a * b)
+    if family == "reverse":
+        word = "".join(letters)
+        assert 3 <= len(word) <= 7 and not numbers, prompt
+        return f"reverse:{min(word, word[::-1])}", " ".join(reversed(letters))
+    if family == "sort":
+        digits = re.findall(r"\d", prompt)
+        assert 3 <= len(digits) <= 7 and all(len(x) == 1 for x in re.findall(r"\d+", prompt)), prompt
+        return "sort:" + "".join(sorted(digits)), " ".join(sorted(digits))
+    if family == "count":
+        target, word = letters[0], "".join(letters[1:])
+        assert 3 <= len(word) <= 12 and not numbers, prompt
+        return f"count:{target}:{word}", str(word.count(target))
+    raise AssertionError(f"unknown family {family}")
+
+
+# the plain forms of pretrain.txt: regex -> (family, inputs, answer) from the match groups
+DATA_PLAIN = [
+    (r"(\d+) (?:\+|plus) (\d+) (?:=|equals) (\d+)", lambda m: ("add", f"What is {m[1]} + {m[2]}?", m[3])),
+    (r"(\d+) (?:-|minus) (\d+) (?:=|equals) (\d+)", lambda m: ("sub", f"What is {m[1]} - {m[2]}?", m[3])),
+    (r"(\d+) (?:x|times) (\d+) (?:=|equals) (\d+)", lambda m: ("mul", f"What is {m[1]} x {m[2]}?", m[3])),
+    (r"(?:the reverse of )?((?:[a-z] )+[a-z])(?: backwards)? is ((?:[a-z] )+[a-z])",
+     lambda m: ("reverse", f"Reverse {m[1]}", m[2])),
+    (r"(?:in order, )?((?:\d )+\d) (?:sorted is|becomes) ((?:\d )+\d)", lambda m: ("sort", f"Sort {m[1]}", m[2])),
+    (r"the letter ([a-z]) appears (\d+) times in ((?:[a-z] )+[a-z])",
+     lambda m: ("count", f"Count {m[1]} in {m[3]}", m[2])),
+    (r"((?:[a-z] )+[a-z]) has (\d+) of the letter ([a-z])", lambda m: ("count", f"Count {m[3]} in {m[1]}", m[2])),
+]
+
+
+def data_pretrain_problems(text):
+    """(family, key) of every skill line; fails on a line that looks like a skill but is not one."""
+    problems = []
+    for line in text.splitlines():
+        if not re.search(r"\d|\b[a-z] [a-z]\b", line):
+            continue  # prose
+        for pattern, parse in DATA_PLAIN:
+            m = re.fullmatch(pattern, line)
+            if m:
+                family, prompt, answer = parse(m)
+                key, expected = data_solve(family, prompt)
+                assert answer == expected, f"wrong pretraining line: {line!r}"
+                problems.append((family, key))
+                break
+        else:
+            raise AssertionError(f"unrecognized pretraining line: {line!r}")
+    return problems
+
+
+def data_read(directory, name):
+    with open(os.path.join(directory, name), encoding="utf-8") as f:
+        if name.endswith(".txt"):
+            return f.read()
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    data_generate(out, *DATA_TINY)
+    return out
+
+
+def test_data_is_deterministic(tiny_data, tmp_path):
+    # a second process (string hashing salted differently) and an in-process run: byte-identical files
+    data_generate(tmp_path / "again", *DATA_TINY)
+    data.main(data.Args(out=str(tmp_path / "inproc"), scale=0.02))
+    for name in DATA_FILES:
+        first = (tiny_data / name).read_bytes()
+        assert len(first) > 0
+        assert first == (tmp_path / "again" / name).read_bytes(), name
+        assert first == (tmp_path / "inproc" / name).read_bytes(), name
+    # another seed gives other training data but never leaks the (seed-independent) held-out keys
+    data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
+    assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
+    eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in data_read(tiny_data, "eval.jsonl")}
+    assert not eval_keys & {data_solve(r["family"], r["prompt"])[0] for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
+
+
+def test_data_records_have_fields_and_correct_answers(tiny_data):
+    for name in ("prompts.jsonl", "eval.jsonl"):
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "answer", "family", "level"} and r["level"] in (1, 2, 3), r
+            assert data_solve(r["family"], r["prompt"])[1] == r["answer"], r
+    for name in ("prefs.jsonl", "prefs_eval.jsonl"):
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "chosen", "rejected", "family", "level", "kind"}, r
+            assert r["kind"] in data.REJECT_KINDS, r
+            assert data_solve(r["family"], r["prompt"])[1] == r["chosen"], r
+            assert r["rejected"].strip() != r["chosen"].strip() and r["rejected"].strip(), r
+            assert not data.check_answer(r["rejected"], r["chosen"])
+    sft = data_read(tiny_data, "sft.jsonl")
+    assert {r["family"] for r in sft} == {*DATA_FAMILIES, "chat"}
+    assert any(m["role"] == "system" for r in sft for m in r["messages"]), "no system prompt at all"
+    assert any(len(r["messages"]) >= 4 for r in sft), "no multi-turn conversation at all"
+    for r in sft:
+        messages = r["messages"][1:] if r["messages"][0]["role"] == "system" else r["messages"]
+        assert messages and [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2), r
+        for user, assistant in zip(messages[::2], messages[1::2]):
+            assert assistant["content"].strip() and "<|" not in user["content"] + assistant["content"]
+            if r["family"] != "chat":
+                assert data_solve(r["family"], user["content"])[1] == assistant["content"], r
+
+
+def test_data_pretraining_text(tiny_data):
+    for name in ("pretrain.txt", "pretrain_val.txt"):
+        text = data_read(tiny_data, name)
+        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+            assert token not in text, f"chat markup {token!r} in {name}"
+        documents = text.split("\n\n")
+        assert all(document.strip() for document in documents)
+        families = {family for family, _key in data_pretrain_problems(text)}  # also checks every skill line
+        if name == "pretrain.txt":
+            assert families == set(DATA_FAMILIES)
+            assert any(document.startswith("Once upon a time") for document in documents)
+
+
+def test_data_held_out_split_is_disjoint(tiny_data):
+    evals = data_read(tiny_data, "eval.jsonl")
+    eval_prompts = {r["prompt"] for r in evals}
+    eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in evals}
+    train_prompts = {r["prompt"] for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
+    train_keys = {data_solve(r["family"], r["prompt"])[0]
+                  for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
+    for r in data_read(tiny_data, "sft.jsonl"):
+        for m in r["messages"]:
+            if m["role"] == "user":
+                train_prompts.add(m["content"])
+                if r["family"] != "chat":
+                    train_keys.add(data_solve(r["family"], m["content"])[0])
+    for name in ("pretrain.txt", "pretrain_val.txt"):
+        train_keys |= {key for _family, key in data_pretrain_problems(data_read(tiny_data, name))}
+    assert not eval_prompts & train_prompts
+    assert not eval_keys & train_keys, sorted(eval_keys & train_keys)[:5]
+    # and the plain rendering of an eval sum, difference or product appears nowhere in the pretraining text
+    text = data_read(tiny_data, "pretrain.txt") + data_read(tiny_data, "pretrain_val.txt")
+    operator = {"+": "add", "plus": "add", "-": "sub", "minus": "sub", "x": "mul", "times": "mul"}
+    seen = {(operator[op], int(a), int(b))
+            for a, op, b in re.findall(r"(?<!\d)(\d+) (\+|plus|-|minus|x|times) (\d+) (?:=|equals)", text)}
+    for r in evals:
+        if r["family"] in ("add", "sub", "mul"):
+            a, b = map(int, re.findall(r"\d+", r["prompt"]))
+            orders = [(a, b)] if r["family"] == "sub" else [(a, b), (b, a)]
+            assert not any((r["family"], x, y) in seen for x, y in orders), r["prompt"]
+    # prefs_eval is built from eval problems only
+    for r in data_read(tiny_data, "prefs_eval.jsonl"):
+        assert data_solve(r["family"], r["prompt"])[0] in eval_keys
+
+
+def test_data_eval_covers_every_family_and_level(tiny_data):
+    evals = data_read(tiny_data, "eval.jsonl")
+    assert data.FAMILIES == DATA_FAMILIES
+    assert len(data_read(tiny_data, "prefs_eval.jsonl")) == len(evals)
+    for family in DATA_FAMILIES:
+        rows = [r for r in evals if r["family"] == family]
+        assert len(rows) == 100, family
+        assert len({data_solve(family, r["prompt"])[0] for r in rows}) == 100, f"{family}: repeated problems"
+        assert {r["level"] for r in rows} == {1, 2, 3}, family
+
+
+def test_data_split_rule_and_check_answer():
+    assert data.check_answer(" 85\n", "85") and not data.check_answer("85.", "85")
+    # the split is a fixed ~8 % slice of a problem space, by sha256 of the key
+    keys = [f"add:{a}:{b}" for a in range(100) for b in range(a, 100)]
+    share = sum(data.is_held_out(k, 0.08) for k in keys) / len(keys)
+    assert 0.06 < share < 0.10, share
+    assert data.is_held_out("add:37:48", 0.08) == data.is_held_out("add:37:48", 0.08)
+
+
+# =================================================================================================
+# model
+# =================================================================================================
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # random norms and biases, so a parity test also checks where they go
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_kwargs(cfg):
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling["factor"],
+                "original_max_position_embeddings": cfg.rope_scaling["original_max_position_embeddings"]}
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+                rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope,
+                attn_implementation="eager", pad_token_id=0)
+
+
+def copy_into(hf, ours):
+    result = hf.load_state_dict(ours.state_dict(), strict=True)  # key for key, same shapes
+    assert not result.missing_keys and not result.unexpected_keys
+    return hf.eval()
+
+
+def shifted(ids):  # HF labels -> our next-token targets
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                                 # GQA, QKV bias, tied
+    dict(tie_word_embeddings=False, num_key_value_heads=4),                 # untied, MHA
+    dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+], ids=["gqa-bias-tied", "untied-mha", "yarn"])
+def test_qwen2_logits_and_loss_match_transformers(overrides):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(**overrides)
+    hf = copy_into(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours)
+    ids = torch.randint(0, 97, (3, 40))
+    with torch.no_grad():
+        logits, _ = ours(ids)
+        out = hf(ids, labels=ids)
+        _, loss = ours(ids, shifted(ids))
+    torch.testing.assert_close(logits, out.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=0)
+
+
+def test_no_qkv_bias_matches_llama():
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(attention_bias=False)
+    hf = copy_into(transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_kwargs(ours.config))), ours)
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_matches_qwen2_moe(norm_topk_prob):
+    transformers = pytest.importorskip("transformers")
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+               norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.1)
+    ours = tiny_model(**moe)
+    kwargs = {**hf_kwargs(ours.config), **moe, "output_router_logits": True}
+    hf = copy_into(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kwargs)), ours)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        out = hf(ids, labels=ids)
+        torch.testing.assert_close(ours(ids)[0], out.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(ids, shifted(ids))[1], out.loss, atol=1e-5, rtol=0)  # CE + 0.1 * aux
+
+
+def test_moe_without_shared_expert_matches_mixtral():
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, attention_bias=False)
+    kwargs = {**hf_kwargs(ours.config), "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 24}
+    hf = copy_into(transformers.MixtralForCausalLM(transformers.MixtralConfig(**kwargs)), ours)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_load_balancing_loss_by_hand():
+    # uniform router: P_e = 1/4; top-2 of tied probs picks experts 0 and 1: f = (1, 1, 0, 0); aux = 4 * 0.5 = 2
+    assert M.load_balancing_loss([torch.zeros(6, 4)], top_k=2).item() == pytest.approx(2.0)
+    # padding rows (mask 0) do not count
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 9.0]])
+    assert M.load_balancing_loss([logits], 1, torch.tensor([1, 0])).item() == pytest.approx(
+        4 * torch.softmax(logits[0], -1)[0].item())
+
+
+def test_padded_batch_matches_transformers_and_unpadded():
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model()
+    hf = copy_into(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours)
+    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (12, 5, 9)]
+    ids, mask = left_pad(seqs, pad_id=0)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits, _ = ours(ids, attention_mask=mask)
+        hf_logits = hf(ids, attention_mask=mask, position_ids=positions).logits
+        real = mask.bool()
+        torch.testing.assert_close(logits[real], hf_logits[real], atol=1e-4, rtol=0)
+        assert torch.isfinite(logits).all()  # rows of pure padding stay finite
+        for row, seq in enumerate(seqs):
+            alone, _ = ours(torch.tensor([seq]))
+            torch.testing.assert_close(logits[row, -len(seq):], alone[0], atol=1e-5, rtol=0)
+
+
+def test_score_head_matches_sequence_classification():
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(head="score", tie_word_embeddings=False)
+    hf = copy_into(transformers.Qwen2ForSequenceClassification(
+        transformers.Qwen2Config(**hf_kwargs(ours.config), num_labels=1)), ours)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    completion_ids, completion_mask = right_pad([[11, 12], [13, 14, 15]], pad_id=0)
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        values, _ = ours(ids, attention_mask=mask)
+        hidden = hf.model(ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        hf_values = hf.score(hidden).squeeze(-1)
+        real = mask.bool()
+        torch.testing.assert_close(values[real], hf_values[real], atol=1e-4, rtol=0)
+        # HF pools at the last non-pad token: the reward of the whole sequence
+        pooled = hf(ids, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
+        scores = sequence_scores(ours, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        torch.testing.assert_close(scores, pooled, atol=1e-4, rtol=0)
+        per_token = completion_values(ours, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        torch.testing.assert_close(per_token[1, 2], values[1, -2])   # predicts the last completion token
+        assert per_token[0, 2] == 0                                 # padding
+
+
+def test_param_count_flops_and_optimizer_groups():
+    # per layer: q 32*32+32, k and v 32*16+16 each, o 32*32, mlp 3*32*64, two norms 32 each = 9344
+    per_layer = 1056 + 528 + 528 + 1024 + 6144 + 64
+    tied, untied = tiny_model(), tiny_model(tie_word_embeddings=False)
+    assert tied.num_params() == tied.num_params(non_embedding=False) == 2 * per_layer + 32 + 97 * 32
+    assert untied.num_params(non_embedding=False) == 2 * per_layer + 32 + 2 * 97 * 32
+    assert untied.num_params() == 2 * per_layer + 32 + 97 * 32  # the lm head counts, the lookup does not
+    assert tied.flops_per_token(64) == 6 * tied.num_params() + 12 * 2 * 32 * 64
+    assert tied.estimate_mfu(1000.0, 1e12) == pytest.approx(tied.flops_per_token(64) * 1000 / 1e12)
+    moe = tiny_model(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8)
+    routed = 2 * 4 * 3 * 32 * 8
+    assert moe.flops_per_token(0) == 6 * (moe.num_params() - routed * 3 / 4)
+    decay, no_decay = untied.configure_optimizer(1e-3, 0.1).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7 + 1  # + lm_head
+    assert any(p is untied.model.embed_tokens.weight for p in no_decay["params"])
+
+
+# ----------------------------------------------------------------------------- the chunked loss
+
+def test_chunked_cross_entropy_equals_naive(monkeypatch):
+    monkeypatch.setattr(M, "CHUNK_LOGITS", 97 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (50,))
+    targets[::3] = -100
+    loss = M.chunked_cross_entropy(hidden, weight, targets)
+    grads = torch.autograd.grad(3 * loss, (hidden, weight))
+    naive = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    naive_grads = torch.autograd.grad(3 * naive, (hidden, weight))
+    torch.testing.assert_close(loss, naive)
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n)
+    with torch.no_grad():  # no grad mode: loss only
+        torch.testing.assert_close(M.chunked_cross_entropy(hidden, weight, targets), naive)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_loss_and_gradients_equal_naive(monkeypatch, tied):
+    monkeypatch.setattr(M, "CHUNK_LOGITS", 97 * 16)
+    model = tiny_model(tie_word_embeddings=tied).train()
+    ids, targets = torch.randint(0, 97, (3, 30)), torch.randint(0, 97, (3, 30))
+    targets[:, :7] = -100
+    _, loss = model(ids, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits, _ = model(ids)
+    naive = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    naive_grads = torch.autograd.grad(naive, list(model.parameters()))
+    torch.testing.assert_close(loss, naive)
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_cached_greedy_equals_uncached_and_padded_batch_equals_one_by_one():
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    batch, _, _ = generate(model, prompts, 12, temperature=0)
+    for row, prompt in enumerate(prompts):
+        alone, _, _ = generate(model, [prompt], 12, temperature=0)
+        assert alone[0].tolist() == greedy_without_cache(model, prompt, 12)
+        assert batch[row].tolist() == alone[0].tolist()
+
+
+def test_moe_cached_greedy_equals_uncached():
+    model = tiny_model(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+    completion, _, _ = generate(model, [[1, 2, 3]], 8, temperature=0)
+    assert completion[0].tolist() == greedy_without_cache(model, [1, 2, 3], 8)
+
+
+def test_sampling_reproducible_and_top_k_1_is_greedy():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    c = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    greedy, _, _ = generate(model, prompts, 10, temperature=0)
+    top1, logp, _ = generate(model, prompts, 10, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy, top1)
+    assert torch.allclose(logp, torch.zeros_like(logp))  # a one-token distribution
+
+
+def test_sample_token_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.45, {0}), (0, 0.85, {0, 1, 2})]:
+        g = torch.Generator().manual_seed(0)
+        seen = {int(M.sample_token(logits, 1.0, top_k, top_p, g)[0]) for _ in range(200)}
+        assert seen == allowed
+    _, logp = M.sample_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
+    assert logp.exp().item() in (pytest.approx(0.5 / 0.8), pytest.approx(0.3 / 0.8))  # renormalised over the 2
+
+
+def test_generate_logprobs_equal_completion_logprobs_and_eos_handling():
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    eos = 2
+    completions, logp, mask = generate(model, prompts, 30, eos_id=eos, pad_id=0,
+                                       generator=torch.Generator().manual_seed(0))
+    prompt_ids, prompt_mask = left_pad(prompts, 0)
+    with torch.no_grad():
+        again = completion_logprobs(model, prompt_ids, prompt_mask, completions, mask)
+    torch.testing.assert_close(logp, again, atol=1e-5, rtol=0)
+    for row in range(len(prompts)):  # 1 up to and including the first EOS, pad after it
+        tokens = completions[row].tolist()
+        n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        assert mask[row].tolist() == [1.0] * n + [0.0] * (len(tokens) - n)
+        assert all(t == 0 for t in tokens[n:])
+    # generation stops once every row has hit EOS: zero final-norm weights give all-zero logits, argmax 0
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    completions, _, mask = generate(model, prompts, 30, temperature=0, eos_id=0, pad_id=1)
+    assert completions.tolist() == [[0]] * 3 and mask.tolist() == [[1.0]] * 3
+
+
+def test_completion_logprobs_invariant_to_padding_and_entropy():
+    model = tiny_model()
+    prompts, completions = [[3, 4, 5], [6, 7, 8, 9, 10]], [[11, 12, 13], [14]]
+    p_ids, p_mask = left_pad(prompts, 0)
+    c_ids, c_mask = right_pad(completions, 0)
+    zeros = torch.zeros(2, 2, dtype=torch.long)
+    padded_p = torch.cat([zeros, p_ids], 1), torch.cat([zeros, p_mask], 1)           # 2 more pads on the left
+    padded_c = torch.cat([c_ids, zeros], 1), torch.cat([c_mask, zeros], 1)           # 2 more on the right
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, return_entropy=True)
+        padded = completion_logprobs(model, *padded_p, *padded_c)
+        torch.testing.assert_close(padded[:, :3], logp, atol=1e-5, rtol=0)
+        assert (padded[:, 3:] == 0).all() and logp[1, 1:].eq(0).all()
+        # by hand for row 0: full forward on the unpadded sequence, temperature 2
+        logits, _ = model(torch.tensor([prompts[0] + completions[0]]))
+        by_hand = (logits[0, 2:5] / 2).log_softmax(-1).gather(1, torch.tensor([[11], [12], [13]])).squeeze(1)
+        hot = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=2.0)
+        torch.testing.assert_close(hot[0], by_hand, atol=1e-5, rtol=0)
+        probs = logits[0, 2:5].softmax(-1)
+        torch.testing.assert_close(entropy[0], -(probs * probs.log()).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_heldout_accuracy_by_hand():
+    model, tokenizer = tiny_model(vocab_size=259, max_position_embeddings=128), Tokenizer(merges=[])
+    records = [{"prompt": "a", "answer": "x", "family": "add"}, {"prompt": "bb", "answer": "y", "family": "add"},
+               {"prompt": "c", "answer": "z", "family": "sub"}]
+    replies = [generate(model, [tokenizer.encode_prompt(r["prompt"])], 6, temperature=0, eos_id=tokenizer.im_end_id)[0]
+               for r in records]
+    texts = [tokenizer.decode([t for t in reply[0].tolist() if t != tokenizer.im_end_id]) for reply in replies]
+    records[1]["answer"] = " " + texts[1] + "\n"  # the second reply is right, up to whitespace
+    result = heldout_accuracy(model.train(), tokenizer, records, max_new_tokens=6, batch_size=2)
+    assert model.training  # restored
+    closed = sum(tokenizer.im_end_id in reply[0].tolist() for reply in replies) / 3
+    expected = {"accuracy": sum(t.strip() == r["answer"].strip() for t, r in zip(texts, records)) / 3,
+                "well_formed": closed, "accuracy/add": (texts[0].strip() == "x") / 2 + 0.5,
+                "accuracy/sub": float(texts[2].strip() == "z")}
+    assert result == pytest.approx(expected)
+    assert format_accuracy({"accuracy": 0.5, "well_formed": 1.0, "accuracy/add": 0.25}) == \
+        "accuracy 50.0% (add 25%) | well-formed 100.0%"
+
+
+def test_prompt_longer_than_context_is_an_error():
+    with pytest.raises(ValueError, match="longer than the context"):
+        generate(tiny_model(), [[1] * 60], 10)
+
+
+# ----------------------------------------------------------------------------- checkpoints and CLI
+
+def test_checkpoint_round_trip(tmp_path):
+    model, tokenizer = tiny_model(tie_word_embeddings=False), Tokenizer(merges=[])
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    path = str(tmp_path / "out" / "sft.pt")
+    save_checkpoint(path, Wrapper(model), tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
+                    metrics={"loss": 1.5}, optimizer={"state": {}})
+    assert not os.path.exists(path + ".tmp")
+    loaded, loaded_tokenizer, checkpoint = load_checkpoint(path, head="lm")
+    assert loaded.config == model.config and loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert checkpoint["stage"] == "sft" and checkpoint["step"] == 7 and "optimizer" in checkpoint
+    assert list(checkpoint["model"]) == list(model.state_dict())
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+class Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling this would create a file
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    target = str(tmp_path / "pwned")
+    for i, write in enumerate((torch.save, lambda obj, f: pickle.dump(obj, open(f, "wb"), protocol=2))):
+        path = str(tmp_path / f"evil{i}.pt")
+        write({"model": Evil(target), "config": {}}, path)
+        with pytest.raises(ValueError, match="not a model.py checkpoint"):
+            load_checkpoint(path)
+        assert not os.path.exists(target)
+    pickle.load(open(path, "rb"))  # the payload is real: plain unpickling creates the file
+    assert os.path.exists(target)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    def error(path, **kw):
+        with pytest.raises((ValueError, FileNotFoundError)) as info:
+            load_checkpoint(str(path), **kw)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+    assert "run `python sft.py` first" in error(tmp_path / "out" / "sft.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    assert "not a model.py checkpoint" in error(tmp_path / "notes.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert "not a model.py checkpoint" in error(tmp_path / "other.pt")
+    save_checkpoint(str(tmp_path / "reward.pt"), tiny_model(head="score"), Tokenizer(merges=[]), "reward")
+    assert "'score' head, expected a 'lm' head" in error(tmp_path / "reward.pt", head="lm")
+    checkpoint = torch.load(tmp_path / "reward.pt", weights_only=True)
+    checkpoint["config"]["hidden_size"] = 48
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    assert "do not match its config" in error(tmp_path / "bad.pt")
+
+
+def test_cli_sample_chat_and_errors(tmp_path):
+    tokenizer = Tokenizer(merges=[])
+    save_checkpoint(str(tmp_path / "sft.pt"), tiny_model(vocab_size=tokenizer.vocab_size,
+                                                          max_position_embeddings=128), tokenizer, "sft")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = "\n".join([  # one interpreter for all three commands: starting python + torch is the slow part
+        "import sys, model",
+        "model.main(['sample', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '5', '--temperature', '0'])",
+        "model.main(['chat', sys.argv[1], '--max-new-tokens', '5'])",
+    ])
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.pt")], cwd=ROOT, env=env,
+                         input="hello\nsecond turn\n/quit\nnever read\n", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("hi") and "tokens/s" in run.stderr
+    assert run.stdout.count("-" * 40) == 1  # one sample; the chat replies (any text) follow it
+    run = subprocess.run([sys.executable, "model.py", "sample", str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "python sft.py" in run.stderr
+    with pytest.raises(SystemExit) as info:
+        M.main(["--help"])
+    assert info.value.code == 0
+
+
+# =================================================================================================
+# train
+# =================================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# pretrain.py and sft.py
+# ---------------------------------------------------------------------------------------------
+
+
+
+
+def run_ok(*argv, cwd=None, timeout=300):
+    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{argv[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def run_error(*argv, cwd=None):
+    """A script that must refuse its input: exit 2 with one `error:` line on stderr."""
+    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, f"{argv} exited {result.returncode}:\n{result.stderr[-2000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def losses(jsonl_path: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, open(jsonl_path)) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny built-in world: data, a tokenizer, a tiny pretrained model."""
+    d = tmp_path_factory.mktemp("world")
+    run_ok(os.path.join(ROOT, "data.py"), "--out", str(d / "data"), "--scale", "0.02")
+    run_ok(os.path.join(ROOT, "tokenizer.py"), "--data", str(d / "data" / "pretrain.txt"), "--vocab-size", "400",
+           "--out", str(d / "out" / "tokenizer.json"))
+    run_ok(os.path.join(ROOT, "pretrain.py"), *TINY_PRETRAIN(d), "--steps", "30", "--out", str(d / "out" / "pretrain.pt"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(world):
+    """out/sft.pt of the tiny world: the starting point of every post-training stage's tests."""
+    run_ok(os.path.join(ROOT, "sft.py"), *TINY_SFT(world), "--steps", "20", "--log-every", "10",
+           "--out", str(world / "out" / "sft.pt"))
+    return world / "out" / "sft.pt"
+
+
+def TINY_PRETRAIN(d):
+    return ["--data", str(d / "data" / "pretrain.txt"), "--tokenizer", str(d / "out" / "tokenizer.json"),
+            "--hidden-size", "32", "--num-layers", "2", "--context", "64", "--batch-size", "8", "--lr", "3e-3",
+            "--warmup", "5", "--log-every", "1", "--eval-every", "1000", "--eval-batches", "2", "--device", "cpu"]
+
+
+def TINY_SFT(d):
+    return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
+            "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
+            "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def test_lr_schedule_key_steps():
+    from pretrain import lr_at
+
+    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)  # first warmup step
+    assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)  # end of warmup: the peak
+    assert lr_at(10, 1.0, 10, 110) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: the mean of peak and floor
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)  # the floor, 10 % of the peak
+    assert lr_at(500, 1.0, 10, 110) == pytest.approx(0.1)  # stays there
+    from sft import lr_at as sft_lr_at
+
+    assert [sft_lr_at(s, 3e-4, 7, 50) for s in range(60)] == [lr_at(s, 3e-4, 7, 50) for s in range(60)]
+
+
+def test_weight_decay_groups():
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    assert "model.layers.0.self_attn.q_proj.weight" in decay and "model.layers.1.mlp.down_proj.weight" in decay
+    assert "model.embed_tokens.weight" in no_decay
+    assert all(n.endswith(".bias") or "norm" in n or "embed" in n for n in no_decay)
+    assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay)
+
+
+def test_assistant_only_loss_by_hand(world):
+    from model import load_checkpoint
+    from sft import sft_example
+
+    model, tokenizer, _ = load_checkpoint(str(world / "out" / "pretrain.pt"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
+                {"role": "assistant", "content": "8"}]
+    inputs, targets, truncated = sft_example(tokenizer, messages, context=200)
+    assert not truncated
+    ids, mask = tokenizer.encode_chat(messages)
+    # the targets are exactly the assistant tokens: "5", <|im_end|>, "8", <|im_end|>
+    kept = [t for t in targets if t != -100]
+    assert kept == [i for i, m in zip(ids, mask) if m] and tokenizer.decode(kept) == "5<|im_end|>8<|im_end|>"
+    x, y = torch.tensor([inputs]), torch.tensor([targets])
+    _, loss = model(x, y)
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    by_hand = -sum(logp[t, y[0, t]] for t in range(len(targets)) if targets[t] != -100) / len(kept)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_sft_truncates_and_counts():
+    from sft import sft_example
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(merges=[])
+    inputs, targets, truncated = sft_example(tokenizer, [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y" * 50}], 40)
+    assert truncated and len(inputs) == len(targets) == 40
+
+
+def test_pretrain_ddp_equals_single_process(world, tmp_path):
+    """2 ranks with the same global batch give the losses of one process (to float rounding)."""
+    args = [*TINY_PRETRAIN(world), "--steps", "4", "--save-every", "1000"]
+    run_ok(os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "single.pt"))
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3, 4]
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+    assert result.stdout.count("pretrain | step 4/4") == 1  # only rank 0 prints
+
+
+def test_sft_ddp_equals_single_process(world, tmp_path):
+    args = [*TINY_SFT(world), "--steps", "3", "--save-every", "1000"]
+    run_ok(os.path.join(ROOT, "sft.py"), *args, "--out", str(tmp_path / "single.pt"))
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "sft.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
+    """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly."""
+    script = os.path.join(ROOT, f"{stage}.py")
+    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120", "--save-every", "4"]
+    run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
+    process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
+    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 120  # killed mid-run, after a save
+    run_ok(script, *args, "--out", str(tmp_path / "killed.pt"), "--resume")
+    full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
+    assert sorted(full) == sorted(resumed) == list(range(1, 121))
+    assert full == resumed  # exact: same batches, same weights, same optimizer state
+    final = torch.load(tmp_path / "killed.pt", weights_only=True)
+    assert "optimizer" not in final and final["step"] == 120
+    assert all(torch.equal(final["model"][k], v) for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
+
+
+def test_pretrain_bad_input(world, tmp_path):
+    out = tmp_path / "p.pt"
+    line = run_error("pretrain.py", *TINY_PRETRAIN(world), "--tokenizer", str(tmp_path / "none.json"), "--out", str(out))
+    assert "tokenizer.py" in line
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    assert "empty" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "empty.txt"), "--out", str(out))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    assert "bad.jsonl:2" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "bad.jsonl"), "--out", str(out))
+    assert not out.exists()
+
+
+def test_sft_bad_input(world, tmp_path):
+    out = tmp_path / "s.pt"
+    assert "pretrain.py" in run_error("sft.py", *TINY_SFT(world), "--init", str(tmp_path / "pretrain.pt"), "--out", str(out))
+    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n')
+    assert "broken.jsonl:2" in run_error("sft.py", *TINY_SFT(world), "--data", str(tmp_path / "broken.jsonl"), "--out", str(out))
+    (tmp_path / "noassistant.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    line = run_error("sft.py", *TINY_SFT(world), "--data", str(tmp_path / "noassistant.jsonl"), "--out", str(out))
+    assert "noassistant.jsonl:1" in line and "assistant" in line
+    assert not out.exists() and not (tmp_path / "s.jsonl").exists()
+
+
+# =================================================================================================
+# prefs
+# =================================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# reward.py and dpo.py: learning from preference pairs
+# ---------------------------------------------------------------------------------------------
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # MERGE: drop in test_all.py
+
+TINY_MODEL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def head(path, n):
+    """The first n lines of a data file, written next to it (small held-out sets keep the runs fast)."""
+    small = f"{path}.head{n}.jsonl"
+    if not os.path.exists(small):
+        with open(path) as f, open(small, "w") as out:
+            out.writelines(line for _, line in zip(range(n), f))
+    return small
+
+
+def TINY_REWARD(d):
+    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
+            "--eval-data", head(d / "data" / "prefs_eval.jsonl", 60), "--batch-size", "8", "--log-every", "1",
+            "--stats-pairs", "16", "--device", "cpu"]
+
+
+def TINY_DPO(d):
+    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
+            "--eval-data", head(d / "data" / "prefs_eval.jsonl", 60), "--task-data", head(d / "data" / "eval.jsonl", 30),
+            "--batch-size", "8", "--log-every", "1", "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def logged(jsonl_path, key="loss"):
+    return {r["step"]: r[key] for r in map(json.loads, open(jsonl_path))}
+
+
+def run_ddp(script, *argv):
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, script), *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def tiny_lm(seed=0):
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**TINY_MODEL)).eval()
+
+
+def pair(prompt, chosen, rejected, kind="x"):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 0.0, "kind": kind}
+
+
+# ----------------------------------------------------------------------------- reward.py: the math
+
+def test_bradley_terry_loss_by_hand():
+    from reward import reward_loss
+
+    equal = torch.tensor([0.3, -2.0, 5.0])
+    assert torch.allclose(reward_loss(equal, equal), torch.full((3,), math.log(2)))  # σ(0) = 1/2
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0])
+    # -log σ(1.5) = log(1 + e^-1.5), -log σ(-1) = log(1 + e^1)
+    assert torch.allclose(reward_loss(chosen, rejected), torch.tensor([math.log(1 + math.exp(-1.5)), math.log(1 + math.e)]))
+    # margin 1: -log σ(2 - 0.5 - 1) = log(1 + e^-0.5); centering 0.1 adds 0.1 (2 + 0.5)^2 = 0.625
+    margin = torch.tensor([1.0, 0.0])
+    assert reward_loss(chosen, rejected, margin)[0].item() == pytest.approx(math.log(1 + math.exp(-0.5)))
+    assert reward_loss(chosen, rejected, margin, center_coef=0.1)[0].item() == pytest.approx(math.log(1 + math.exp(-0.5)) + 0.625)
+
+
+def test_bradley_terry_shift_invariance_and_centering():
+    from reward import reward_loss
+
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(16), torch.randn(16)
+    assert torch.allclose(reward_loss(chosen + 7.5, rejected + 7.5), reward_loss(chosen, rejected))
+    # the centering term is what pins the offset: it grows when every reward moves away from 0
+    assert (reward_loss(chosen + 7.5, rejected + 7.5, center_coef=0.01).mean() > reward_loss(chosen, rejected, center_coef=0.01).mean())
+
+
+def test_pairwise_accuracy_by_hand_and_swap():
+    from reward import pairwise_accuracy
+
+    chosen, rejected = torch.tensor([3.0, 1.0, 2.0, -1.0]), torch.tensor([1.0, 2.0, 0.0, -3.0])
+    assert pairwise_accuracy(chosen, rejected) == pytest.approx(0.75)
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(101), torch.randn(101)
+    p = pairwise_accuracy(chosen, rejected)
+    assert 0 < p < 1 and pairwise_accuracy(rejected, chosen) == pytest.approx(1 - p)
+    assert pairwise_accuracy(chosen, chosen) == 0.0  # a tie is not a correct ranking
+
+
+def test_reward_model_copies_the_body_and_reads_the_last_real_token():
+    from model import sequence_scores, left_pad, right_pad
+    from reward import pair_rewards, reward_model_from
+
+    lm = tiny_lm()
+    reward_model = reward_model_from(lm, seed=0).eval()
+    assert reward_model.config.head == "score" and not hasattr(reward_model, "lm_head")
+    body = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+    assert all(torch.equal(reward_model.state_dict()[k], v) for k, v in body.items())
+    assert reward_model.score.weight.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.3)
+    # the reward of a pair does not depend on the other pairs of its batch (padding) nor on the pad id
+    pairs = [pair([5, 6, 7], [8, 9], [10]), pair([5, 6, 7, 1, 2, 3, 4], [8, 9, 11, 12, 13], [10, 1, 2, 3, 4, 5, 6])]
+    alone = pair_rewards(reward_model, pairs[:1], 0, "cpu")
+    batched = pair_rewards(reward_model, pairs, 0, "cpu")
+    other_pad = pair_rewards(reward_model, pairs, 3, "cpu")
+    for a, b, c in zip(alone, batched, other_pad):
+        assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(b, c, atol=1e-5)
+    # it is the score at the last real token of prompt + reply, by hand on the unpadded sequence
+    values, _ = reward_model(torch.tensor([[5, 6, 7, 10]]))
+    assert alone[1].item() == pytest.approx(values[0, -1].item(), abs=1e-5)
+
+
+def test_preference_pairs_skip_and_count(tmp_path):
+    from reward import preference_pairs
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(merges=[])
+    records = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "kind": "wrong"},
+               {"prompt": "2+2?", "chosen": "4", "rejected": " 4 "},               # identical
+               {"prompt": "2+2?", "chosen": "4", "rejected": "  "},                # an empty side
+               {"prompt": "2+2?", "chosen": "", "rejected": "5"},                  # an empty side
+               {"prompt": "x" * 200, "chosen": "4", "rejected": "5"},              # fills the context
+               {"prompt": "2+2?", "chosen": "4", "rejected": "?", "margin": 2}]
+    pairs, skipped = preference_pairs(tokenizer, records, context=64, path="p.jsonl")
+    assert skipped == {"identical": 1, "empty side": 2, "longer than the context": 1}
+    assert len(pairs) == 2 and pairs[1]["margin"] == 2.0 and pairs[0]["kind"] == "wrong"
+    assert pairs[0]["chosen"] == tokenizer.encode("4") + [tokenizer.im_end_id]  # a reply ends with <|im_end|>
+    assert pairs[0]["prompt"] == tokenizer.encode_prompt("2+2?")
+    with pytest.raises(ValueError, match=r"p.jsonl: no usable preference pairs \(1 identical, 2 empty side, 1 longer"):
+        preference_pairs(tokenizer, records[1:5], 64, "p.jsonl")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: 'chosen' and 'rejected' must be strings"):
+        preference_pairs(tokenizer, [records[0], {"prompt": "a", "chosen": 3, "rejected": "b"}], 64, "p.jsonl")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: 'margin' must be a number"):
+        preference_pairs(tokenizer, [{"prompt": "a", "chosen": "a", "rejected": "b", "margin": "1"}], 64, "p.jsonl")
+
+
+# ----------------------------------------------------------------------------- dpo.py: the math
+
+def test_dpo_loss_is_log2_when_policy_is_the_reference():
+    from dpo import LOSS_TYPES, dpo_loss
+
+    logp_chosen, logp_rejected = torch.tensor([-3.0, -10.0]), torch.tensor([-7.0, -1.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, logp_chosen, logp_rejected)
+    assert torch.allclose(losses, torch.full((2,), math.log(2)))
+    assert torch.equal(chosen_rewards - rejected_rewards, torch.zeros(2))  # margin 0
+    assert (chosen_rewards > rejected_rewards).float().mean() == 0  # accuracy 0
+    for loss_type, at_zero in zip(LOSS_TYPES, (math.log(2), math.log(2), 1.0, 25.0)):  # ipo: (0 - 1/(2·0.1))²
+        losses, _, _ = dpo_loss(logp_chosen, logp_rejected, logp_chosen, logp_rejected, 0.1, loss_type, 0.1)
+        assert torch.allclose(losses, torch.full((2,), at_zero)), loss_type
+
+
+def test_dpo_loss_types_by_hand():
+    from dpo import dpo_loss
+
+    # h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)) = (-1 + 2) - (-3 + 2) = 2
+    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    softplus = lambda x: math.log(1 + math.exp(x))  # -log σ(x) = softplus(-x)
+    expected = {("sigmoid", 0.5, 0.0): softplus(-1.0),
+                ("sigmoid", 0.5, 0.2): 0.8 * softplus(-1.0) + 0.2 * softplus(1.0),
+                ("robust", 0.5, 0.2): (0.8 * softplus(-1.0) - 0.2 * softplus(1.0)) / 0.6,
+                ("hinge", 0.25, 0.0): 0.5,          # max(0, 1 - 0.25 · 2)
+                ("hinge", 0.5, 0.0): 0.0,           # max(0, 1 - 0.5 · 2)
+                ("ipo", 0.5, 0.0): 1.0,             # (2 - 1/(2 · 0.5))²
+                ("ipo", 0.1, 0.0): 9.0}             # (2 - 5)²
+    for (loss_type, beta, eps), value in expected.items():
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers, beta, loss_type, eps)
+        assert losses.item() == pytest.approx(value, rel=1e-6), (loss_type, beta, eps)
+        assert chosen_rewards.item() == pytest.approx(beta) and rejected_rewards.item() == pytest.approx(-beta)
+    with pytest.raises(ValueError, match="loss-type"):
+        dpo_loss(*numbers, 0.1, "kto")
+
+
+def test_robust_with_eps_zero_equals_sigmoid():
+    from dpo import dpo_loss
+
+    torch.manual_seed(0)
+    numbers = [torch.randn(32) * 5 for _ in range(4)]
+    sigmoid, _, _ = dpo_loss(*numbers, 0.3, "sigmoid", 0.0)
+    robust, _, _ = dpo_loss(*numbers, 0.3, "robust", 0.0)
+    assert torch.allclose(sigmoid, robust)
+    assert not torch.allclose(dpo_loss(*numbers, 0.3, "robust", 0.1)[0], sigmoid)
+
+
+def test_dpo_gradient_is_zero_on_prompt_and_padding_positions():
+    """The loss sees only the log-probs of reply tokens: d loss / d logits is 0 at every position that
+    predicts a prompt token or a pad, and not 0 where it predicts a reply token."""
+    from dpo import dpo_loss, pair_logps
+
+    pairs = [pair([5, 6, 7], [8, 9], [10]), pair([1, 2, 3, 4, 5], [11], [12, 13, 14])]
+    P, Nc, Nr, V = 5, 2, 3, 17
+    chosen_logits = torch.randn(2, P + Nc, V, requires_grad=True)
+    rejected_logits = torch.randn(2, P + Nr, V, requires_grad=True)
+
+    def fake_model(ids, attention_mask=None, logits_to_keep=0):  # the logits of a model, as leaves
+        logits = chosen_logits if ids.shape[1] == P + Nc else rejected_logits
+        return logits[:, -logits_to_keep:], None
+
+    logp_chosen, logp_rejected = pair_logps(fake_model, pairs, pad_id=0, device="cpu")
+    losses, _, _ = dpo_loss(logp_chosen, logp_rejected, torch.zeros(2), torch.zeros(2))
+    losses.sum().backward()
+    for logits, reply_lengths in ((chosen_logits, (2, 1)), (rejected_logits, (1, 3))):
+        nonzero = logits.grad.abs().sum(-1) > 0                                   # (B, T)
+        for row, n in enumerate(reply_lengths):
+            # position t predicts token t+1; the reply starts at column P (prompts are left-padded)
+            expected = torch.zeros(logits.shape[1], dtype=torch.bool)
+            expected[P - 1 : P - 1 + n] = True
+            assert torch.equal(nonzero[row], expected), (row, nonzero[row])
+
+
+def test_dpo_logps_by_hand_and_invariant_to_padding():
+    from dpo import pair_logps
+
+    policy = tiny_lm()
+    pairs = [pair([5, 6, 7], [8, 9, 3], [10]), pair([1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16], [12])]
+    alone_chosen, alone_rejected = pair_logps(policy, pairs[:1], pad_id=0, device="cpu")
+    chosen, rejected = pair_logps(policy, pairs, pad_id=0, device="cpu")
+    other_chosen, other_rejected = pair_logps(policy, pairs, pad_id=96, device="cpu")
+    assert torch.allclose(alone_chosen, chosen[:1], atol=1e-5) and torch.allclose(alone_rejected, rejected[:1], atol=1e-5)
+    assert torch.allclose(chosen, other_chosen, atol=1e-5) and torch.allclose(rejected, other_rejected, atol=1e-5)
+    # by hand: sum over the reply tokens of log softmax(logits of the previous position)[token]
+    logits, _ = policy(torch.tensor([[5, 6, 7, 8, 9, 3]]))
+    logp = torch.log_softmax(logits[0].double(), -1)
+    assert chosen[0].item() == pytest.approx(sum(logp[t - 1, tok].item() for t, tok in ((3, 8), (4, 9), (5, 3))), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
+    from model import load_checkpoint
+
+    world = tiny_sft.parent.parent
+    args = [*TINY_REWARD(world), "--steps", "3"]
+    out = run_ok("reward.py", *args, "--out", str(tmp_path / "single.pt"))
+    assert "longer than the context skipped" in out and "reward | after:  pairwise accuracy" in out
+    model, _, checkpoint = load_checkpoint(str(tmp_path / "single.pt"), head="score")  # a standard checkpoint
+    assert checkpoint["stage"] == "reward" and checkpoint["parent"] == str(tiny_sft) and checkpoint["step"] == 3
+    metrics = checkpoint["metrics"]
+    assert metrics["reward_std"] > 0 and math.isfinite(metrics["reward_mean"])
+    assert 0 <= metrics["before"]["accuracy"] <= 1 and "accuracy/wrong" in metrics["after"]
+    stdout = run_ddp("reward.py", *args, "--out", str(tmp_path / "ddp.pt"))
+    assert stdout.count("reward | step 3/3") == 1  # only rank 0 prints
+    single, ddp = logged(tmp_path / "single.jsonl"), logged(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+
+
+def test_dpo_end_to_end_ddp_with_precomputed_reference_equals_single_process_with_reference_model(tiny_sft, tmp_path):
+    """One process holding a reference model and two ranks with precomputed reference log-probs
+    give the same losses: the precomputation is exact and DDP splits the batch without changing it."""
+    world = tiny_sft.parent.parent
+    args = [*TINY_DPO(world), "--steps", "3"]
+    out = run_ok("dpo.py", *args, "--out", str(tmp_path / "model.pt"))
+    assert "dpo | after:  task accuracy" in out and "dpo | after:  preference accuracy" in out
+    with_model = logged(tmp_path / "model.jsonl")
+    assert with_model[1] == pytest.approx(math.log(2), abs=1e-5)  # step 1: the policy is the reference
+    assert logged(tmp_path / "model.jsonl", "rewards/accuracy")[1] == 0.0
+    assert logged(tmp_path / "model.jsonl", "rewards/margin")[1] == pytest.approx(0.0, abs=1e-6)
+    stdout = run_ddp("dpo.py", *args, "--precompute-ref", "--out", str(tmp_path / "ddp.pt"))
+    assert stdout.count("dpo | step 3/3") == 1 and "reference precomputed" in stdout
+    ddp = logged(tmp_path / "ddp.jsonl")
+    assert sorted(ddp) == sorted(with_model) == [1, 2, 3]
+    for step in with_model:
+        assert abs(with_model[step] - ddp[step]) < 1e-5, (step, with_model[step], ddp[step])
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert checkpoint["stage"] == "dpo" and checkpoint["step"] == 3 and set(checkpoint["metrics"]["after"]) == {"pairs", "task"}
+    assert checkpoint["metrics"]["before"]["pairs"]["implicit_accuracy"] == 0.0
+
+
+def test_reward_and_dpo_bad_input(tiny_sft, tmp_path):
+    """Unusable pairs are skipped and counted; nothing usable left is one error line and no file.
+    (Malformed lines, file:line, are checked on preference_pairs above.)"""
+    world = tiny_sft.parent.parent
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "a"}\n{"prompt": "hi", "chosen": "a", "rejected": ""}\n'
+                   '{"prompt": "' + "long " * 100 + '", "chosen": "a", "rejected": "b"}\n')
+    for script, args in (("reward.py", TINY_REWARD(world)), ("dpo.py", TINY_DPO(world))):
+        line = run_error(script, *args, "--data", str(bad), "--out", str(tmp_path / "x.pt"))
+        assert "no usable preference pairs (1 identical, 1 empty side, 1 longer than the context)" in line
+        assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+# =================================================================================================
+# rl
+# =================================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# grpo.py and ppo.py
+# ---------------------------------------------------------------------------------------------
+
+
+
+
+# ----------------------------------------------------------------------------- GRPO math
+
+def test_grpo_advantages_by_hand():
+    from grpo import grpo_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # two groups of 4
+    advantages = grpo_advantages(rewards, group_size=4)
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3); group 2: mean 0.25, std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5
+    s1, s2 = math.sqrt(1 / 3) + 1e-4, 0.5 + 1e-4
+    expected = [0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, -0.25 / s2, -0.25 / s2, -0.25 / s2, 0.75 / s2]
+    assert advantages.tolist() == pytest.approx(expected, rel=1e-6)
+    assert advantages.view(2, 4).sum(dim=1).abs().max() < 1e-6  # zero mean per group
+    batch = grpo_advantages(rewards, 4, scale="batch")
+    centred = [0.5, -0.5, -0.5, 0.5, -0.25, -0.25, -0.25, 0.75]
+    assert batch.tolist() == pytest.approx([c / (rewards.std().item() + 1e-4) for c in centred], rel=1e-6)
+    assert grpo_advantages(rewards, 4, scale="none").tolist() == pytest.approx(centred)
+    assert grpo_advantages(torch.full((4,), 0.7), 4).abs().max() == 0  # equal rewards: no advantage at all
+    with pytest.raises(ValueError):
+        grpo_advantages(rewards, 4, scale="bogus")
+
+
+def test_grpo_equal_rewards_give_zero_policy_gradient():
+    from grpo import aggregate_loss, grpo_advantages, grpo_token_loss
+
+    torch.manual_seed(0)
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # group 1 all equal, group 2 not
+    advantages = grpo_advantages(rewards, 3)
+    old_logp = -torch.rand(6, 5)
+    logp = (old_logp + 0.1 * torch.randn(6, 5)).requires_grad_()
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        token_loss, _ = grpo_token_loss(logp, old_logp, advantages, 0.2, 0.2)
+        logp.grad = None
+        aggregate_loss(token_loss, torch.ones(6, 5), loss_type, 5).backward()
+        assert logp.grad[:3].abs().max() == 0  # the all-equal group teaches nothing
+        assert logp.grad[3:].abs().min() > 0
+
+
+def test_k3_kl():
+    from grpo import k3_kl
+
+    logp = torch.log(torch.tensor([0.5, 0.2, 0.9]))
+    assert k3_kl(logp, logp).abs().max() == 0
+    ref_logp = torch.log(torch.tensor([0.25, 0.4, 0.1]))
+    # r = ref / pi; k3 = r - log r - 1
+    expected = [r - math.log(r) - 1 for r in (0.5, 2.0, 0.1 / 0.9)]
+    assert k3_kl(logp, ref_logp).tolist() == pytest.approx(expected, rel=1e-5)
+    assert (k3_kl(logp, ref_logp) > 0).all()
+    assert k3_kl(logp, ref_logp)[0].item() == pytest.approx(0.5 + math.log(2) - 1, rel=1e-5)  # 0.19315
+
+
+@pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.2, 0.28)])
+def test_clip_removes_the_gradient_exactly_where_it_should(eps_low, eps_high):
+    from grpo import grpo_token_loss
+    from ppo import ppo_policy_loss
+
+    ratios = torch.tensor([0.5, 0.79, 0.9, 1.0, 1.1, 1.19, 1.25, 1.5])
+    for sign in (1.0, -1.0):
+        old_logp = torch.full((1, 8), -1.0)
+        logp = (old_logp + ratios.log()).requires_grad_()
+        advantages = torch.tensor([sign])
+        token_loss, clipped = grpo_token_loss(logp, old_logp, advantages, eps_low, eps_high)
+        token_loss.sum().backward()
+        # d(-ratio A)/dlogp = -ratio A where the surrogate is not clipped, 0 where it is
+        should_clip = (ratios > 1 + eps_high) if sign > 0 else (ratios < 1 - eps_low)
+        expected = torch.where(should_clip, torch.zeros(8), -ratios * sign)
+        assert torch.allclose(logp.grad[0], expected, atol=1e-6), (sign, logp.grad)
+        assert clipped[0].tolist() == should_clip.tolist()
+        if eps_low == eps_high:  # ppo.py's loss is the same surrogate, with a token mean
+            logp.grad = None
+            loss, clipped_ppo = ppo_policy_loss(logp, old_logp, torch.full((1, 8), sign), torch.ones(1, 8), eps_low)
+            loss.backward()
+            assert torch.allclose(logp.grad[0], expected / 8, atol=1e-6) and torch.equal(clipped_ppo, clipped)
+
+
+def test_loss_aggregations_by_hand_and_padding():
+    from grpo import aggregate_loss
+
+    token_loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])  # 99 = after EOS / padding
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate_loss(token_loss, mask, "grpo", 4).item() == pytest.approx((2.0 + 4.0) / 2)  # 3.0
+    assert aggregate_loss(token_loss, mask, "dapo", 4).item() == pytest.approx(10 / 4)  # 2.5
+    assert aggregate_loss(token_loss, mask, "dr_grpo", 4).item() == pytest.approx(10 / (2 * 4))  # 1.25
+    # extra padding columns (a batch whose longest reply is longer) change nothing, dr_grpo included
+    padded_loss = torch.cat([token_loss, torch.full((2, 3), 7.0)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3)], dim=1)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        assert aggregate_loss(padded_loss, padded_mask, loss_type, 4) == aggregate_loss(token_loss, mask, loss_type, 4)
+    # with equal lengths grpo and dapo agree; they differ only when lengths differ
+    full = torch.ones(2, 3)
+    assert aggregate_loss(token_loss, full, "grpo", 4) == pytest.approx(aggregate_loss(token_loss, full, "dapo", 4).item())
+
+
+def test_post_eos_and_padding_tokens_contribute_nothing():
+    from grpo import aggregate_loss, grpo_token_loss, k3_kl
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    old_logp, ref_logp = -torch.rand(2, 4), -torch.rand(2, 4)
+    logp = (old_logp + 0.3 * torch.randn(2, 4)).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0])
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        logp.grad = None
+        token_loss, _ = grpo_token_loss(logp, old_logp, advantages, 0.2, 0.2, ref_logp, beta=0.04)
+        loss = aggregate_loss(token_loss, mask, loss_type, 4)
+        loss.backward()
+        assert logp.grad[1, 2:].abs().max() == 0 and logp.grad[1, :2].abs().min() > 0
+        changed = logp.detach().clone()
+        changed[1, 2:] = -50.0  # whatever sits after EOS
+        token_loss, _ = grpo_token_loss(changed, old_logp, advantages, 0.2, 0.2, ref_logp, beta=0.04)
+        assert aggregate_loss(token_loss, mask, loss_type, 4).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert k3_kl(logp, ref_logp).min() >= 0
+
+
+# ----------------------------------------------------------------------------- PPO math
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go():
+    from ppo import gae
+
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.3, 0.1, -0.4, 9.0], [1.0, -1.0, 9.0, 9.0]])  # 9 = junk on padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = torch.tensor([[0.9, 0.8, 1.0, 0.0], [2.5, 2.0, 0.0, 0.0]])
+    assert torch.allclose(returns, reward_to_go, atol=1e-6)
+    assert torch.allclose(advantages, (reward_to_go - values) * mask, atol=1e-6)
+    # lambda 0.95 by hand, rewards (0, 1), values (0.5, 0.2): delta = (0 + 0.2 - 0.5, 1 - 0.2) = (-0.3, 0.8)
+    advantages, returns = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 0.95)
+    assert advantages[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8, 0.8])
+    assert returns[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8 + 0.5, 1.0])
+
+
+def test_whitened_advantages_mean_zero_std_one_over_the_mask():
+    from ppo import masked_whiten
+
+    torch.manual_seed(0)
+    x = 3 + 5 * torch.randn(4, 6)
+    mask = torch.ones(4, 6)
+    mask[1, 3:] = mask[2, 1:] = 0
+    x[mask == 0] = 1e3  # padding must not leak into the statistics
+    white = masked_whiten(x, mask)
+    kept = white[mask.bool()]
+    assert kept.mean().abs() < 1e-5 and kept.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert white[mask == 0].abs().max() == 0
+
+
+def test_kl_reward_is_zero_when_policy_equals_reference_and_score_lands_once(tiny_sft):
+    from model import completion_logprobs, generate, left_pad, load_checkpoint
+    from ppo import ppo_rewards
+
+    policy, tokenizer, _ = load_checkpoint(str(tiny_sft))
+    reference, _, _ = load_checkpoint(str(tiny_sft))
+    prompts = [tokenizer.encode_prompt(p) for p in ("What is 2 + 3?", "Sort these digits: 5 2 9", "hi")]
+    completion_ids, _, completion_mask = generate(policy, prompts, 8, temperature=1.0, eos_id=tokenizer.im_end_id,
+                                                  pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(0))
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
+    rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logp, ref_logp = completion_logprobs(policy, *rollout), completion_logprobs(reference, *rollout)
+    scores = torch.tensor([0.7, -1.3, 2.0])
+    rewards = ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef=0.05)
+    last = completion_mask.sum(dim=1).long() - 1
+    expected = torch.zeros_like(rewards)
+    expected[torch.arange(3), last] = scores
+    assert torch.equal(rewards, expected)  # no KL reward at all, and the score once, at the last real token
+
+    # by hand, with a KL term and replies of length 1, 3 and 4 (the full width)
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    logp, ref_logp = -torch.rand(3, 4) * mask, -torch.rand(3, 4) * mask
+    rewards = ppo_rewards(logp, ref_logp, scores, mask, kl_coef=0.1)
+    kl_part = -0.1 * (logp - ref_logp) * mask
+    assert torch.allclose(rewards - kl_part, torch.tensor([[0.7, 0, 0, 0], [0, 0, -1.3, 0], [0, 0, 0, 2.0]]), atol=1e-6)
+    assert torch.equal(rewards[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
+def test_value_loss_and_adaptive_kl_by_hand():
+    from ppo import adaptive_kl_coef, ppo_value_loss
+
+    one = torch.ones(1, 1)
+    # V = 1, V_old = 0.5, R = 2: unclipped (1 - 2)^2 = 1, clipped V = 0.7: (0.7 - 2)^2 = 1.69; 0.5 * max = 0.845
+    assert ppo_value_loss(one * 1.0, one * 0.5, one * 2.0, one, 0.2).item() == pytest.approx(0.845)
+    # V = 1, V_old = 0.5, R = 0: unclipped 1, clipped 0.49; 0.5 * max = 0.5
+    assert ppo_value_loss(one * 1.0, one * 0.5, one * 0.0, one, 0.2).item() == pytest.approx(0.5)
+    values = torch.tensor([[1.0, 5.0]])
+    assert ppo_value_loss(values, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), 0.2) == 0
+    assert adaptive_kl_coef(0.05, 1.0, 1.0, 10000, 64) == pytest.approx(0.05)
+    assert adaptive_kl_coef(0.05, 10.0, 1.0, 10000, 64) == pytest.approx(0.05 * (1 + 0.2 * 64 / 10000))
+    assert adaptive_kl_coef(0.05, 0.0, 1.0, 10000, 64) == pytest.approx(0.05 * (1 - 0.2 * 64 / 10000))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="session")
+def tiny_reward(world, tiny_sft):
+    """A reward model for the tiny world: the tiny SFT trunk with a fresh score head."""
+    from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
+
+    _, tokenizer, checkpoint = load_checkpoint(str(tiny_sft))
+    torch.manual_seed(0)
+    reward_model = Transformer(ModelConfig(**{**checkpoint["config"], "head": "score"}))
+    reward_model.load_state_dict({k: v for k, v in checkpoint["model"].items() if not k.startswith("lm_head")}, strict=False)
+    path = world / "out" / "reward_rl.pt"
+    save_checkpoint(str(path), reward_model, tokenizer, "reward", parent=str(tiny_sft), metrics={"reward_mean": 0.1, "reward_std": 2.0})
+    return path
+
+
+def TINY_RL(world, tiny_sft):
+    small_eval = world / "data" / "eval_rl.jsonl"  # every 10th held-out prompt: the before/after numbers in a second
+    if not small_eval.exists():
+        small_eval.write_text("".join(open(world / "data" / "eval.jsonl").readlines()[::10]))
+    return ["--init", str(tiny_sft), "--data", str(world / "data" / "prompts.jsonl"), "--eval-data", str(small_eval),
+            "--steps", "2", "--max-new-tokens", "6", "--log-every", "1", "--device", "cpu"]
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_grpo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
+    args = [*TINY_RL(world, tiny_sft), "--prompts-per-step", "4", "--group-size", "3"]
+    out = run_ok("grpo.py", *args, "--reward-model", str(tiny_reward), "--out", str(tmp_path / "grpo.pt"))
+    assert "grpo | step 2/2" in out and "grpo | before: accuracy" in out and "grpo | after:  accuracy" in out
+    checkpoint = torch.load(tmp_path / "grpo.pt", weights_only=True)
+    assert checkpoint["stage"] == "grpo" and {"before", "after"} <= checkpoint["metrics"].keys()
+    log = read_log(tmp_path / "grpo.jsonl")
+    assert [r["step"] for r in log] == [1, 2]
+    assert all({"reward", "accuracy", "kl", "clip", "entropy", "length", "equal"} <= r.keys() for r in log)
+    assert log[0]["kl"] == 0 and log[0]["equal"] < 1  # the policy starts at the reference; a learned reward varies
+    out = run_ddp("grpo.py", *args, "--beta", "0", "--loss-type", "dapo", "--out", str(tmp_path / "ddp.pt"))
+    assert out.count("grpo | step 2/2") == 1 and torch.load(tmp_path / "ddp.pt", weights_only=True)["stage"] == "grpo"
+
+
+def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
+    args = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward), "--prompts-per-step", "8", "--ppo-epochs", "3", "--minibatches", "2"]
+    out = run_ok("ppo.py", *args, "--adaptive-kl", "--out", str(tmp_path / "ppo.pt"))
+    assert "ppo | step 2/2" in out and "score" in out.splitlines()[-1]
+    checkpoint = torch.load(tmp_path / "ppo.pt", weights_only=True)
+    assert checkpoint["stage"] == "ppo" and "score" in checkpoint["metrics"]["after"]
+    log = read_log(tmp_path / "ppo.jsonl")
+    assert all({"score", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy", "length"} <= r.keys() for r in log)
+    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[1]["kl_coef"] != 0.05
+    # 2 ranks with a KL limit nothing passes: the first update of a step sees the rollout policy itself
+    # (approx KL 0), the second does not, so every rank stops after 2 of the 6 updates (a rank that went
+    # on alone would wait forever for the other in DDP's gradient all-reduce)
+    out = run_ddp("ppo.py", *args, "--target-kl", "1e-12", "--out", str(tmp_path / "ddp.pt"))
+    assert out.count("ppo | step 2/2") == 1
+    assert [r["updates"] for r in read_log(tmp_path / "ddp.jsonl")] == [2, 2]
+
+
+def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
+    import grpo
+    import ppo
+
+    out = tmp_path / "x.pt"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n')
+    line = run_error("grpo.py", *TINY_RL(world, tiny_sft), "--data", str(prompts), "--out", str(out))
+    assert "prompts.jsonl:2" in line and "answer" in line  # the verifiable reward needs it
+    # the same checks in-process (no interpreter start-up): one-line errors, raised before any training
+    common = dict(init=str(tiny_sft), eval_data=TINY_RL(world, tiny_sft)[5], steps=1, max_new_tokens=6, device="cpu", out=str(out))
+    with pytest.raises(ValueError, match="group-size 1"):
+        grpo.main(grpo.Args(**common, group_size=1))
+    with pytest.raises(FileNotFoundError, match="reward.py"):
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tmp_path / "reward.pt")))
+    with pytest.raises(ValueError, match="'lm' head"):
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tiny_sft)))
+    assert not out.exists()
+    # a prompt that fills the context (64 tokens) is skipped and counted; one without an answer is fine
+    # with a learned reward
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
+    rows += [{"prompt": "x " * 80, "answer": "1"}, {"prompt": "What is 9 + 9?"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo.main(grpo.Args(**common, data=str(prompts), prompts_per_step=4, group_size=2, reward_model=str(tiny_reward)))
+    assert "skipped 1 prompts" in capsys.readouterr().out and out.exists()
+
+
+# =================================================================================================
+# pipeline
+# =================================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# distill.py, eval.py, pipeline.sh
+# ---------------------------------------------------------------------------------------------
+
+
+
+
+def kl_by_hand(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_kd_term_is_zero_when_student_equals_teacher():
+    from distill import kd_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11) * 3
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :2] = -100  # tokens that do not count
+    loss, ce, kd = kd_loss(logits, logits.clone(), targets, alpha=0.7, temperature=2.0)
+    assert kd.item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(0.3 * ce.item(), rel=1e-6)
+    for beta in (0.5, 1.0):
+        assert kd_loss(logits, logits, targets, 0.7, 2.0, beta)[2].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_loss_by_hand_with_temperature_squared():
+    from distill import kd_loss
+
+    # T = 2: teacher logits (2 ln 3, 0) / T -> p_t = (3/4, 1/4); student logits (0, 0) -> p_s = (1/2, 1/2)
+    teacher = torch.tensor([[[2 * math.log(3), 0.0]]])
+    student = torch.zeros(1, 1, 2)
+    targets = torch.tensor([[0]])
+    kl = kl_by_hand([0.75, 0.25], [0.5, 0.5])  # 0.1308...
+    loss, ce, kd = kd_loss(student, teacher, targets, alpha=0.5, temperature=2.0)
+    assert ce.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert kd.item() == pytest.approx(kl, rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * math.log(2) + 0.5 * 2.0 ** 2 * kl, rel=1e-6)
+    # alpha 0 is plain cross-entropy; only counted tokens enter the mean
+    targets = torch.tensor([[0, -100]])
+    student2, teacher2 = torch.cat([student, torch.randn(1, 1, 2)], 1), torch.cat([teacher, torch.randn(1, 1, 2)], 1)
+    assert kd_loss(student2, teacher2, targets, 0.0, 2.0)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert kd_loss(student2, teacher2, targets, 0.5, 2.0)[2].item() == pytest.approx(kl, rel=1e-6)
+
+
+def test_temperature_squared_keeps_the_gradient_scale():
+    """d(T^2 KL)/d z_s = T (p_s - p_t) -> (z_s - z_t - mean) / V for large T (Hinton et al. section 2.1):
+    without the T^2 the soft-target gradient would shrink as 1 / T^2."""
+    from distill import kd_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(1, 1, 7), torch.randn(1, 1, 7)
+    targets = torch.zeros(1, 1, dtype=torch.long)
+    grads = {}
+    for temperature in (10.0, 100.0):
+        z = student.clone().requires_grad_(True)
+        kd_loss(z, teacher, targets, alpha=1.0, temperature=temperature)[0].backward()
+        grads[temperature] = z.grad.flatten()
+    diff = (student - teacher).flatten()
+    limit = (diff - diff.mean()) / 7
+    assert torch.allclose(grads[100.0], limit, atol=2e-3)  # O(1 / T) away from the limit
+    assert grads[10.0].norm() / grads[100.0].norm() == pytest.approx(1.0, abs=0.1)  # without T^2 it would be 100
+    # and by hand at T = 2: T^2 * (1/T) * (p_s - p_t) = T (p_s - p_t)
+    z = student.clone().requires_grad_(True)
+    kd_loss(z, teacher, targets, alpha=1.0, temperature=2.0)[0].backward()
+    by_hand = 2.0 * ((student / 2).softmax(-1) - (teacher / 2).softmax(-1)).flatten()
+    assert torch.allclose(z.grad.flatten(), by_hand, atol=1e-6)
+
+
+def test_generalized_jsd_endpoints_and_bound():
+    from distill import generalized_jsd
+
+    p_t, p_s = [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]
+    teacher, student = torch.tensor(p_t).log(), torch.tensor(p_s).log()
+    assert generalized_jsd(student, teacher, 0.0).item() == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-5)  # forward
+    assert generalized_jsd(student, teacher, 1.0).item() == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-5)  # reverse
+    m = [(a + b) / 2 for a, b in zip(p_t, p_s)]
+    jsd = 0.5 * kl_by_hand(p_t, m) + 0.5 * kl_by_hand(p_s, m)
+    assert generalized_jsd(student, teacher, 0.5).item() == pytest.approx(jsd, rel=1e-5)
+    assert generalized_jsd(teacher, student, 0.5).item() == pytest.approx(jsd, rel=1e-5)  # symmetric at 0.5
+    # the endpoints are the limits up to a factor: JSD(b) / b -> KL(t || s), JSD(b) / (1 - b) -> KL(s || t)
+    b = 1e-3
+    assert generalized_jsd(student, teacher, b).item() / b == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-2)
+    assert generalized_jsd(student, teacher, 1 - b).item() / b == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-2)
+    # JSD(0.5) <= log 2, reached by distributions with disjoint support
+    torch.manual_seed(0)
+    values = generalized_jsd(torch.randn(1000, 5) * 10, torch.randn(1000, 5) * 10, 0.5)
+    assert (values >= -1e-6).all() and (values <= math.log(2) + 1e-6).all()
+    far = generalized_jsd(torch.tensor([50.0, -50.0]), torch.tensor([-50.0, 50.0]), 0.5)
+    assert far.item() == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_student_is_half_the_teacher():
+    from distill import student_config
+    from model import ModelConfig
+
+    teacher = ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    student = student_config(teacher)
+    assert (student.hidden_size, student.num_hidden_layers, student.intermediate_size) == (64, 2, 192)
+    assert (student.num_attention_heads, student.num_key_value_heads) == (2, 1)  # same head size, same GQA ratio
+    assert student.vocab_size == teacher.vocab_size and student.max_position_embeddings == teacher.max_position_embeddings
+    assert student_config(teacher, hidden_size=96, num_layers=3).num_attention_heads == 3
+    with pytest.raises(ValueError):
+        student_config(teacher, hidden_size=100)
+
+
+def TINY_DISTILL(world, sft):
+    small_eval = world / "data" / "eval_small.jsonl"  # 10 prompts per family keep the three evaluations short
+    if not small_eval.exists():
+        records = [json.loads(line) for line in open(world / "data" / "eval.jsonl")]
+        small_eval.write_text("".join(json.dumps(r) + "\n" for f in sorted({r["family"] for r in records})
+                                      for r in [r for r in records if r["family"] == f][:10]))
+    return ["--teacher", str(sft), "--data", str(world / "data" / "sft.jsonl"), "--eval-data", str(small_eval),
+            "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
+    out = tmp_path / "distill.pt"
+    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "4", "--beta", "0.5", "--on-policy", "0.5",
+                    "--out", str(out))
+    assert "distill | student:" in stdout and "distill | baseline:" in stdout and "wrote" in stdout
+    checkpoint = torch.load(out, weights_only=True)
+    teacher = torch.load(tiny_sft, weights_only=True)
+    assert checkpoint["stage"] == "distill" and checkpoint["parent"] == str(tiny_sft)
+    assert checkpoint["config"]["num_hidden_layers"] == teacher["config"]["num_hidden_layers"] // 2
+    assert checkpoint["config"]["hidden_size"] == teacher["config"]["hidden_size"] // 2
+    assert {"teacher", "student", "baseline"} <= checkpoint["metrics"].keys()
+    assert checkpoint["metrics"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    log = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and any(r["on_policy"] for r in log) and not all(r["on_policy"] for r in log)
+    # --alpha 0 is the baseline itself: no second student
+    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--alpha", "0", "--out", str(out))
+    assert "baseline" not in torch.load(out, weights_only=True)["metrics"]
+
+
+def test_distill_ddp_equals_single_process(world, tiny_sft, tmp_path):
+    """Student and baseline losses of 2 ranks equal one process's (the global-batch token average)."""
+    args = [*TINY_DISTILL(world, tiny_sft), "--steps", "3"]
+    run_ok("distill.py", *args, "--out", str(tmp_path / "single.pt"))
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "distill.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = [json.loads(line) for line in open(tmp_path / "single.jsonl")]
+    ddp = [json.loads(line) for line in open(tmp_path / "ddp.jsonl")]
+    assert [r["step"] for r in single] == [r["step"] for r in ddp] == [1, 2, 3]
+    for a, b in zip(single, ddp):
+        for key in ("loss", "ce", "kd", "baseline_loss"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    assert result.stdout.count("distill | step 3/3") == 1  # only rank 0 prints
+
+
+def test_distill_bad_input(world, tiny_sft, tmp_path):
+    out = tmp_path / "d.pt"
+    args = TINY_DISTILL(world, tiny_sft)
+    assert "grpo.py" in run_error("distill.py", *args, "--teacher", str(tmp_path / "grpo.pt"), "--out", str(out))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"messages": 3}\n')
+    line = run_error("distill.py", *args, "--data", str(tmp_path / "bad.jsonl"), "--out", str(out))
+    assert "bad.jsonl:2" in line
+    (tmp_path / "text.jsonl").write_text('{"text": "some plain text"}\n' * 8)
+    assert "on-policy" in run_error("distill.py", *args, "--data", str(tmp_path / "text.jsonl"), "--on-policy", "0.5", "--out", str(out))
+    assert not out.exists()
+
+
+def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
+    """A python that fails on tokenizer.py: the pipeline names the stage, its exit code, and goes no further."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$1" in tokenizer.py) echo "tokenizer broke" >&2; exit 3 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--quick", "--data", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "out")], env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
+    assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
+    assert "pipeline | pretrain" not in result.stdout
+
+
+def test_pipeline_quick_end_to_end(tmp_path):
+    """bash pipeline.sh --quick: every stage runs, every checkpoint loads with weights_only=True, eval has a row for each."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--quick", "--data", str(tmp_path / "data"),
+                             "--out", str(out)], env={**ENV, "PYTHON": PY}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "distill"]
+    for stage in stages:
+        checkpoint = torch.load(out / f"{stage}.pt", weights_only=True)
+        assert checkpoint["stage"] == stage and "optimizer" not in checkpoint  # finished, not mid-run
+    for stage in ["data", "tokenizer", *stages, "eval"]:
+        assert f"pipeline | {stage} took " in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith(f"| {out}/")]
+    assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(f"{out}/{s}.pt" for s in stages)
+    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(out / "eval.json"))}
+    assert rows["sft.pt"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # the reference against itself
+    assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None  # the score head's row
+    assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None for s in stages if s != "reward")
+
+
+# =================================================================================================
+# hf
+# =================================================================================================
+
+HF_SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, isn't it? Prices: $3.50, 1,000,000 units.\n"
+             "Größere Bäume wachsen langsam; façade, naïve café. Ελληνικά κείμενα. Русский текст тоже.\n"
+             "日本語のテキストと中文文本，还有한국어. عربي وعبرית. emoji 🙂🚀 and   spaces\ttabs\n\n"
+             "def f(x):\n    return x ** 2  # code\r\n")
+HF_CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+3? Größe 🙂"},
+           {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 7*6?\nThanks"}]
+HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return Tokenizer.train(HF_SAMPLE * 3, vocab_size=400)
+
+
+def hf_randomize(model, seed=0):
+    """Random weights everywhere, norms and biases included, so parity checks where each tensor goes."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_checkpoint(tmp_path, tok, stage="sft", name="ckpt.pt", **overrides):
+    config = ModelConfig(**{**HF_TINY, "vocab_size": tok.vocab_size, **overrides})
+    model = hf_randomize(Transformer(config))
+    path = str(tmp_path / name)
+    save_checkpoint(path, model, tok, stage=stage)
+    return path, model
+
+
+def hf_logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def test_bytes_to_unicode_is_gpt2s_alphabet():
+    table = hf.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
+    tokenizers = pytest.importorskip("tokenizers")
+    assert set(table.values()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+
+
+def test_safetensors_fallback_reads_and_writes_the_format(tmp_path, monkeypatch):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
+               "d": torch.tensor([True, False, True]), "e": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4)}
+    package = hf.safetensors_torch
+    monkeypatch.setattr(hf, "safetensors_torch", None)  # the numpy/torch-only path
+    hf.write_safetensors(tensors, str(tmp_path / "ours.safetensors"))
+    back = hf.read_safetensors(str(tmp_path / "ours.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
+                                                 for k, v in tensors.items())
+    if package is not None:  # and the real package agrees both ways
+        theirs = package.load_file(str(tmp_path / "ours.safetensors"))
+        assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
+        package.save_file(tensors, str(tmp_path / "theirs.safetensors"))
+        back = hf.read_safetensors(str(tmp_path / "theirs.safetensors"))
+        assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_tokenizer_json_gives_our_ids(hf_tok):
+    tokenizers = pytest.importorskip("tokenizers")
+    theirs = tokenizers.Tokenizer.from_str(json.dumps(hf.hf_tokenizer_json(hf_tok)))
+    assert theirs.get_vocab_size() == hf_tok.vocab_size
+    for text in HF_SAMPLE.splitlines(keepends=True) + [HF_SAMPLE, "", " ", "\n\n\n", "a  b", "x\r\n\r\ny"]:
+        assert theirs.encode(text, add_special_tokens=False).ids == hf_tok.encode(text), text
+    ids = hf_tok.encode("<|im_start|>hi<|im_end|>", allowed_special="all")
+    assert theirs.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False).ids == ids
+    assert theirs.decode(hf_tok.encode(HF_SAMPLE), skip_special_tokens=False) == HF_SAMPLE
+
+
+def test_tokenizer_json_follows_our_merge_rule_where_the_merge_list_would_not():
+    """merges bc, ab, ab+c: "abc" encodes a + bc, then a + bc spells the token abc, which our rule
+    (tiktoken's) merges though no merge (a, bc) was recorded. tokenizer.json must hold every split."""
+    tokenizers = pytest.importorskip("tokenizers")
+    a, b, c = b"abc"
+    tok = Tokenizer([(b, c), (a, b), (257, c)])
+    theirs = tokenizers.Tokenizer.from_str(json.dumps(hf.hf_tokenizer_json(tok)))
+    for text in ["abc", "zabc", "abcabc", "zabcz abc"]:
+        assert theirs.encode(text, add_special_tokens=False).ids == tok.encode(text), text
+    assert tok.encode("zabc") == [ord("z"), 258]
+
+
+def test_import_rebuilds_the_tokenizer_from_a_tiktoken_style_vocab():
+    """Llama 3 style: every split of a token is a merge, ignore_merges; ids permuted. Same tokens as HF."""
+    tokenizers = pytest.importorskip("tokenizers")
+    rng = random.Random(0)  # words made of shared syllables: many tokens have several splits
+    syllables = ["ka", "ri", "to", "ne", "sa", "mi", "lo", "pu"]
+    words = " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000))
+    tok = Tokenizer.train(HF_SAMPLE + words, vocab_size=500)
+    tj = hf.hf_tokenizer_json(tok)
+    vocab = tj["model"]["vocab"]
+    merges = []
+    for token in sorted(vocab, key=vocab.get):  # all splits, ordered by the rank of the token they make
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))
+    assert len(merges) > len(vocab) - 256  # several merges per token
+    order = sorted(vocab, key=lambda s: (len(s), s))[::-1]  # a layout unlike ours
+    permuted = {s: i for i, s in enumerate(order)}
+    specials = [{**t, "id": len(order) + i} for i, t in enumerate(tj["added_tokens"])]
+    tj["model"].update(vocab=permuted, merges=[" ".join(m) for m in merges], ignore_merges=True)
+    tj["added_tokens"] = specials
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = hf.LLAMA3_REGEX  # digits in runs of 1-3
+    ours, sources = hf.tokenizer_from_hf(tj, "tokenizer.json")
+    assert re.findall(ours.pattern, "x 12345") == ["x", " ", "123", "45"]
+    theirs = tokenizers.Tokenizer.from_str(json.dumps(tj))
+    for text in HF_SAMPLE.splitlines(keepends=True) + [HF_SAMPLE, words[:2000], "1 22 333 4444 55555 ½²"]:
+        assert [sources[i] for i in ours.encode(text)] == theirs.encode(text, add_special_tokens=False).ids, text
+    assert ours.vocab_size == tok.vocab_size and sources[ours.im_end_id] == theirs.token_to_id("<|im_end|>")
+
+
+# ----------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("architecture,overrides", [
+    ("Qwen2ForCausalLM", dict()),                                               # tied embeddings
+    ("LlamaForCausalLM", dict(attention_bias=False, tie_word_embeddings=False,  # no q/k/v bias, YaRN
+                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=24)),
+], ids=["qwen2", "llama-yarn", "qwen2-moe"])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, architecture, overrides):
+    transformers = pytest.importorskip("transformers")
+    path, model = hf_checkpoint(tmp_path, hf_tok, **overrides)
+    hf.export_hf(path, str(tmp_path / "hf"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(theirs).__name__ == architecture
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        hf_logits = theirs(torch.tensor([ids])).logits[0]
+    assert (hf_logits - hf_logits_of(model, ids)).abs().max() < 1e-4
+    prompt = hf_tok.encode("The quick brown")
+    ours, _, _ = generate(model, [prompt], 12, temperature=0.0)
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert out[0, len(prompt):].tolist() == ours[0].tolist()
+
+
+def test_export_tokenizer_chat_template_and_eos(tmp_path, hf_tok):
+    transformers = pytest.importorskip("transformers")
+    path, _ = hf_checkpoint(tmp_path, hf_tok, stage="sft")
+    out = str(tmp_path / "hf")
+    hf.export_hf(path, out)
+    assert sorted(os.listdir(out)) == sorted(hf.FILES)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.is_fast
+    for text in [HF_SAMPLE, *HF_SAMPLE.splitlines()]:
+        assert theirs.encode(text, add_special_tokens=False) == hf_tok.encode(text)
+    assert theirs.decode(hf_tok.encode(HF_SAMPLE)) == HF_SAMPLE
+    assert theirs.eos_token == "<|im_end|>" and theirs.pad_token == "<|endoftext|>"
+    assert theirs.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == \
+        [hf_tok.eot_id, hf_tok.im_start_id, hf_tok.im_end_id]
+    for messages, gen in ((HF_CHAT, False), (HF_CHAT[:2], True)):
+        assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+            hf_tok.render_chat(messages, add_generation_prompt=gen)
+        ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert list(ids) == hf_tok.encode_chat(messages, add_generation_prompt=gen)[0]
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == hf_tok.im_end_id and generation.pad_token_id == hf_tok.eot_id
+    # a pretrain checkpoint is a base model: it stops at <|endoftext|>
+    path, _ = hf_checkpoint(tmp_path, hf_tok, stage="pretrain", name="pretrain.pt")
+    hf.export_hf(path, out)  # over the previous export: our own files are replaced
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == hf_tok.eot_id
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "<|endoftext|>"
+
+
+def test_export_score_head_as_sequence_classification(tmp_path, hf_tok):
+    transformers = pytest.importorskip("transformers")
+    path, model = hf_checkpoint(tmp_path, hf_tok, stage="reward", head="score")
+    hf.export_hf(path, str(tmp_path / "hf"))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(theirs).__name__ == "Qwen2ForSequenceClassification" and theirs.config.num_labels == 1
+    ids = hf_tok.encode("a reward for this reply")
+    with torch.no_grad():
+        score = theirs(torch.tensor([ids])).logits[0, 0]
+        ours = model(torch.tensor([ids]))[0][0, -1]
+    assert abs(score - ours) < 1e-4
+
+
+# ----------------------------------------------------------------------------- import
+
+def hf_save_model(tmp_path, tok, cls_name, tokenizer_json=None, **config):
+    """A tiny random model saved by transformers, with a tokenizer.json (ours, unless given)."""
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, cls_name)
+    kwargs = dict(vocab_size=tok.vocab_size + 6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
+    torch.manual_seed(0)
+    model = hf_randomize(cls(cls.config_class(**kwargs)))
+    out = tmp_path / cls_name
+    model.save_pretrained(str(out))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json or hf.hf_tokenizer_json(tok)), encoding="utf-8")
+    return str(out), model
+
+
+@pytest.mark.parametrize("cls_name,config", [
+    ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    ("Qwen2ForCausalLM", dict(tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="yarn", rope_theta=5e4, factor=4.0, original_max_position_embeddings=16))),
+    ("LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=24, norm_topk_prob=True)),
+], ids=["qwen2", "qwen2-yarn-untied", "llama", "qwen2-moe"])
+def test_import_gives_the_same_logits_and_export_gives_back_the_weights(tmp_path, hf_tok, cls_name, config):
+    directory, theirs = hf_save_model(tmp_path, hf_tok, cls_name, **config)
+    out = str(tmp_path / "imported.pt")
+    hf.import_hf(directory, out)
+    model, ours_tok, ckpt = load_checkpoint(out, head="lm")
+    assert ckpt["stage"] == "import" and ours_tok.to_dict() == hf_tok.to_dict()
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        assert (theirs(torch.tensor([ids])).logits[0] - hf_logits_of(model.eval(), ids)).abs().max() < 1e-4
+    hf.export_hf(out, str(tmp_path / "again"))
+    before = hf.read_safetensors(os.path.join(directory, "model.safetensors"))
+    after = hf.read_safetensors(str(tmp_path / "again" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_import_permutes_rows_of_a_foreign_layout_and_adds_chat_tokens(tmp_path, hf_tok):
+    """HF ids in another order (as Qwen2's), Llama-3-like special tokens without ChatML: rows follow the ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tj = hf.hf_tokenizer_json(hf_tok)
+    vocab = tj["model"]["vocab"]
+    order = sorted(vocab, key=lambda s: (len(s) == 1 and s.isalpha(), s))  # letters last, bytes not first
+    tj["model"]["vocab"] = {s: i for i, s in enumerate(order)}
+    tj["added_tokens"] = [{**tj["added_tokens"][0], "id": len(order) + i, "content": c}
+                          for i, c in enumerate(["<|begin_of_text|>", "<|end_of_text|>"])]
+    directory, theirs = hf_save_model(tmp_path, hf_tok, "LlamaForCausalLM", tokenizer_json=tj,
+                                      tie_word_embeddings=False)
+    out = str(tmp_path / "imported.pt")
+    hf.import_hf(directory, out)
+    model, ours, _ = load_checkpoint(out)
+    fast = tokenizers.Tokenizer.from_str(json.dumps(tj))
+    hf_ids = fast.encode(HF_SAMPLE, add_special_tokens=False).ids[:60]
+    our_ids = ours.encode(HF_SAMPLE)[:60]
+    embed, their_embed = model.model.embed_tokens.weight, theirs.model.embed_tokens.weight
+    sources = [int(torch.where((their_embed == row).all(dim=1))[0][0]) for row in embed[:ours.vocab_size - 3]]
+    assert [sources[i] for i in our_ids] == hf_ids
+    with torch.no_grad():  # the same text, the same logits: ours are theirs with the columns in our order
+        their_logits = theirs(torch.tensor([hf_ids])).logits[0]
+    assert (hf_logits_of(model, our_ids)[:, :len(sources)] - their_logits[:, sources]).abs().max() < 1e-4
+    assert list(ours.special_tokens)[-3:] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert torch.allclose(embed[ours.im_end_id], their_embed.mean(dim=0))
+    assert model.config.vocab_size == their_embed.shape[0] + 3  # 6 padding rows kept at the end
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
+    pytest.importorskip("transformers")
+    directory, _ = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM")
+
+    def copy(config=None, remove=None, tokenizer_json=None):
+        bad = tmp_path / f"bad{len(os.listdir(tmp_path))}"
+        bad.mkdir()
+        for name in os.listdir(directory):
+            (bad / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+        if config:
+            (bad / "config.json").write_text(json.dumps({**json.load(open(bad / "config.json")), **config}))
+        if tokenizer_json:
+            (bad / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+        if remove:
+            os.remove(bad / remove)
+        return str(bad)
+
+    unigram = {**hf.hf_tokenizer_json(hf_tok), "model": {"type": "Unigram", "vocab": [["a", 0.0]]}}
+    for bad, error, match in [
+        (copy(config={"architectures": ["GPT2LMHeadModel"]}), ValueError,
+         r"architecture GPT2LMHeadModel is not supported"),
+        (copy(config={"intermediate_size": 48}), ValueError,
+         r"layers.0.mlp.down_proj.weight has shape \(32, 64\) but config.json implies \(32, 48\)"),
+        (copy(config={"hidden_act": "gelu"}), ValueError, "with hidden_act gelu is not supported"),
+        (copy(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), ValueError, "rope type llama3"),
+        (copy(tokenizer_json=unigram), ValueError, "is not a byte-level BPE tokenizer"),
+        (copy(remove="tokenizer.json"), FileNotFoundError, "tokenizer.json not found"),
+        (copy(remove="config.json"), FileNotFoundError, "config.json not found"),
+        (copy(remove="model.safetensors"), FileNotFoundError, "has no model.safetensors"),
+        (str(tmp_path / "nowhere"), FileNotFoundError, "is not a directory"),
+    ]:
+        with pytest.raises(error, match=match) as e:
+            hf.import_hf(bad, str(tmp_path / "x.pt"))
+        assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "x.pt")
+    # export: a missing checkpoint names the stage to run; a directory of other files is left alone
+    with pytest.raises(FileNotFoundError, match=r"run `python sft.py` first"):
+        hf.export_hf(str(tmp_path / "sft.pt"), str(tmp_path / "out"))
+    path, _ = hf_checkpoint(tmp_path, hf_tok)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"mine already holds other files \(notes.txt\)"):
+        hf.export_hf(path, str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    # the CLI prints one line and exits 2
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "x.pt")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
+    directory, _ = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True)
+    hf.import_hf(directory, str(tmp_path / "imported.pt"))
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                             {"role": "assistant", "content": str(i + 1)}]}) + "\n")
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "1+2?", "answer": "3"}) + "\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--init", str(tmp_path / "imported.pt"),
+                             "--data", str(tmp_path / "sft.jsonl"), "--eval-data", str(tmp_path / "eval.jsonl"),
+                             "--out", str(tmp_path / "sft.pt"), "--steps", "2", "--batch-size", "4", "--warmup", "1",
+                             "--max-new-tokens", "4"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    model, _, checkpoint = load_checkpoint(str(tmp_path / "sft.pt"))
+    assert checkpoint["parent"] == str(tmp_path / "imported.pt")
+
+
+def test_model_cli_export_then_import_round_trips(tmp_path, hf_tok):
+    """`python model.py export` / `import` are the interop entry points: the weights come back exactly."""
+    path, model = hf_checkpoint(tmp_path, hf_tok)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["export", path, str(tmp_path / "hf")], ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *argv], capture_output=True, text=True,
+                                cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr
+    back, tokenizer, _ = load_checkpoint(str(tmp_path / "back.pt"))
+    assert tokenizer.merges == hf_tok.merges
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "import", str(tmp_path / "nothing"), "--out",
+                             str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "x.pt").exists()
