@@ -7,6 +7,7 @@ into `Qwen2ForCausalLM` (tests check the logits match).
     python model.py sample out/pretrain.pt --prompt "Once upon a time"   # continue a text
     python model.py sample out/sft.pt --prompt "hi" --temperature 0      # greedy
     echo "What is 2+3?" | python model.py chat out/sft.pt                # ChatML chat, reads stdin
+    python model.py export out/sft.pt hf/sft                             # to transformers (hf.py)
 
 Implementation details (tagged `# detail N` in the code):
  1. RMSNorm is computed in float32 and cast back, as Hugging Face does, so bf16 runs stay stable.
@@ -366,7 +367,7 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per active weight + 12 * L * C * T for attention."""
+        """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per active weight + 12 * L * C * T (attention)."""
         cfg, active = self.config, self.num_params(non_embedding=True)
         if cfg.num_experts:  # a token runs only k of the E routed experts
             routed = sum(block.mlp.experts.gate_up_proj.numel() + block.mlp.experts.down_proj.numel()
@@ -488,7 +489,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
     N = completion_ids.shape[1]
     logits, _ = model(ids, attention_mask=mask, logits_to_keep=N + 1)
-    logits = logits[:, :-1].float() / temperature                                # (B, N, V): position t predicts token t
+    logits = logits[:, :-1].float() / temperature                    # (B, N, V): position t predicts token t
     lse = logits.logsumexp(dim=-1)                                               # (B, N)
     logp = (logits.gather(2, completion_ids[..., None]).squeeze(2) - lse) * completion_mask
     if not return_entropy:
@@ -511,37 +512,6 @@ def sequence_scores(model, prompt_ids, prompt_mask, completion_ids, completion_m
     values, _ = model(ids, attention_mask=mask)                                  # (B, T)
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
     return values.gather(1, last[:, None]).squeeze(1)
-
-
-@torch.no_grad()
-def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
-    """Greedy replies to {"prompt", "answer", "family"} records: exact-match accuracy after stripping
-    whitespace, overall and per family, and the share of replies that end with <|im_end|>."""
-    was_training = model.training
-    model.eval()
-    correct, total, well_formed = {}, {}, 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [tokenizer.encode_prompt(r["prompt"]) for r in chunk]
-        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tokenizer.im_end_id,
-                                        pad_id=tokenizer.pad_id)
-        for record, tokens, n in zip(chunk, completions.tolist(), mask.sum(dim=1).long().tolist()):
-            ended = n > 0 and tokens[n - 1] == tokenizer.im_end_id
-            reply = tokenizer.decode(tokens[:n - 1] if ended else tokens[:n])
-            family = record.get("family", "all")
-            correct[family] = correct.get(family, 0) + (reply.strip() == str(record["answer"]).strip())
-            total[family] = total.get(family, 0) + 1
-            well_formed += ended
-    model.train(was_training)
-    result = {"accuracy": sum(correct.values()) / len(records), "well_formed": well_formed / len(records)}
-    result.update({f"accuracy/{family}": correct[family] / total[family] for family in sorted(total)})
-    return result
-
-
-def format_accuracy(result):
-    """One line of a heldout_accuracy result: 'accuracy 41.2% (add 30% ...) | ends with <|im_end|> 98%'."""
-    families = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items() if k.startswith("accuracy/"))
-    return f"accuracy {result['accuracy']:.1%} ({families}) | ends with <|im_end|> {result['well_formed']:.0%}"
 
 
 def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
@@ -647,7 +617,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command in ("export", "import"):  # interop lives in hf.py, which only its users need
         import hf
-        return hf.export_hf(args.checkpoint, args.out_dir) if args.command == "export" else hf.import_hf(args.model_dir, args.out)
+        if args.command == "export":
+            return hf.export_hf(args.checkpoint, args.out_dir)
+        return hf.import_hf(args.model_dir, args.out)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, head="lm")
@@ -666,7 +638,8 @@ def main(argv=None):
         for row, row_mask in zip(completions, mask):
             print(args.prompt + tokenizer.decode(row[row_mask.bool()].tolist()))
             print("-" * 40)
-        print(f"{int(mask.sum())} tokens in {seconds:.2f}s: {mask.sum().item() / seconds:.1f} tokens/s", file=sys.stderr)
+        print(f"{int(mask.sum())} tokens in {seconds:.2f}s: {mask.sum().item() / seconds:.1f} tokens/s",
+              file=sys.stderr)
         return
 
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -3,6 +3,7 @@ bench/bench_model.py: model.py against Hugging Face transformers on this machine
 
     python bench/bench_model.py             # everything, a few minutes on 2 CPU cores
     python bench/bench_model.py --quick     # fewer steps
+    python bench/bench_model.py --threads 1 --cpu-time   # steady on a machine shared with other jobs
 
 1. training step (forward + backward + AdamW step) tokens/s of the same config and weights, ours vs
    `Qwen2ForCausalLM` (sdpa attention, its own shifted-label loss): the tiny CPU default, a ~10M model,
@@ -48,17 +49,20 @@ def hf_model(ours):
     return model
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time, with --threads 1 robust to other load
+
+
 def train_tokens_per_second(model, step_fn, batch, seq, steps, vocab):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)  # the same for both
     ids = torch.randint(0, vocab, (batch, seq + 1))
     for i in range(steps + 1):  # the first step warms up
         if i == 1:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
         loss = step_fn(model, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return batch * seq * steps / (time.perf_counter() - t0)
+    return batch * seq * steps / (CLOCK() - t0)
 
 
 def ours_step(model, ids):
@@ -70,7 +74,7 @@ def hf_step(model, ids):
 
 
 def bench_train(steps):
-    print(f"1. training step, batch 16 x seq 256, float32, {torch.get_num_threads()} threads")
+    print(f"1. training step, batch 16 x seq 256, float32, torch threads: {torch.get_num_threads()}")
     for name, (config, _) in CONFIGS.items():
         torch.manual_seed(0)
         ours = Transformer(config).train()
@@ -81,7 +85,8 @@ def bench_train(steps):
             tps = train_tokens_per_second(model, fn, 16, 256, steps, config.vocab_size)
             results[label] = max(results.get(label, 0), tps)
         print(f"   {name:15s} {ours.num_params(False) / 1e6:5.2f}M params | ours {results['ours']:8.0f} tok/s | "
-              f"transformers {results['transformers']:8.0f} tok/s | ratio {results['ours'] / results['transformers']:.2f}x")
+              f"transformers {results['transformers']:8.0f} tok/s | "
+              f"ratio {results['ours'] / results['transformers']:.2f}x")
 
 
 def bench_generate(repeats):
@@ -97,13 +102,13 @@ def bench_generate(repeats):
         timings = {"ours": [], "transformers": []}
         with torch.no_grad():
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 completions, _, _ = generate(ours, prompts, 64, temperature=0)
-                timings["ours"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                timings["ours"].append(CLOCK() - t0)
+                t0 = CLOCK()
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
-                timings["transformers"].append(time.perf_counter() - t0)
+                timings["transformers"].append(CLOCK() - t0)
         same = (out[:, ids.shape[1]:] == completions).float().mean().item()
         ours_tps, hf_tps = 64 * 64 / min(timings["ours"]), 64 * 64 / min(timings["transformers"])
         print(f"   {name:15s} ours {ours_tps:8.0f} tok/s | transformers {hf_tps:8.0f} tok/s | "
@@ -160,6 +165,8 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=("train", "generate", "memory"), help="run one benchmark")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is steadier "
                         "on a shared machine")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU clock (with --threads 1: "
+                        "the compute each side did, unaffected by other processes)")
     parser.add_argument("--memory-child", choices=("chunked", "naive"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -168,8 +175,10 @@ if __name__ == "__main__":
     import transformers
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK = time.process_time
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}, {'CPU' if args.cpu_time else 'wall'} clock")
     if args.only in (None, "train"):
         bench_train(steps=2 if args.quick else 4)
     if args.only in (None, "generate"):
