@@ -9,8 +9,8 @@
 # data -> tokenizer -> pretrain -> sft -> reward -> ppo -> grpo -> dpo -> distill -> eval.
 # Each stage's output goes to the terminal and to O/logs/STAGE.log; the first failing stage stops
 # the pipeline and is named; the end prints each stage's wall time and headline (before/after).
-# Every stage runs with its own defaults (the CPU defaults); only paths are passed, plus tiny
-# sizes with --quick. A stage's flags are in `python STAGE.py --help`.
+# Every stage runs with its own defaults (the CPU defaults); only paths are passed (and a 1k
+# vocabulary to the tokenizer), plus tiny sizes with --quick. Flags: `python STAGE.py --help`.
 set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
