@@ -1,7 +1,7 @@
 """
 test_all.py: the test suite of llm-stages (pytest).
 
-    python -m pytest -q test_all.py            # everything (~10 minutes on a 2-core CPU)
+    python -m pytest -q test_all.py            # everything (~6 minutes on a 2-core CPU)
     python -m pytest -q test_all.py -k dpo     # one area
 
 Tests check numbers: hand-computed losses, invariants, parity with Hugging Face transformers and
