@@ -514,6 +514,14 @@ def sequence_scores(model, prompt_ids, prompt_mask, completion_ids, completion_m
     return values.gather(1, last[:, None]).squeeze(1)
 
 
+def reply_texts(tokenizer, completion_ids, completion_mask):
+    """The text of each reply (before its <|im_end|>, or all of it if it never ended) and whether it ended (B,)."""
+    lengths = completion_mask.sum(dim=1).long()  # (B,) tokens up to and including EOS
+    ended = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == tokenizer.im_end_id
+    texts = [tokenizer.decode(row[: n - int(end)]) for row, n, end in zip(completion_ids.tolist(), lengths.tolist(), ended.tolist())]
+    return texts, ended
+
+
 def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
     """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage scores them:
     "accuracy" (reply.strip() == answer.strip()), "well_formed" (the reply closed with <|im_end|>

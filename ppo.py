@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (completion_logprobs, completion_values, format_accuracy, generate, heldout_accuracy, left_pad,
-                   load_checkpoint, save_checkpoint, sequence_scores)
+                   load_checkpoint, reply_texts, save_checkpoint, sequence_scores)
 
 
 @dataclass
@@ -191,14 +191,6 @@ def prompt_indices(n_records: int, batch_size: int, seed: int, step: int) -> lis
     epoch, index = divmod(step, batches_per_epoch)
     order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
     return order[index * batch_size : (index + 1) * batch_size]
-
-
-def reply_texts(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """The text of each reply (before its <|im_end|>, or all of it if it never ended) and whether it ended (B,)."""
-    lengths = completion_mask.sum(dim=1).long()  # (B,) tokens up to and including EOS
-    ended = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == tokenizer.im_end_id
-    texts = [tokenizer.decode(row[: n - int(end)]) for row, n, end in zip(completion_ids.tolist(), lengths.tolist(), ended.tolist())]
-    return texts, ended
 
 
 # ----------------------------------------------------------------------------- ALGO LOGIC: the PPO math

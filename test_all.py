@@ -2232,3 +2232,15 @@ def test_model_cli_export_then_import_round_trips(tmp_path, hf_tok):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "import", str(tmp_path / "nothing"), "--out",
                              str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "x.pt").exists()
+
+
+def test_reply_texts_cut_at_eos():
+    """RL stages read replies through model.reply_texts: text before <|im_end|>, and whether it ended."""
+    from model import reply_texts
+
+    tokenizer = Tokenizer(merges=[])
+    ids = tokenizer.encode("12") + [tokenizer.im_end_id, tokenizer.pad_id]
+    completion_ids = torch.tensor([ids, tokenizer.encode("abcd")])
+    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
+    assert texts == ["12", "abcd"] and ended.tolist() == [True, False]
