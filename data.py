@@ -8,8 +8,8 @@ data.py: the built-in "tiny world", deterministic procedurally generated dataset
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
 Files written (sizes at --scale 1; the eval files do not depend on --scale)
-  pretrain.txt      ~4 MB of documents separated by a blank line: stories and facts from a small
-                    grammar, and skill lines in plain form ("37 + 48 = 85"); never the chat markup
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines in plain form
+                    ("37 + 48 = 85"), ~15 % stories and facts from a small grammar; never the chat markup
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
   sft.jsonl         20k {"messages", "family", "level"}: one task per conversation and the assistant
                     reply is exactly the answer; ~10 % open with a system message, ~5 % have a second
@@ -20,8 +20,8 @@ Files written (sizes at --scale 1; the eval files do not depend on --scale)
   prefs_eval.jsonl  one preference pair per eval problem, for held-out reward / DPO accuracy
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
-  add      "What is 37 + 48?"                -> "85"     digits of the operands 1+1 / 2+1 / 2+2
-  sub      "Compute 85 - 48."                -> "37"     1-1 / 2-1 / 2-2 digits, a >= b (never negative)
+  add      "What is 37 + 48?"                -> "85"     2+1 digits without a carry / with one / 2+2
+  sub      "Compute 85 - 48."                -> "37"     2-1 digits without a borrow / with one / 2-2
   mul      "Multiply 7 by 36."               -> "252"    2..9 x 0..9 / 2..9 x 10..19 / 2..19 x 10..99
   reverse  "Write c a t backwards."          -> "t a c"  3 / 4 / 5 letters (a word or random letters)
   sort     "Sort these digits: 5 2 9"        -> "2 5 9"  3 / 4 / 5 digits, ascending
@@ -37,15 +37,18 @@ Implementation details
    would merge "cat" into one token and hide its letters from the model.
 2. Numbers are written plainly, most significant digit first. A small transformer learns addition
    faster with reversed digits (the carry then flows in reading order), but "85" is the answer a user
-   expects, and the hard levels (2+2-digit sums, 1x2-digit products) are meant to stay hard: after SFT
-   accuracy should fall from near 100 % at level 1 to low at level 3, leaving room for RL to lift it.
+   expects. The price, measured with the CPU defaults (a 0.9M-parameter model, ~2M pretraining
+   tokens): the letter and digit families are learned (reverse, sort and count land between 25 and
+   80 % after SFT, falling with the level) while arithmetic stays under ~10 %; a larger model or more
+   steps (the GPU presets) is what arithmetic needs.
 3. The held-out split: every problem has a canonical key, the same for trivially equal problems
    ("add:37:48" for 37 + 48 and 48 + 37; "sort:259" for every order of 2, 5, 9; "reverse:cat" for
    c a t and t a c). A key is held out iff sha256(key) falls in the first --held-out fraction (8 %)
    of the hash range, so the split is a fixed slice of each family's problem space whatever the
    seed. Eval files draw only held-out keys; every training generator (pretraining lines included)
-   redraws them. Level-1 spaces are small (55-100 problems) so eval has only a few level-1 problems;
-   the shortfall is drawn from the harder levels.
+   redraws them. A few level spaces are small (80 times-table facts, 220 sets of 3 digits), so eval
+   has only a few problems there; the shortfall is drawn from the harder levels. (A held-out
+   times-table fact is one the model has never seen: mul is the family that stays hard.)
 4. Rejected replies are plausible failures (REJECT_KINDS): "format" (right answer with extra text),
    "rambling" (the answer buried in filler), "empty" (no answer), "wrong" (same shape, wrong value:
    one digit changed, letters not reversed, digits not sorted) and "off_by_one" (a number +-1, two
@@ -122,16 +125,25 @@ def number(rng, digits):
     return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
 
+def two_and_one_digits(rng, level, carry):
+    """Level 1: a 2-digit and a 1-digit number whose ones digits do not carry (or borrow); level 2:
+    the same shape with a carry (borrow); level 3: two 2-digit numbers."""
+    if level == 3:
+        return number(rng, 2), number(rng, 2)
+    while True:
+        a, b = number(rng, 2), number(rng, 1)
+        if carry(a % 10, b) == (level == 2):
+            return a, b
+
+
 def make_add(rng, level):
-    digits_a, digits_b = [(1, 1), (2, 1), (2, 2)][level - 1]
-    a, b = number(rng, digits_a), number(rng, digits_b)
+    a, b = two_and_one_digits(rng, level, lambda x, y: x + y >= 10)
     a, b = rng.choice([(a, b), (b, a)])
     return Problem("add", level, f"add:{min(a, b)}:{max(a, b)}", {"a": a, "b": b}, str(a + b))
 
 
 def make_sub(rng, level):
-    digits_a, digits_b = [(1, 1), (2, 1), (2, 2)][level - 1]
-    a, b = number(rng, digits_a), number(rng, digits_b)
+    a, b = two_and_one_digits(rng, level, lambda x, y: x < y)
     a, b = max(a, b), min(a, b)  # a >= b: results are never negative
     return Problem("sub", level, f"sub:{a}:{b}", {"a": a, "b": b}, str(a - b))
 
@@ -196,7 +208,7 @@ PLAIN = {  # the pretraining form: the skill without the chat format
     "mul": ["{a} x {b} = {answer}", "{a} times {b} equals {answer}"],
     "reverse": ["the reverse of {letters} is {answer}", "{letters} backwards is {answer}"],
     "sort": ["{digits} sorted is {answer}", "in order, {digits} becomes {answer}"],
-    "count": ["the letter {letter} appears {answer} times in {letters}", "{letters} has {answer} of the letter {letter}"],
+    "count": ["in {letters} the letter {letter} appears {answer} times", "{letters} has {letter} {answer} times"],
 }
 
 
@@ -352,7 +364,7 @@ def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
         r = rng.random()
-        document = story(rng) if r < 0.25 else facts(rng) if r < 0.3 else skill_document(rng, fraction)
+        document = story(rng) if r < 0.1 else facts(rng) if r < 0.15 else skill_document(rng, fraction)
         documents.append(document)
         size += len(document) + 2
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line

@@ -76,13 +76,13 @@ class Args:
     """number of Transformer blocks (0 = from the preset)"""
     context: int = 0
     """sequence length in tokens (0 = from the preset)"""
-    steps: int = 600
+    steps: int = 900
     """optimizer steps"""
     batch_size: int = 16
     """sequences per optimizer step, summed over ranks and accumulation steps"""
     grad_accum: int = 1
     """micro-batches per optimizer step (per rank)"""
-    lr: float = 3e-3
+    lr: float = 6e-3
     """peak learning rate"""
     warmup: int = 100
     """linear warmup steps"""

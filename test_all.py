@@ -377,9 +377,9 @@ DATA_PLAIN = [
     (r"(?:the reverse of )?((?:[a-z] )+[a-z])(?: backwards)? is ((?:[a-z] )+[a-z])",
      lambda m: ("reverse", f"Reverse {m[1]}", m[2])),
     (r"(?:in order, )?((?:\d )+\d) (?:sorted is|becomes) ((?:\d )+\d)", lambda m: ("sort", f"Sort {m[1]}", m[2])),
-    (r"the letter ([a-z]) appears (\d+) times in ((?:[a-z] )+[a-z])",
-     lambda m: ("count", f"Count {m[1]} in {m[3]}", m[2])),
-    (r"((?:[a-z] )+[a-z]) has (\d+) of the letter ([a-z])", lambda m: ("count", f"Count {m[3]} in {m[1]}", m[2])),
+    (r"in ((?:[a-z] )+[a-z]) the letter ([a-z]) appears (\d+) times",
+     lambda m: ("count", f"Count {m[2]} in {m[1]}", m[3])),
+    (r"((?:[a-z] )+[a-z]) has ([a-z]) (\d+) times", lambda m: ("count", f"Count {m[2]} in {m[1]}", m[3])),
 ]
 
 
