@@ -99,7 +99,7 @@ class Args:
     """sampling temperature; the loss divides the logits by the same value"""
     iterations: int = 2
     """optimizer steps per batch of samples (mu)"""
-    lr: float = 5e-4
+    lr: float = 1e-4
     """peak learning rate"""
     warmup: int = 5
     """linear warmup steps"""

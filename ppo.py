@@ -95,7 +95,7 @@ class Args:
     """passes over each batch of samples"""
     minibatches: int = 2
     """minibatches per pass (per rank)"""
-    lr: float = 3e-4
+    lr: float = 1e-4
     """peak learning rate of the policy and the value model"""
     warmup: int = 5
     """linear warmup steps"""
