@@ -70,15 +70,15 @@ class Args:
     """held-out preference pairs, for the before/after pairwise accuracy"""
     out: str = "out/reward.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 240
+    steps: int = 120
     """optimizer steps"""
     batch_size: int = 32
     """pairs per optimizer step, summed over ranks and accumulation steps"""
     grad_accum: int = 1
     """micro-batches per optimizer step (per rank)"""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """peak learning rate"""
-    warmup: int = 24
+    warmup: int = 12
     """linear warmup steps"""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only)"""
