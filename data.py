@@ -38,9 +38,9 @@ Implementation details
 2. Numbers are written plainly, most significant digit first. A small transformer learns addition
    faster with reversed digits (the carry then flows in reading order), but "85" is the answer a user
    expects. The price, measured with the CPU defaults (a 0.9M-parameter model, ~2M pretraining
-   tokens): the letter and digit families are learned (reverse, sort and count land between 25 and
-   80 % after SFT, falling with the level) while arithmetic stays under ~10 %; a larger model or more
-   steps (the GPU presets) is what arithmetic needs.
+   tokens): the letter and digit families are learned (after SFT: sort 59 %, count 30 %, reverse
+   26 %, each falling with the level, e.g. reverse 73 / 6 / 0 %) while arithmetic stays at 1-2 %; a
+   larger model or more steps (the GPU presets) is what arithmetic needs.
 3. The held-out split: every problem has a canonical key, the same for trivially equal problems
    ("add:37:48" for 37 + 48 and 48 + 37; "sort:259" for every order of 2, 5, 9; "reverse:cat" for
    c a t and t a c). A key is held out iff sha256(key) falls in the first --held-out fraction (8 %)
