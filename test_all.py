@@ -513,6 +513,26 @@ def test_data_eval_covers_every_family_and_level(tiny_data):
         assert {r["level"] for r in rows} == {1, 2, 3}, family
 
 
+def test_data_levels_are_what_the_docstring_says():
+    # add/sub: level 1 a 2-digit and a 1-digit number with no carry (borrow), level 2 with one, level 3 two 2-digit
+    rng = random.Random(0)
+    for _ in range(300):
+        for level in (1, 2, 3):
+            for family in ("add", "sub"):
+                p = data.GENERATORS[family](rng, level)
+                a, b = sorted((p.fields["a"], p.fields["b"]), reverse=True)
+                if level == 3:
+                    assert 10 <= b <= a <= 99, p
+                    continue
+                assert 10 <= a <= 99 and 0 <= b <= 9, p
+                carries = a % 10 + b >= 10 if family == "add" else a % 10 < b
+                assert carries == (level == 2), p
+            p = data.GENERATORS["reverse"](rng, level)
+            assert len(p.answer.split()) == level + 2 and p.answer.split() == p.fields["letters"].split()[::-1], p
+            p = data.GENERATORS["count"](rng, level)
+            assert len(p.fields["letters"].split()) in [(3, 4), (5, 6), (7, 8)][level - 1], p
+
+
 def test_data_split_rule_and_check_answer():
     assert data.check_answer(" 85\n", "85") and not data.check_answer("85.", "85")
     # the split is a fixed ~8 % slice of a problem space, by sha256 of the key
