@@ -31,7 +31,6 @@ PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: tests run side by side
 
 from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
-import tokenizer  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 from model import (ModelConfig, Transformer, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
@@ -123,19 +122,14 @@ def naive_encode(tok, text):
     return ids
 
 
-def test_batched_bpe_equals_naive_encoder(tok, monkeypatch):
-    # tokenizer detail 6: all new chunks in one regex pass (joined by "\u00b2"), all new pieces merged at once
+def test_encoder_equals_naive_encoder(tok):
+    # tokenizer detail 6: the chunk and piece caches change nothing, cold or warm
     rng = random.Random(2)
     texts = [random_text(rng, rng.randint(0, 60)) for _ in range(100)]
-    plain = [t.replace("\u00b2", "") for t in texts]  # texts with the separator's character take the other path
-    for path in ("joined", "chunk by chunk"):
-        if path == "chunk by chunk":
-            monkeypatch.setattr(tokenizer, "_MARK_SAFE_VOCAB", 0)
-        for batch in (texts, plain):
-            fresh = Tokenizer(tok.merges)
-            assert fresh.encode("".join(batch)) == naive_encode(tok, "".join(batch))  # one cold pass
-            for text in batch:  # then mostly warm, a few new chunks at a time
-                assert fresh.encode(text) == naive_encode(tok, text)
+    fresh = Tokenizer(tok.merges)
+    assert fresh.encode("".join(texts)) == naive_encode(tok, "".join(texts))  # one cold pass
+    for text in texts:  # then mostly warm, a few new chunks at a time
+        assert fresh.encode(text) == naive_encode(tok, text)
 
 
 def gpt2_chars():

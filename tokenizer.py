@@ -38,10 +38,7 @@ Implementation details:
    pair is a token (tiktoken's rule; same ids as tiktoken loaded with our merges). Results are cached
    per piece and per chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`):
    most chunks repeat, and a repeated chunk costs one dict lookup instead of a regex pass. Ids are
-   kept packed as uint16 bytes, so joining them and making the list / array are C loops. The chunks
-   not seen before are joined by "²" (U+00B2, always a piece of its own, and no piece reaches across it)
-   and split in one regex pass; their new pieces are merged all at once with numpy, one merge per
-   piece per round, the pairs looked up in a sorted table of every (left, right) that spells a token.
+   kept packed as uint16 bytes, so joining them and making the list / array are C loops.
 7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
    "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
 8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
@@ -95,11 +92,20 @@ _PRINTABLE_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]
 _HF_BYTE_ORDER = _PRINTABLE_BYTES + [b for b in range(256) if b not in _PRINTABLE_BYTES]
 _BYTE_SORT_KEY = [_HF_BYTE_ORDER.index(b) for b in range(256)]
 _BYTES = [bytes([b]) for b in range(256)]
-_NO_MERGE = np.iinfo(np.int64).max  # the "rank" of a pair that is not a token
-# detail 6: new chunks are joined by a character that is always a piece of its own, so one regex pass
-# splits them all; its packed ids are replaced by a mark that no packed ids contain, to cut them apart
-# (four 0xff bytes: in uint16 ids they would need an id >= 0xff00, in int32 ids an id >= 2**24)
-_SEPARATOR, _MARK, _MARK_SAFE_VOCAB = "\u00b2", b"\xff\xff\xff\xff", 0xff00
+
+
+class _Cache(dict):
+    """A dict that computes a missing value with `fn`; hits stay C lookups in map(cache.__getitem__, keys)."""
+
+    def __init__(self, fn, max_size=1 << 19):
+        super().__init__()
+        self.fn, self.max_size = fn, max_size
+
+    def __missing__(self, key):
+        if len(self) >= self.max_size:  # bound the memory on huge corpora
+            self.clear()
+        value = self[key] = self.fn(key)
+        return value
 
 
 class Tokenizer:
@@ -129,105 +135,39 @@ class Tokenizer:
         self._chunks = re.compile(_CHUNK_PATTERN).findall if pattern == SPLIT_PATTERN else None
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
         self._typecode = "H" if self.dtype == np.uint16 else "i"  # array module code of self.dtype
-        self._piece_ids, self._chunk_ids = {}, {}  # piece / chunk -> packed ids
-        self._merge_table = None  # built on the first encode: (pair keys, merged ids), sorted
+        self._piece_ids = _Cache(self._bpe)  # piece -> packed ids
+        self._chunk_ids = _Cache(self._encode_chunk)  # chunk -> packed ids
 
     # ---------------------------------------------------------------------------------- encoding
-    def _encode_ordinary(self, text: str) -> bytes:
-        """Packed ids of `text`, with no special tokens (detail 6)."""
-        if len(self._piece_ids) + len(self._chunk_ids) > 1 << 20:  # bound the memory on huge corpora
-            self._piece_ids.clear(), self._chunk_ids.clear()
-        if self._chunks is None:  # another pattern: cache per piece
-            pieces = self._split(text)
-            self._add_pieces(set(pieces).difference(self._piece_ids))
-            return b"".join(map(self._piece_ids.__getitem__, pieces))
-        chunks = self._chunks(text)
-        try:  # most texts after the first are made of chunks seen before
-            return b"".join(map(self._chunk_ids.__getitem__, chunks))
-        except KeyError:
-            self._add_chunks(chunks)
-            return b"".join(map(self._chunk_ids.__getitem__, chunks))
-
-    def _add_chunks(self, chunks):
-        """Cache the packed ids of the chunks not seen before, all new chunks joined in one regex pass."""
-        new = set(chunks).difference(self._chunk_ids)
-        last = chunks[-1]  # the only chunk that may end in spaces, whose split depends on what follows
-        new = [*new.difference([last]), last] if last in new else list(new)
-        joined = _SEPARATOR.join(new)
-        if joined.count(_SEPARATOR) == len(new) - 1 and self.vocab_size <= _MARK_SAFE_VOCAB:  # the usual case
-            pieces = self._split(joined)
-            self._add_pieces(set(pieces).difference(self._piece_ids, [_SEPARATOR]))
-            piece_ids = self._piece_ids
-            piece_ids[_SEPARATOR] = _MARK  # stands for the separator only while it is joined here
-            packed = b"".join(map(piece_ids.__getitem__, pieces)).split(_MARK)
-            del piece_ids[_SEPARATOR]
-        else:  # the text has the separator's character: split chunk by chunk
-            split = [self._split(chunk) for chunk in new]
-            self._add_pieces(set().union(*split).difference(self._piece_ids))
-            packed = [b"".join(map(self._piece_ids.__getitem__, pieces)) for pieces in split]
-        self._chunk_ids.update(zip(new, packed))
-
-    def _add_pieces(self, pieces):
-        """detail 6 for all new pieces at once: each round merges, in every piece, its lowest-id mergeable pair."""
-        pieces = list(pieces)
-        data = [piece.encode("utf-8") for piece in pieces]
-        whole = list(map(self.ranks.get, data))  # frequent pieces are one token
-        self._piece_ids.update((p, self._pack([t])) for p, t in zip(pieces, whole) if t is not None)
-        todo = [i for i, t in enumerate(whole) if t is None]
-        if not todo:
-            return
-        lengths = np.array([len(data[i]) for i in todo])
-        ids = np.frombuffer(b"".join([data[i] for i in todo]), np.uint8).astype(np.int64)  # bytes are ids 0..255
-        word = np.repeat(np.arange(len(todo)), lengths)  # which piece each position belongs to
-        pair = self._merged(ids[:-1], ids[1:], word[:-1] == word[1:])  # pair[j]: merging ids[j], ids[j+1]
-        pair = np.append(pair, _NO_MERGE)
-        done_words, done_ids = [], []
-        while ids.size:
-            first = np.r_[True, word[1:] != word[:-1]]  # a piece's first position
-            best = np.minimum.reduceat(pair, np.flatnonzero(first))[np.cumsum(first) - 1]  # its piece's lowest
-            finished = best == _NO_MERGE
-            done_words.append(word[finished])
-            done_ids.append(ids[finished])
-            at = np.flatnonzero((pair == best) & ~finished)
-            at = at[np.r_[True, word[at[1:]] != word[at[:-1]]]] if at.size else at  # the leftmost, as tiktoken
-            ids[at] = pair[at]
-            keep = ~finished
-            keep[at + 1] = False  # the right half of each merge
-            at = (np.cumsum(keep) - 1)[at]  # merge positions after the deletions
-            ids, word, pair = ids[keep], word[keep], pair[keep]
-            right = np.minimum(at + 1, ids.size - 1)  # only the pairs around a merge change
-            pair[at] = self._merged(ids[at], ids[right], (at + 1 < ids.size) & (word[right] == word[at]))
-            left = np.maximum(at - 1, 0)
-            pair[left] = np.where((at > 0) & (word[left] == word[at]),
-                                  self._merged(ids[left], ids[at], at > 0), pair[left])
-        words, ids = np.concatenate(done_words), np.concatenate(done_ids)
-        order = np.argsort(words, kind="stable")  # piece by piece, positions in order
-        packed = ids[order].astype(self.dtype).tobytes()
-        ends = np.cumsum(np.bincount(words, minlength=len(todo))) * self.dtype.itemsize
-        starts = np.r_[0, ends[:-1]]
-        self._piece_ids.update((pieces[i], packed[s:e]) for i, s, e in zip(todo, starts.tolist(), ends.tolist()))
-
-    def _merged(self, a, b, valid):
-        """Id of the token spelled by the bytes of token a then token b, where valid and it exists; else _NO_MERGE."""
-        if self._merge_table is None:  # every way to cut every merged token into two tokens
-            n_tokens = 256 + len(self.merges)
-            table = {}
-            for token in range(256, n_tokens):
-                data = self.vocab[token]
-                for cut in range(1, len(data)):
-                    left, right = self.ranks.get(data[:cut]), self.ranks.get(data[cut:])
-                    if left is not None and right is not None:
-                        table[left * n_tokens + right] = token
-            keys = sorted(table)
-            self._merge_table = (np.array(keys + [np.iinfo(np.int64).max], np.int64),  # + a sentinel
-                                 np.array([table[k] for k in keys] + [_NO_MERGE], np.int64), n_tokens)
-        keys, merged, n_tokens = self._merge_table
-        query = a * n_tokens + b
-        i = np.searchsorted(keys, query)
-        return np.where(valid & (keys[i] == query), merged[i], _NO_MERGE)
+    def _bpe(self, piece: str) -> bytes:
+        """detail 6: merge the adjacent pair with the lowest-id merged token until no pair is a token."""
+        data = piece.encode("utf-8")
+        if data in self.ranks:  # frequent pieces are one token
+            return self._pack([self.ranks[data]])
+        ranks, none = self.ranks, 1 << 30
+        parts = list(map(_BYTES.__getitem__, data))
+        pair_ranks = [ranks.get(a + b, none) for a, b in zip(parts, parts[1:])] + [none]  # of parts[i:i+2]
+        while (best := min(pair_ranks)) != none:
+            i = pair_ranks.index(best)  # the leftmost of equal ranks, as tiktoken
+            parts[i] += parts.pop(i + 1)
+            del pair_ranks[i]  # only the pairs around the merge change
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], none)
+            if i + 1 < len(parts):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], none)
+        return self._pack(map(ranks.__getitem__, parts))
 
     def _pack(self, ids) -> bytes:
         return array(self._typecode, ids).tobytes()
+
+    def _encode_chunk(self, text: str) -> bytes:
+        return b"".join(map(self._piece_ids.__getitem__, self._split(text)))
+
+    def _encode_ordinary(self, text: str) -> bytes:
+        """Packed ids of `text`, with no special tokens."""
+        if self._chunks is None:
+            return self._encode_chunk(text)
+        return b"".join(map(self._chunk_ids.__getitem__, self._chunks(text)))
 
     def encode(self, text: str, allowed_special=()) -> list:
         """Ids of `text`. Special-token text is plain text unless in `allowed_special` ("all" or a set)."""
