@@ -556,6 +556,13 @@ def test_data_levels_are_what_the_docstring_says():
             assert len(p.answer.split()) == level + 2 and p.answer.split() == p.fields["letters"].split()[::-1], p
             p = data.GENERATORS["count"](rng, level)
             assert len(p.fields["letters"].split()) in [(3, 4), (5, 6), (7, 8)][level - 1], p
+            p = data.GENERATORS["mul"](rng, level)  # 2..9 x 0..9 / 2..9 x 10..19 / 2..19 x 10..99
+            small, large = sorted((p.fields["a"], p.fields["b"]))
+            assert [0 <= small and 2 <= large <= 9, 2 <= small <= 9 and 10 <= large <= 19,
+                    2 <= small <= 19 and 10 <= large <= 99][level - 1], p
+            p = data.GENERATORS["sort"](rng, level)
+            digits = p.fields["digits"].split()
+            assert len(digits) == level + 2 and p.answer.split() == sorted(digits), p
 
 
 def test_data_split_rule_and_check_answer():
@@ -564,7 +571,11 @@ def test_data_split_rule_and_check_answer():
     keys = [f"add:{a}:{b}" for a in range(100) for b in range(a, 100)]
     share = sum(data.is_held_out(k, 0.08) for k in keys) / len(keys)
     assert 0.06 < share < 0.10, share
-    assert data.is_held_out("add:37:48", 0.08) == data.is_held_out("add:37:48", 0.08)
+    # pinned: the held-out problems must never move between versions (a salted hash() would move them)
+    keys = [f"add:{a}:{b}" for a in range(10, 14) for b in range(a, a + 40)]
+    assert [k for k in keys if data.is_held_out(k, 0.08)] == [
+        "add:10:10", "add:10:18", "add:10:44", "add:11:11", "add:12:15", "add:12:32", "add:12:51", "add:13:22",
+        "add:13:46"]
 
 
 # =================================================================================================
@@ -837,6 +848,23 @@ def test_generate_logprobs_equal_completion_logprobs_and_eos_handling():
     assert completions.tolist() == [[0]] * 3 and mask.tolist() == [[1.0]] * 3
 
 
+def test_rows_that_end_early_leave_the_others_unchanged():
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    free, _, _ = generate(model, prompts, 8, temperature=0)  # no EOS: 8 greedy tokens per row
+    free = free.tolist()
+    # an EOS that one row emits mid-reply while another row never emits it
+    eos = next(t for row in free for t in row[1:-1]
+               if any(t not in other for other in free) and any(t in other[:-1] for other in free))
+    ids, logp, mask = generate(model, prompts, 8, temperature=0, eos_id=eos, pad_id=0)
+    ends = [row.index(eos) + 1 if eos in row else 8 for row in free]
+    assert ids.shape[1] == max(ends) and min(ends) < max(ends)
+    for row, end in enumerate(ends):  # each row as on its own up to its EOS, then padding
+        assert ids[row].tolist() == free[row][:end] + [0] * (ids.shape[1] - end)
+        assert mask[row].tolist() == [1.0] * end + [0.0] * (ids.shape[1] - end)
+        assert (logp[row, end:] == 0).all()
+
+
 def test_completion_logprobs_invariant_to_padding_and_entropy():
     model = tiny_model()
     prompts, completions = [[3, 4, 5], [6, 7, 8, 9, 10]], [[11, 12, 13], [14]]
@@ -878,6 +906,26 @@ def test_heldout_accuracy_by_hand():
         "accuracy 50.0% (add 25%) | well-formed 100.0%"
 
 
+def test_heldout_accuracy_on_fixed_replies(monkeypatch):
+    tokenizer = Tokenizer(merges=[])
+    replies = [tokenizer.encode("12") + [tokenizer.im_end_id],  # closed and right
+               tokenizer.encode(" 7 ") + [tokenizer.im_end_id],  # closed, wrong (7 is not 8)
+               tokenizer.encode("12")]  # right, but never closed: counts as right, not as well formed
+    n = max(map(len, replies))
+
+    def fixed_generate(model, prompts, max_new_tokens, **kwargs):
+        assert kwargs["temperature"] == 0 and kwargs["eos_id"] == tokenizer.im_end_id and len(prompts) == 3
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in replies])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in replies])
+        return ids, torch.zeros(3, n), mask
+
+    monkeypatch.setattr(M, "generate", fixed_generate)
+    records = [{"prompt": "a", "answer": "12", "family": "add"}, {"prompt": "b", "answer": "8", "family": "add"},
+               {"prompt": "c", "answer": " 12", "family": "sub"}]
+    result = heldout_accuracy(tiny_model(vocab_size=259), tokenizer, records, max_new_tokens=n)
+    assert result == pytest.approx({"accuracy": 2 / 3, "well_formed": 2 / 3, "accuracy/add": 0.5, "accuracy/sub": 1.0})
+
+
 def test_prompt_longer_than_context_is_an_error():
     with pytest.raises(ValueError, match="longer than the context"):
         generate(tiny_model(), [[1] * 60], 10)
@@ -889,11 +937,11 @@ def test_checkpoint_round_trip(tmp_path):
     model, tokenizer = tiny_model(tie_word_embeddings=False), Tokenizer(merges=[])
 
     class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
-        def __init__(self, module):
+        def __init__(self, module, name):
             super().__init__()
-            self.module = module
+            setattr(self, name, module)
     path = str(tmp_path / "out" / "sft.pt")
-    save_checkpoint(path, Wrapper(model), tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
+    save_checkpoint(path, Wrapper(Wrapper(model, "_orig_mod"), "module"), tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
                     metrics={"loss": 1.5}, optimizer={"state": {}})
     assert not os.path.exists(path + ".tmp")
     loaded, loaded_tokenizer, checkpoint = load_checkpoint(path, head="lm")
@@ -957,8 +1005,25 @@ def test_cli_sample_chat_and_errors(tmp_path):
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.pt")], cwd=ROOT, env=env,
                          input="hello\nsecond turn\n/quit\nnever read\n", capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("hi") and "tokens/s" in run.stderr
-    assert run.stdout.count("-" * 40) == 1  # one sample; the chat replies (any text) follow it
+    assert "tokens/s" in run.stderr
+    # what the CLI must print: the greedy sample after "hi", then one greedy reply per line until /quit
+    model, _, _ = load_checkpoint(str(tmp_path / "sft.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess, so that the float sums are the same
+    try:
+        ids, _, mask = generate(model, [[tokenizer.eot_id] + tokenizer.encode("hi")], 5, temperature=0)
+        expected = ["hi" + tokenizer.decode(ids[0][mask[0].bool()].tolist()), "-" * 40]
+        messages = []
+        for line in ("hello", "second turn"):
+            messages.append({"role": "user", "content": line})
+            ids, _, mask = generate(model, [tokenizer.encode_prompt(messages)], 5, temperature=0,
+                                    eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
+            reply = [t for t in ids[0][mask[0].bool()].tolist() if t != tokenizer.im_end_id]
+            messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+            expected.append(messages[-1]["content"])
+    finally:
+        torch.set_num_threads(threads)
+    assert run.stdout == "\n".join(expected) + "\n"  # and "never read", after /quit, got no reply
     run = subprocess.run([sys.executable, "model.py", "sample", str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "python sft.py" in run.stderr
@@ -1080,13 +1145,18 @@ def test_assistant_only_loss_by_hand(world):
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_sft_truncates_and_counts():
+def test_sft_example_keeps_the_head_and_aligns_targets():
     from sft import sft_example
-    from tokenizer import Tokenizer
 
     tokenizer = Tokenizer(merges=[])
-    inputs, targets, truncated = sft_example(tokenizer, [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y" * 50}], 40)
-    assert truncated and len(inputs) == len(targets) == 40
+    messages = [{"role": "user", "content": "x" * 10}, {"role": "assistant", "content": "y" * 50}]
+    ids, mask = tokenizer.encode_chat(messages)
+    n = len(ids)
+    for context, cut in ((n - 1, False), (n - 2, True), (40, True)):  # n tokens fill a context of n - 1 exactly
+        inputs, targets, truncated = sft_example(tokenizer, messages, context)
+        assert truncated == cut and inputs == ids[:min(n, context + 1) - 1]
+        assert targets == [t if m else -100 for t, m in zip(ids[1:context + 1], mask[1:context + 1])]
+    assert 0 < sum(t != -100 for t in targets) < 50  # context 40 cuts inside the assistant turn
 
 
 def test_pretrain_ddp_equals_single_process(world, tmp_path):
@@ -1701,7 +1771,7 @@ def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_pat
     assert checkpoint["stage"] == "ppo" and "score" in checkpoint["metrics"]["after"]
     log = read_log(tmp_path / "ppo.jsonl")
     assert all({"score", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy", "length"} <= r.keys() for r in log)
-    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[1]["kl_coef"] != 0.05
+    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[0]["kl_coef"] < 0.05  # KL 0 < target: it falls
     # 2 ranks with a KL limit nothing passes: the first update of a step sees the rollout policy itself
     # (approx KL 0), the second does not, so every rank stops after 2 of the 6 updates (a rank that went
     # on alone would wait forever for the other in DDP's gradient all-reduce)
@@ -1750,6 +1820,24 @@ def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
 
 def kl_by_hand(p, q):
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_distill_heldout_loss_by_hand():
+    from distill import heldout_loss
+
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(10)  # far from the student, so a swapped KL would differ
+    inputs = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    targets = torch.full((2, 5), -100)
+    targets[0, 2], targets[1, 4] = 7, 3  # the only positions that count
+    result = heldout_loss(student, teacher, [(inputs, targets)])
+    with torch.no_grad():
+        student_p, teacher_p = student(inputs)[0].softmax(-1), teacher(inputs)[0].softmax(-1)
+    counted = [(0, 2, 7), (1, 4, 3)]
+    ce = sum(-math.log(student_p[b, t, y]) for b, t, y in counted) / 2
+    kl = sum(kl_by_hand(teacher_p[b, t].tolist(), student_p[b, t].tolist()) for b, t, _ in counted) / 2  # forward
+    assert result["loss"] == pytest.approx(ce, rel=1e-4) and result["kl_to_teacher"] == pytest.approx(kl, rel=1e-3)
 
 
 def test_kd_term_is_zero_when_student_equals_teacher():
@@ -1915,6 +2003,31 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
     assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
     assert "pipeline | pretrain" not in result.stdout
+
+
+def test_eval_kl_to_sft_by_hand():
+    import importlib
+    sampled_replies = importlib.import_module("eval").sampled_replies
+    tokenizer = Tokenizer(merges=[])
+    policy = tiny_model(seed=1, vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(30)  # peaked next-token distributions, far from the reference's
+    reference = tiny_model(seed=2, vocab_size=tokenizer.vocab_size)
+    records = [{"prompt": p} for p in ("ab", "c d e", "fgh", "i")]
+    result = sampled_replies(policy, tokenizer, records, 6, batch_size=2, seed=0, reference=reference)
+    # by hand: the same samples (same seed, same batches), each model's log-probs from a full forward
+    generator, kl, tokens = torch.Generator().manual_seed(0), 0.0, 0.0
+    for batch in (records[:2], records[2:]):
+        prompts = [tokenizer.encode_prompt(r["prompt"]) for r in batch]
+        ids, _, mask = generate(policy, prompts, 6, temperature=1.0, eos_id=tokenizer.im_end_id,
+                                pad_id=tokenizer.pad_id, generator=generator)
+        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
+        logp = completion_logprobs(policy, prompt_ids, prompt_mask, ids, mask)
+        ref_logp = completion_logprobs(reference, prompt_ids, prompt_mask, ids, mask)
+        kl, tokens = kl + ((logp - ref_logp) * mask).sum().item(), tokens + mask.sum().item()
+    assert result["kl_to_sft"] == pytest.approx(kl / tokens, rel=1e-4) and result["kl_to_sft"] > 0.1
+    assert result["reply_length"] == tokens / len(records)
+    assert sampled_replies(policy, tokenizer, records, 6, 2, 0, reference=policy)["kl_to_sft"] == pytest.approx(0, abs=1e-5)
 
 
 def test_pipeline_quick_end_to_end(tmp_path):
