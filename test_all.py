@@ -941,7 +941,8 @@ def test_checkpoint_round_trip(tmp_path):
             super().__init__()
             setattr(self, name, module)
     path = str(tmp_path / "out" / "sft.pt")
-    save_checkpoint(path, Wrapper(Wrapper(model, "_orig_mod"), "module"), tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
+    wrapped = Wrapper(Wrapper(model, "_orig_mod"), "module")  # DDP around a compiled model
+    save_checkpoint(path, wrapped, tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
                     metrics={"loss": 1.5}, optimizer={"state": {}})
     assert not os.path.exists(path + ".tmp")
     loaded, loaded_tokenizer, checkpoint = load_checkpoint(path, head="lm")
