@@ -255,6 +255,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     if args.group_size < 2:  # detail 9
         raise ValueError(f"--group-size {args.group_size}: a group needs at least 2 replies to compare")
+    if args.temperature <= 0:  # the loss divides the logits by it, and a group of greedy replies is one reply
+        raise ValueError(f"--temperature {args.temperature}: GRPO samples, so it must be > 0 (1.0 is the policy itself)")
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks ({world})")
     grpo_advantages(torch.zeros(args.group_size), args.group_size, args.scale_rewards)  # check the choices now,

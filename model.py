@@ -486,6 +486,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                         return_entropy=False):
     """log pi(completion token t | prompt, completion[:t]) (B, N) with logits / temperature, 0 where the mask
     is 0 (detail 10). Prompts left-padded, completions right-padded. Optionally the entropy (B, N) too."""
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 (greedy has none)")
     ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
     N = completion_ids.shape[1]
     logits, _ = model(ids, attention_mask=mask, logits_to_keep=N + 1)

@@ -286,6 +286,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     if args.prompts_per_step % (world * args.minibatches):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by ranks x --minibatches = {world * args.minibatches}")
+    if args.temperature <= 0:  # the loss divides the logits by it
+        raise ValueError(f"--temperature {args.temperature}: PPO samples, so it must be > 0 (1.0 is the policy itself)")
     minibatch_size = args.prompts_per_step // (world * args.minibatches)
 
     # -------------------------------------------------------------- data and models (detail 2)

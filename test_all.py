@@ -885,6 +885,8 @@ def test_completion_logprobs_invariant_to_padding_and_entropy():
         torch.testing.assert_close(hot[0], by_hand, atol=1e-5, rtol=0)
         probs = logits[0, 2:5].softmax(-1)
         torch.testing.assert_close(entropy[0], -(probs * probs.log()).sum(-1), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="temperature 0"):  # logits / 0 would be NaN
+            completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=0.0)
 
 
 def test_heldout_accuracy_by_hand():
@@ -1794,6 +1796,11 @@ def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
     common = dict(init=str(tiny_sft), eval_data=TINY_RL(world, tiny_sft)[5], steps=1, max_new_tokens=6, device="cpu", out=str(out))
     with pytest.raises(ValueError, match="group-size 1"):
         grpo.main(grpo.Args(**common, group_size=1))
+    with pytest.raises(ValueError, match="--temperature 0"):  # the log-probs would divide by it: NaN
+        grpo.main(grpo.Args(**common, temperature=0.0))
+    with pytest.raises(ValueError, match="--temperature 0"):
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tiny_reward),
+                          temperature=0.0))
     with pytest.raises(FileNotFoundError, match="reward.py"):
         ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tmp_path / "reward.pt")))
     with pytest.raises(ValueError, match="'lm' head"):
