@@ -389,23 +389,23 @@ def main(args: Args):
             targets = pad_batch([targets for _, targets, _ in rows[part]], -100).to(args.device)
             share = (targets != -100).sum() / n_targets  # detail 7: this micro-batch's share of the global mean
             tokens_seen += inputs.numel() * world
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else student.no_sync()
+            no_sync = student.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
             with torch.no_grad(), autocast:
                 teacher_logits, _ = teacher(inputs)                            # (B, T, V)
-            with sync, autocast:
+            with no_sync(), autocast:
                 student_logits, _ = student(inputs)                            # (B, T, V)
                 loss, ce, kd = kd_loss(student_logits, teacher_logits, targets, alpha, args.temperature, args.beta)
-            with sync:
+            with no_sync():
                 (loss * share * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             sums[:3] += torch.stack([loss, ce, kd]).detach() * share
             if baseline:  # detail 2: the hard labels of the same rows, the same share of the global mean
                 inputs = pad_batch([inputs for inputs, _, _ in labelled[part]], tokenizer.pad_id).to(args.device)
                 targets = pad_batch([targets for _, targets, _ in labelled[part]], -100).to(args.device)
                 share = (targets != -100).sum() / n_labelled
-                sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else baseline.no_sync()
-                with sync, autocast:
+                no_sync = baseline.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+                with no_sync(), autocast:
                     _, baseline_loss = baseline(inputs, targets)
-                with sync:
+                with no_sync():
                     (baseline_loss * share * world).backward()
                 sums[3] += baseline_loss.detach() * share
         for model, opt in ((student, optimizer), (baseline, baseline_optimizer)):

@@ -370,14 +370,14 @@ def main(args: Args):
             else:
                 with torch.no_grad(), autocast:
                     ref_logp_chosen, ref_logp_rejected = pair_logps(reference, rows, pad_id, args.device)
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-            with sync, autocast:
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            with no_sync(), autocast:
                 logp_chosen, logp_rejected = pair_logps(model, rows, pad_id, args.device)  # (b,), (b,)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen.float(),
                                                                     ref_logp_rejected.float(), args.beta, args.loss_type,
                                                                     args.label_smoothing)
                 loss = losses.sum() / args.batch_size  # detail 8: its share of the global mean
-            with sync:
+            with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             stats += torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
                                   (chosen_rewards > rejected_rewards).sum().float(), (chosen_rewards - rejected_rewards).sum()])

@@ -300,10 +300,10 @@ def main(args: Args):
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
             rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-            with sync, autocast:
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            with no_sync(), autocast:
                 _, loss = model(inputs[rows], targets[rows])
-            with sync:
+            with no_sync():
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if args.grad_clip > 0:

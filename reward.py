@@ -328,11 +328,11 @@ def main(args: Args):
             rows = batch[micro * micro_batch : (micro + 1) * micro_batch]
             margin = torch.tensor([p["margin"] for p in rows], device=args.device)
             tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in rows) * world
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-            with sync, autocast:
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            with no_sync(), autocast:
                 chosen_rewards, rejected_rewards = pair_rewards(model, rows, tokenizer.pad_id, args.device)  # (b,), (b,)
                 loss = reward_loss(chosen_rewards, rejected_rewards, margin, args.center_coef).sum() / args.batch_size  # detail 6
-            with sync:
+            with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).sum().float(),
                                   (chosen_rewards - rejected_rewards).detach().sum()])

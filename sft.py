@@ -264,11 +264,11 @@ def main(args: Args):
             targets = pad_batch([targets for _, targets in rows], -100).to(args.device)
             n_micro = (targets != -100).sum()
             tokens_seen += inputs.numel() * world
-            sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
-            with sync, autocast:
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            with no_sync(), autocast:
                 _, loss = model(inputs, targets)  # mean over this micro-batch's assistant tokens
                 loss = loss * n_micro / n_targets  # its share of the global mean
-            with sync:
+            with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             loss_sum += loss.detach()
         if args.grad_clip > 0:

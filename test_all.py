@@ -1163,11 +1163,11 @@ def test_sft_example_keeps_the_head_and_aligns_targets():
 
 
 def test_pretrain_ddp_equals_single_process(world, tmp_path):
-    """2 ranks with the same global batch give the losses of one process (to float rounding)."""
+    """2 ranks x 2 micro-steps with the same global batch give the losses of one process (to float rounding)."""
     args = [*TINY_PRETRAIN(world), "--steps", "4", "--save-every", "1000"]
     run_ok(os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                             os.path.join(ROOT, "pretrain.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
@@ -1181,7 +1181,7 @@ def test_sft_ddp_equals_single_process(world, tmp_path):
     args = [*TINY_SFT(world), "--steps", "3", "--save-every", "1000"]
     run_ok(os.path.join(ROOT, "sft.py"), *args, "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "sft.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                             os.path.join(ROOT, "sft.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
@@ -1482,7 +1482,7 @@ def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
     metrics = checkpoint["metrics"]
     assert metrics["reward_std"] > 0 and math.isfinite(metrics["reward_mean"])
     assert 0 <= metrics["before"]["accuracy"] <= 1 and "accuracy/wrong" in metrics["after"]
-    stdout = run_ddp("reward.py", *args, "--out", str(tmp_path / "ddp.pt"))
+    stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))  # 2 ranks x 2 micro-steps
     assert stdout.count("reward | step 3/3") == 1  # only rank 0 prints
     single, ddp = logged(tmp_path / "single.jsonl"), logged(tmp_path / "ddp.jsonl")
     assert sorted(single) == sorted(ddp) == [1, 2, 3]
@@ -1501,7 +1501,7 @@ def test_dpo_end_to_end_ddp_with_precomputed_reference_equals_single_process_wit
     assert with_model[1] == pytest.approx(math.log(2), abs=1e-5)  # step 1: the policy is the reference
     assert logged(tmp_path / "model.jsonl", "rewards/accuracy")[1] == 0.0
     assert logged(tmp_path / "model.jsonl", "rewards/margin")[1] == pytest.approx(0.0, abs=1e-6)
-    stdout = run_ddp("dpo.py", *args, "--precompute-ref", "--out", str(tmp_path / "ddp.pt"))
+    stdout = run_ddp("dpo.py", *args, "--precompute-ref", "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
     assert stdout.count("dpo | step 3/3") == 1 and "reference precomputed" in stdout
     ddp = logged(tmp_path / "ddp.jsonl")
     assert sorted(ddp) == sorted(with_model) == [1, 2, 3]
@@ -1972,11 +1972,11 @@ def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
 
 
 def test_distill_ddp_equals_single_process(world, tiny_sft, tmp_path):
-    """Student and baseline losses of 2 ranks equal one process's (the global-batch token average)."""
+    """Student and baseline losses of 2 ranks x 2 micro-steps equal one process's (the global-batch token average)."""
     args = [*TINY_DISTILL(world, tiny_sft), "--steps", "3"]
     run_ok("distill.py", *args, "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "distill.py"), *args, "--out", str(tmp_path / "ddp.pt")],
+                             os.path.join(ROOT, "distill.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single = [json.loads(line) for line in open(tmp_path / "single.jsonl")]
