@@ -16,7 +16,8 @@ Implementation details:
    The G replies of a prompt are adjacent rows, so a group never straddles two ranks.
 2. Old log-probs are recomputed once after sampling (no grad) with `completion_logprobs` and the
    logits divided by the sampling temperature, the same call as the loss makes, so the ratio is
-   exactly 1 on the first iteration. (generate's own log-probs come from a different code path,
+   exactly 1 on the first iteration (to rounding with --compile, where the loss runs the compiled
+   model). (generate's own log-probs come from a different code path,
    the KV cache, and would give a ratio that is 1 only up to rounding.) With one iteration the
    old log-probs are the loss's own, detached (as TRL): the same numbers, one forward fewer.
 3. Reward = 1 if the reply, stripped, equals the answer, stripped, else 0: the reply is the text
@@ -374,9 +375,9 @@ def main(args: Args):
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n_tokens = completion_mask.sum().clamp(min=1)
-            clip_sum += ((clipped * completion_mask).sum() / n_tokens).item()
-            entropy_sum += ((entropy.detach() * completion_mask).sum() / n_tokens).item()
+            n_tokens = loss_mask.sum().clamp(min=1)  # the tokens that are trained on
+            clip_sum += ((clipped * loss_mask).sum() / n_tokens).item()
+            entropy_sum += ((entropy.detach() * loss_mask).sum() / n_tokens).item()
             loss_sum += loss.item()
         step += 1
 
