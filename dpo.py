@@ -312,6 +312,8 @@ def main(args: Args):
         raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.beta <= 0:  # the strength of the KL to the reference; IPO divides by it
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
 
     # -------------------------------------------------------------- data and models
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")

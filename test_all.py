@@ -1523,6 +1523,7 @@ def test_reward_and_dpo_bad_input(tiny_sft, tmp_path):
         line = run_error(script, *args, "--data", str(bad), "--out", str(tmp_path / "x.pt"))
         assert "no usable preference pairs (1 identical, 1 empty side, 1 longer than the context)" in line
         assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.jsonl").exists()
+    assert "--beta must be > 0" in run_error("dpo.py", *TINY_DPO(world), "--beta", "0", "--out", str(tmp_path / "x.pt"))
 
 
 # =================================================================================================
