@@ -269,8 +269,10 @@ def student_rollouts(student, tokenizer: Tokenizer, rows: list[tuple], max_new_t
     """(inputs, targets) of prompt + a sampled reply for each row (inputs, targets, prompt)."""
     context = student.config.max_position_embeddings
     prompts = [prompt[-(context - max_new_tokens):] for _, _, prompt in rows]
+    student.eval()  # sample from the model itself (no dropout), then train on
     completions, _, completion_mask = generate(student, prompts, max_new_tokens, temperature=1.0,
                                                eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=generator)
+    student.train()
     rollouts = []
     for prompt, completion, n in zip(prompts, completions.tolist(), completion_mask.sum(dim=1).long().tolist()):
         ids = prompt + completion[:n]
@@ -319,6 +321,8 @@ def main(args: Args):
     micro_batch = args.batch_size // (world * args.grad_accum)
     if not 0 <= args.alpha <= 1 or not 0 <= args.beta <= 1 or not 0 <= args.on_policy <= 1 or args.temperature <= 0:
         raise ValueError("--alpha, --beta and --on-policy must be in [0, 1] and --temperature > 0")
+    if args.alpha == 0 and args.on_policy > 0:  # on-policy steps have no labels: they learn from the teacher alone
+        raise ValueError("--on-policy needs the teacher (--alpha > 0): alpha 0 trains on the hard labels only")
 
     # -------------------------------------------------------------- data, teacher and students
     teacher, tokenizer, teacher_checkpoint = load_checkpoint(args.teacher, device=args.device, head="lm")
@@ -446,7 +450,7 @@ def main(args: Args):
         results = {}
         for name, model in (("teacher", teacher), ("student", raw_student), ("baseline", raw_baseline)):
             if model is not None:
-                results[name] = {**heldout_accuracy(model, tokenizer, eval_records, args.max_new_tokens),
+                results[name] = {**heldout_accuracy(model.eval(), tokenizer, eval_records, args.max_new_tokens),
                                  **heldout_loss(model, teacher, eval_batches), "params": model.num_params(False)}
         save_checkpoint(args.out, raw_student, tokenizer, "distill", parent=args.teacher, step=step,
                         args=dataclasses.asdict(args), metrics=results)

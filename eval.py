@@ -24,8 +24,9 @@ Columns (one row per checkpoint):
    price the RL stages pay (0 for sft.pt itself). The reward and the reply length use the same
    samples: what the policy does on average, where accuracy shows what its greedy answer does.
    (ppo.py and grpo.py log the KL of a whole reply, the sum over its tokens.)
-5. val bpb: bits per byte on data/pretrain_val.txt, loss / ln 2 * tokens / bytes, in windows of
-   the model's context: what post-training costs the language model.
+5. val bpb: bits per byte on data/pretrain_val.txt, the summed cross-entropy of the scored tokens
+   in bits over the UTF-8 bytes they encode (<|endoftext|> between documents: 0 bytes), in windows
+   of the model's context: what post-training costs the language model.
 6. The reward model (a score head) has no replies: its row holds its held-out pairwise
    accuracy (from its checkpoint's metrics) in the accuracy column, blanks elsewhere.
 A cell is blank when it does not apply or its input is missing (no reward.pt, no sft.pt, a
@@ -45,6 +46,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model import STAGES, completion_logprobs, generate, heldout_accuracy, left_pad, load_checkpoint, sequence_scores
 
@@ -139,9 +141,9 @@ def sampled_replies(model, tokenizer, records, max_new_tokens, batch_size, seed,
             "reward": sum(scores) / len(scores) if reward_model is not None else None}
 
 
-# column 5: bits per byte = loss / ln 2 * tokens / bytes, which does not depend on the tokenizer
+# column 5: bits per byte = summed loss in bits / bytes of the scored tokens: it does not depend on the tokenizer
 @torch.no_grad()
-def bits_per_byte(model, tokens: torch.Tensor, tokens_per_byte: float, batch_size: int) -> float | None:
+def bits_per_byte(model, tokenizer, tokens: torch.Tensor, batch_size: int) -> float | None:
     context = model.config.max_position_embeddings
     windows = tokens[: (len(tokens) - 1) // context * context + 1]
     if len(windows) < context + 1:
@@ -149,10 +151,11 @@ def bits_per_byte(model, tokens: torch.Tensor, tokens_per_byte: float, batch_siz
     inputs, targets = windows[:-1].view(-1, context), windows[1:].view(-1, context)           # (W, T)
     device = next(model.parameters()).device
     loss_sum = 0.0
-    for start in range(0, len(inputs), batch_size):
-        _, loss = model(inputs[start:start + batch_size].to(device), targets[start:start + batch_size].to(device))
-        loss_sum += loss.item() * len(inputs[start:start + batch_size])
-    return loss_sum / len(inputs) / math.log(2) * tokens_per_byte
+    for start in range(0, len(inputs), batch_size):  # the cross-entropy alone (an MoE's loss adds its router's)
+        logits, _ = model(inputs[start:start + batch_size].to(device))
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets[start:start + batch_size].flatten().to(device),
+                                    reduction="sum").item()
+    return loss_sum / math.log(2) / tokenizer.count_bytes(targets.flatten())
 
 
 def markdown_table(rows: list[dict], families: list[str]) -> str:
@@ -210,13 +213,17 @@ def main(args: Args):
     if not paths:
         raise FileNotFoundError(f"no checkpoint matches {args.checkpoints!r}: run `bash pipeline.sh` first")
     records = read_jsonl(args.eval_data, required=("prompt", "answer"))
-    sample_records = records[:: max(1, len(records) // args.samples)][: args.samples] if args.samples else records
+    n = min(args.samples, len(records)) if args.samples else len(records)
+    sample_records = [records[i * len(records) // n] for i in range(n)]  # spread over the file (and its families)
     loaded = [load_checkpoint(path, device=args.device) for path in paths]
     order = lambda i: (STAGES.index(loaded[i][2].get("stage")) if loaded[i][2].get("stage") in STAGES else len(STAGES), paths[i])
     indices = sorted(range(len(paths)), key=order)  # pipeline order
 
-    def optional(path, head):  # the reference and the reward model: None when absent
-        return load_checkpoint(path, device=args.device, head=head) if os.path.exists(path) else (None, None, None)
+    def optional(path, head):  # the reference and the reward model, in eval mode: None when absent
+        if not os.path.exists(path):
+            return None, None, None
+        model, tokenizer, checkpoint = load_checkpoint(path, device=args.device, head=head)
+        return model.eval(), tokenizer, checkpoint
     reference, _, reference_checkpoint = optional(args.reference, "lm")
     reward_model, _, reward_checkpoint = optional(args.reward_model, "score")
     if reward_model is not None:
@@ -247,8 +254,8 @@ def main(args: Args):
             key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
             if key not in val_cache:  # tokenize once per tokenizer
                 tokens = tokenizer.encode_array([d for d in val_text.split("\n\n") if d.strip()])[: args.val_tokens + 1]
-                val_cache[key] = (torch.tensor(tokens.astype("int64")), len(tokens) / len(tokenizer.decode(tokens).encode("utf-8")))
-            row["val_bpb"] = bits_per_byte(model, *val_cache[key], args.batch_size)
+                val_cache[key] = torch.tensor(tokens.astype("int64"))
+            row["val_bpb"] = bits_per_byte(model, tokenizer, val_cache[key], args.batch_size)
         rows.append(row)
         print(f"eval | {paths[i]} done ({time.time() - start_time:.0f}s)", file=sys.stderr)
 

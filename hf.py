@@ -290,8 +290,9 @@ def config_from_hf(hf, model_dir):
                 "sliding-window attention": hf.get("use_sliding_window"),
                 "MLP biases": hf.get("mlp_bias"),
                 f"rope type {rope_type}": rope_type not in ("default", "yarn"),
-                "YaRN beta_fast / beta_slow / attention_factor": any(
-                    rope.get(k, v) != v for k, v in (("beta_fast", 32), ("beta_slow", 1), ("attention_factor", None))),
+                "YaRN beta_fast / beta_slow / attention_factor / truncate / mscale": any(
+                    rope.get(k, v) != v for k, v in (("beta_fast", 32), ("beta_slow", 1), ("attention_factor", None),
+                                                     ("truncate", True), ("mscale", None), ("mscale_all_dim", None))),
                 "dense layers between MoE layers": hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")}
     for problem, present in problems.items():
         if present:

@@ -419,6 +419,8 @@ def right_pad(seqs, pad_id, device=None):
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) -> next token (B,) and its log-prob under the distribution sampled from (B,) (detail 9).
     temperature 0 = greedy, with the log-prob under the untempered model."""
+    if temperature < 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature} and {top_p}")
     if temperature == 0:
         token = logits.argmax(dim=-1)
         return token, logits.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)
@@ -430,6 +432,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        drop[:, 0] = False  # the most likely token always stays (top_p 0 is greedy, as HF)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     logp = logits.log_softmax(dim=-1)                                            # (B, V)
     token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)

@@ -25,8 +25,8 @@ Implementation details:
 5. AdamW with weight decay on matrices only (norms, biases, embeddings are not decayed), linear
    warmup then cosine decay to 10 % (nanoGPT), gradient accumulation, gradient clipping at 1.0.
 6. bf16 autocast on CUDA (float32 elsewhere); `--compile` wraps the model in torch.compile.
-7. Validation loss is also reported in bits per byte, loss / ln 2 * tokens / bytes, which does not
-   depend on the tokenizer, next to the unigram entropy of the data (what a model that ignores
+7. Validation loss is also reported in bits per byte, loss / ln 2 * tokens / bytes (the UTF-8 bytes
+   the tokens encode; <|endoftext|> between documents is 0 bytes), which does not depend on the tokenizer, next to the unigram entropy of the data (what a model that ignores
    context would reach).
 8. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
    one does not. Writes are atomic, so a kill -9 during a save leaves the previous checkpoint.
@@ -253,8 +253,7 @@ def main(args: Args):
         model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
 
     # detail 7: bits per byte needs bytes per token on the validation text; unigram entropy for scale
-    val_bytes = len(tokenizer.decode(val_tokens.tolist()).encode("utf-8"))
-    tokens_per_byte = len(val_tokens) / val_bytes
+    tokens_per_byte = len(val_tokens) / tokenizer.count_bytes(val_tokens)  # <|endoftext|> is 0 bytes
     counts = np.bincount(train_tokens, minlength=tokenizer.vocab_size).astype(np.float64)
     probs = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(probs * np.log(probs)).sum())

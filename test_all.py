@@ -818,12 +818,15 @@ def test_sampling_reproducible_and_top_k_1_is_greedy():
 
 def test_sample_token_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.45, {0}), (0, 0.85, {0, 1, 2})]:
+    for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.45, {0}), (0, 0.85, {0, 1, 2}), (0, 0.0, {0})]:
         g = torch.Generator().manual_seed(0)
         seen = {int(M.sample_token(logits, 1.0, top_k, top_p, g)[0]) for _ in range(200)}
         assert seen == allowed
     _, logp = M.sample_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
     assert logp.exp().item() in (pytest.approx(0.5 / 0.8), pytest.approx(0.3 / 0.8))  # renormalised over the 2
+    for temperature, top_p in [(-1.0, 1.0), (1.0, 1.5), (1.0, -0.1)]:
+        with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
+            M.sample_token(logits, temperature, 0, top_p)
 
 
 def test_generate_logprobs_equal_completion_logprobs_and_eos_handling():
@@ -2031,6 +2034,25 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "pipeline | pretrain" not in result.stdout
 
 
+def test_bits_per_byte_by_hand():
+    import importlib
+    bits_per_byte = importlib.import_module("eval").bits_per_byte
+    tokenizer = Tokenizer(merges=[])
+    ids = tokenizer.encode("héllo") + [tokenizer.eot_id] + tokenizer.encode("wörld ab")  # 6 + 1 + 9 tokens
+    assert tokenizer.count_bytes(ids) == 6 + 9  # <|endoftext|> is no text
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=4, num_experts=4)  # an MoE
+    tokens = torch.tensor(ids)  # 16 tokens: 3 windows of 4 scored targets, the last token left over
+    inputs, targets = tokens[:12].view(3, 4), tokens[1:13].view(3, 4)
+    with torch.no_grad():
+        logits, _ = model(inputs)
+        bits = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item() / math.log(2)
+        with_router_loss = model(inputs, targets)[1].item() * 12 / math.log(2)
+    n_bytes = tokenizer.count_bytes(targets.flatten())
+    assert n_bytes == len("éllo".encode()) + len("wörld".encode())  # targets: tokens 1..12, the eot at 0 bytes
+    assert bits_per_byte(model, tokenizer, tokens, batch_size=2) == pytest.approx(bits / n_bytes, rel=1e-5)
+    assert abs(with_router_loss - bits) > 1e-3  # the MoE's load-balancing loss is not counted
+
+
 def test_eval_kl_to_sft_by_hand():
     import importlib
     sampled_replies = importlib.import_module("eval").sampled_replies
@@ -2357,6 +2379,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
          r"layers.0.mlp.down_proj.weight has shape \(32, 64\) but config.json implies \(32, 48\)"),
         (copy(config={"hidden_act": "gelu"}), ValueError, "with hidden_act gelu is not supported"),
         (copy(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), ValueError, "rope type llama3"),
+        (copy(config={"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                       "mscale": 1.0, "mscale_all_dim": 0.5}}), ValueError, "YaRN .* mscale"),
         (copy(tokenizer_json=unigram), ValueError, "is not a byte-level BPE tokenizer"),
         (copy(remove="tokenizer.json"), FileNotFoundError, "tokenizer.json not found"),
         (copy(remove="config.json"), FileNotFoundError, "config.json not found"),

@@ -196,6 +196,12 @@ class Tokenizer:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
         return b"".join([self.vocab[i] for i in ids]).decode("utf-8", errors="replace")
 
+    def count_bytes(self, ids) -> int:
+        """UTF-8 bytes of the text that `ids` encode; special tokens stand for no text and count 0 (the
+        denominator of bits per byte: <|endoftext|> marks a document boundary, not 13 bytes of text)."""
+        ordinary = 256 + len(self.merges)
+        return sum(len(self.vocab[i]) for i in np.asarray(ids).tolist() if i < ordinary)
+
     # ------------------------------------------------------------------------------------- chat
     def render_chat(self, messages, add_generation_prompt=False) -> str:
         """ChatML text of `messages` (detail 8)."""
