@@ -602,6 +602,17 @@ def load_checkpoint(path, device="cpu", head=None):
     return model.to(device), tokenizer, checkpoint
 
 
+def check_resumable(path, checkpoint, args, same):
+    """--resume continues a run exactly only from a mid-run checkpoint and with the settings `same` it
+    ran with (data, schedule, batch, seed...); anything else is a one-line error, not a different run."""
+    if "optimizer" not in checkpoint:
+        raise ValueError(f"{path} is a finished run (step {checkpoint['step']}): nothing to resume")
+    saved = checkpoint.get("args", {})
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in same if saved.get(k, getattr(args, k)) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{path} ran with other settings ({', '.join(changed)}): resume with the same ones")
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
+from model import ModelConfig, Transformer, check_resumable, generate, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)
@@ -208,6 +208,8 @@ def main(args: Args):
     device_type = "cuda" if args.device.startswith("cuda") else args.device
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
@@ -239,8 +241,10 @@ def main(args: Args):
     model, step = Transformer(config).to(args.device), 0
     if args.resume:  # detail 8: the model, optimizer, RNG and step of the last resumable checkpoint
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
-        if "optimizer" not in checkpoint:
-            raise ValueError(f"{args.out} is a finished run (step {checkpoint['step']}): nothing to resume")
+        check_resumable(args.out, checkpoint, args, ("data", "tokenizer", "preset", "hidden_size", "num_layers", "context",
+                                                     "steps", "batch_size", "lr", "warmup", "weight_decay", "val_fraction", "seed"))
+        if checkpoint["tokenizer"] != tokenizer.to_dict():
+            raise ValueError(f"{args.out} was trained with another tokenizer than {args.tokenizer}: resume with its own")
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)

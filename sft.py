@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
+from model import check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -201,6 +201,8 @@ def main(args: Args):
     device_type = "cuda" if args.device.startswith("cuda") else args.device
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
@@ -232,8 +234,7 @@ def main(args: Args):
     step = 0
     if args.resume:  # the model came from --out above; now the optimizer, RNG and step
         checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
-        if "optimizer" not in checkpoint:
-            raise ValueError(f"{args.out} is a finished run (step {checkpoint['step']}): nothing to resume")
+        check_resumable(args.out, checkpoint, args, ("init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed"))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)

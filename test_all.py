@@ -1226,6 +1226,8 @@ def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     process.wait()
     checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
     assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 120  # killed mid-run, after a save
+    line = run_error(script, *args, "--batch-size", "4", "--out", str(tmp_path / "killed.pt"), "--resume")
+    assert "ran with other settings (--batch-size 8 -> 4): resume with the same ones" in line  # not another run
     run_ok(script, *args, "--out", str(tmp_path / "killed.pt"), "--resume")
     full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
     assert sorted(full) == sorted(resumed) == list(range(1, 121))
@@ -1243,6 +1245,8 @@ def test_pretrain_bad_input(world, tmp_path):
     assert "empty" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "empty.txt"), "--out", str(out))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     assert "bad.jsonl:2" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "bad.jsonl"), "--out", str(out))
+    for flag, value in (("--dtype", "float16"), ("--steps", "0")):  # fp16 would have run in fp32, saying float16
+        assert "--dtype must be auto, bfloat16 or float32" in run_error("pretrain.py", *TINY_PRETRAIN(world), flag, value, "--out", str(out))
     assert not out.exists()
 
 
