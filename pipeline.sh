@@ -12,19 +12,23 @@
 # Every stage runs with its own defaults (the CPU defaults); only paths are passed (and a 1k
 # vocabulary to the tokenizer), plus tiny sizes with --quick. Flags: `python STAGE.py --help`.
 set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
-cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 QUICK=0 DATA="" OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
-    --data) DATA=$2; shift ;;
-    --out) OUT=$2; shift ;;
+    --data|--out)
+      [ $# -ge 2 ] || { echo "pipeline: $1 needs a directory" >&2; exit 2; }
+      case "$2" in /*) dir=$2 ;; *) dir=$PWD/$2 ;; esac  # relative to where you are, not to the repo
+      if [ "$1" = --data ]; then DATA=$dir; else OUT=$dir; fi
+      shift ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "pipeline: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$DATA$OUT" in *[[:space:]]*) echo "pipeline: --data and --out must not contain spaces" >&2; exit 2 ;; esac
+cd "$(dirname "$0")"
 if [ "$QUICK" = 1 ]; then DATA=${DATA:-data/quick} OUT=${OUT:-out/quick}; else DATA=${DATA:-data} OUT=${OUT:-out}; fi
 mkdir -p "$OUT/logs"
 

@@ -311,7 +311,8 @@ def test_bad_inputs(tmp_path):
     good = {"type": "byte-level-bpe", "pattern": SPLIT_PATTERN, "special_tokens": list(SPECIAL_TOKENS), "merges": []}
     for content in ["{not json", "[1, 2]", json.dumps({**good, "special_tokens": []}),
                     json.dumps({**good, "merges": [[300, 1]]}), json.dumps({**good, "merges": [[1, 2, 3]]}),
-                    json.dumps({**good, "pattern": "("})]:
+                    json.dumps({**good, "pattern": "("}), json.dumps({**good, "pattern": r"(\w+)|\s+"}),
+                    json.dumps({**good, "special_tokens": [*SPECIAL_TOKENS, ""]})]:
         path = tmp_path / "bad.json"
         path.write_text(content)
         with pytest.raises(ValueError) as e:
@@ -319,6 +320,8 @@ def test_bad_inputs(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError):
         Tokenizer.load(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="skips characters"):  # a pattern that drops text is refused, not obeyed
+        Tokenizer([], pattern=r"[a-z]+").encode("Hi there!")
 
 
 def test_training_with_processes_is_exact():
@@ -331,11 +334,16 @@ def test_training_with_processes_is_exact():
 def test_cli(tmp_path):
     out = tmp_path / "tok.json"
     cmd = [sys.executable, os.path.join(ROOT, "tokenizer.py"), "--out", str(out), "--vocab-size", "300"]
-    r = subprocess.run(cmd + ["--data", str(tmp_path / "missing.txt")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "a.txt").write_text(SAMPLE)
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    for bad, says in [(["--data", str(tmp_path / "missing.txt")], "not found"), (["--data", str(tmp_path)], "not a file"),
+                      (["--data", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8"),
+                      (["--data", str(tmp_path / "a.txt"), "--out", str(tmp_path)], "is a directory")]:
+        r = subprocess.run(cmd + bad, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+        assert says in r.stderr
+    assert not out.exists() and not os.path.exists(str(tmp_path) + ".tmp")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello world\u2028two"}) + "\n")
     r = subprocess.run(cmd + ["--data", str(tmp_path / "a.txt"), "--data", str(tmp_path / "b.jsonl")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "bytes/token" in r.stdout
@@ -2098,6 +2106,9 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(f"{out}/{s}.pt" for s in stages)
     rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(out / "eval.json"))}
     assert rows["sft.pt"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # the reference against itself
+    for bad, says in [(["--out"], "--out needs a directory"), (["--out", "a b"], "must not contain spaces")]:
+        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *bad], capture_output=True, text=True)
+        assert result.returncode == 2 and says in result.stderr and not os.path.exists(os.path.join(ROOT, "a b"))
     assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None  # the score head's row
     assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None for s in stages if s != "reward")
 

@@ -120,17 +120,20 @@ class Tokenizer:
         self.ranks = {token: i for i, token in enumerate(self.vocab)}  # bytes -> id, the BPE rank
         if len(self.ranks) != len(self.vocab):
             raise ValueError("two merges make the same token, which training never does")
-        if not set(SPECIAL_TOKENS) <= set(special_tokens) or len(set(special_tokens)) != len(special_tokens):
-            raise ValueError(f"special tokens must be distinct and include {SPECIAL_TOKENS}, got {special_tokens}")
+        if not set(SPECIAL_TOKENS) <= set(special_tokens) or len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+            raise ValueError(f"special tokens must be distinct, non-empty and include {SPECIAL_TOKENS}, got {special_tokens}")
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
         self.vocab += [s.encode("utf-8") for s in special_tokens]
         self.vocab_size = len(self.vocab)
         self.eot_id, self.im_start_id, self.im_end_id = (self.special_tokens[s] for s in SPECIAL_TOKENS)
         self.pad_id = self.eot_id  # padding is always masked out, any id will do
         try:
-            self._split = re.compile(pattern).findall
+            compiled = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"bad split pattern: {e}") from None
+        if compiled.groups:  # findall would return the groups, not the pieces
+            raise ValueError("the split pattern must have no capturing groups: use (?:...)")
+        self._split = compiled.findall
         # the chunk cut points are proven for SPLIT_PATTERN only; another pattern splits the whole text
         self._chunks = re.compile(_CHUNK_PATTERN).findall if pattern == SPLIT_PATTERN else None
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
@@ -161,7 +164,10 @@ class Tokenizer:
         return array(self._typecode, ids).tobytes()
 
     def _encode_chunk(self, text: str) -> bytes:
-        return b"".join(map(self._piece_ids.__getitem__, self._split(text)))
+        pieces = self._split(text)
+        if self._chunks is None and sum(map(len, pieces)) != len(text):  # a pattern of our own covers all text
+            raise ValueError(f"the split pattern {self.pattern!r} skips characters of {text[:40]!r}: text would be lost")
+        return b"".join(map(self._piece_ids.__getitem__, pieces))
 
     def _encode_ordinary(self, text: str) -> bytes:
         """Packed ids of `text`, with no special tokens."""
@@ -416,26 +422,32 @@ def read_documents(paths) -> list:
     """Documents of .txt files (a file is a document) and .jsonl files ({"text": ...} per line)."""
     documents = []
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found (`python data.py` makes the built-in data)")
-        with open(path, encoding="utf-8") as f:
-            if not path.endswith(".jsonl"):
-                documents.append(f.read())
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found or not a file (`python data.py` makes the built-in data)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not path.endswith(".jsonl"):
+            documents.append(text)
+            continue
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+            if not line.strip():
                 continue
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with a \"text\" string")
-                documents.append(text)
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with a \"text\" string")
+            documents.append(text)
     return documents
 
 
 def main(args: Args):
+    if os.path.isdir(args.out) or args.out.endswith(os.sep):
+        raise ValueError(f"--out {args.out} is a directory: give a file name, e.g. {os.path.join(args.out, 'tokenizer.json')}")
     documents = read_documents(args.data)
     t0 = time.time()
     tok = Tokenizer.train(documents, args.vocab_size, processes=args.processes, verbose=args.verbose)
