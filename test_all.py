@@ -130,6 +130,12 @@ def test_encoder_equals_naive_encoder(tok):
     assert fresh.encode("".join(texts)) == naive_encode(tok, "".join(texts))  # one cold pass
     for text in texts:  # then mostly warm, a few new chunks at a time
         assert fresh.encode(text) == naive_encode(tok, text)
+    for text in ["ab" * 300, "=" * 500 + "\n", " " * 400 + "x", "tokenizer" * 60, "é" * 300]:  # pieces > 256 bytes
+        assert fresh.encode(text) == naive_encode(tok, text)  # take the heap path (_bpe_long)
+    # a pair whose right part grows before it is popped must be skipped: here b+c merges first, and a+bc
+    # must wait for z+a (rank 258 < 259), giving za bc, not z abc
+    tricky = Tokenizer([(98, 99), (97, 98), (122, 97), (97, 256)])
+    assert tricky.encode("zabc" * 80) == naive_encode(tricky, "zabc" * 80) == [258, 256] * 80
 
 
 def gpt2_chars():

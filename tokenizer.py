@@ -38,7 +38,9 @@ Implementation details:
    pair is a token (tiktoken's rule; same ids as tiktoken loaded with our merges). Results are cached
    per piece and per chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`):
    most chunks repeat, and a repeated chunk costs one dict lookup instead of a regex pass. Ids are
-   kept packed as uint16 bytes, so joining them and making the list / array are C loops.
+   kept packed as uint16 bytes, so joining them and making the list / array are C loops. A piece over
+   256 bytes (a long run of letters or marks) is merged with a heap instead, in O(n log n): the
+   simple loop is quadratic and would take minutes on one 64 KB line.
 7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
    "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
 8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
@@ -147,6 +149,8 @@ class Tokenizer:
         data = piece.encode("utf-8")
         if data in self.ranks:  # frequent pieces are one token
             return self._pack([self.ranks[data]])
+        if len(data) > 256:  # a long run of letters or marks (DNA, "=====...") would take quadratic time here
+            return self._pack(self._bpe_long(data))
         ranks, none = self.ranks, 1 << 30
         parts = list(map(_BYTES.__getitem__, data))
         pair_ranks = [ranks.get(a + b, none) for a, b in zip(parts, parts[1:])] + [none]  # of parts[i:i+2]
@@ -159,6 +163,31 @@ class Tokenizer:
             if i + 1 < len(parts):
                 pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], none)
         return self._pack(map(ranks.__getitem__, parts))
+
+    def _bpe_long(self, data: bytes) -> list:
+        """The same merges in O(n log n): a heap of (rank, start of the left part, start of the right part);
+        the parts are a linked list of byte ranges; an entry whose parts have changed since is skipped."""
+        ranks, n = self.ranks, len(data)
+        end, after, before = list(range(1, n + 1)), list(range(1, n + 1)), list(range(-1, n - 1))  # per part start
+        heap = [(ranks[data[i:i + 2]], i, i + 1) for i in range(n - 1) if data[i:i + 2] in ranks]
+        heapq.heapify(heap)  # (rank, left) order: the lowest rank, then the leftmost, as the loop in _bpe
+        while heap:
+            rank, left, right = heapq.heappop(heap)
+            if end[left] < 0 or after[left] != right or ranks.get(data[left:end[right]]) != rank:
+                continue  # stale: one of the two parts was merged into something else meanwhile
+            end[left] = end[right]
+            after[left] = after[right]
+            end[right] = -1  # dead
+            if after[left] < n:
+                before[after[left]] = left
+            for a, b in ((before[left], left), (left, after[left])):  # the two new neighbouring pairs
+                if a >= 0 and b < n and (merged := ranks.get(data[a:end[b]])) is not None:
+                    heapq.heappush(heap, (merged, a, b))
+        parts, i = [], 0
+        while i < n:
+            parts.append(ranks[data[i:end[i]]])
+            i = after[i]
+        return parts
 
     def _pack(self, ids) -> bytes:
         return array(self._typecode, ids).tobytes()
