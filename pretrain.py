@@ -291,7 +291,7 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
-    start_time, start_step, last_time = time.time(), step, time.time()
+    start_time, start_step, last_time, last_step = time.time(), step, time.time(), step
     model.train()
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
@@ -322,8 +322,8 @@ def main(args: Args):
             if master:
                 now = time.time()
                 elapsed, rate = now - start_time, (step - start_step) / (now - start_time)
-                tok_per_s = tokens_per_step * min(args.log_every, step - start_step) / (now - last_time)
-                last_time = now
+                tok_per_s = tokens_per_step * (step - last_step) / (now - last_time)  # since the last line
+                last_time, last_step = now, step
                 print(f"pretrain | step {step}/{args.steps} | loss {loss_sum.item():.4f} | lr {lr:.1e} | "
                       f"{tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
                 log_file.write(json.dumps({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_per_s}) + "\n")

@@ -104,7 +104,9 @@ class _Cache(dict):
         self.fn, self.max_size = fn, max_size
 
     def __missing__(self, key):
-        if len(self) >= self.max_size:  # bound the memory on huge corpora
+        if len(key) > 1024:  # a long chunk rarely repeats: computing it again is cheaper than keeping it
+            return self.fn(key)
+        if len(self) >= self.max_size:  # bound the memory on huge corpora: at most max_size x 1 KB keys
             self.clear()
         value = self[key] = self.fn(key)
         return value
