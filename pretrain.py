@@ -55,8 +55,8 @@ from tokenizer import Tokenizer
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)
     "tiny": (128, 4, 4, 2, 384, 128),  # ~0.9M params + embeddings: the CPU default
-    "30m": (384, 12, 6, 2, 1024, 1024),  # ~30M with a 16k vocab, one GPU in minutes
-    "125m": (768, 12, 12, 4, 2048, 1024),  # ~125M with a 32k vocab, GPT-2 small scale
+    "30m": (384, 12, 6, 2, 1024, 1024),  # 25M with a 16k vocab, 31M with 32k: one GPU in minutes
+    "125m": (768, 12, 12, 4, 2048, 1024),  # 100M with a 32k vocab (tied embeddings), GPT-2 small scale
 }
 
 
