@@ -27,7 +27,10 @@ Implementation details (tagged `# detail N` in the code):
     tokenizer.json that is every split of a token as a merge, ranked by the token's id, plus
     `ignore_merges`, as in Llama 3's. Same pre-tokenizer regex; no NFC normalizer (ours has none), so
     `tokenizer_class` is PreTrainedTokenizerFast: the file as written. transformers 5 still loads
-    model type qwen2 with its Qwen2Tokenizer (NFC, then the same regex and merges): same ids on NFC text.
+    model type qwen2 with its Qwen2Tokenizer (NFC, then the same regex and merges, but without
+    `ignore_merges`): same ids on NFC text, unless a whole piece is a token that pairwise merges cannot
+    reach (merges [b c, a b, c d, ab cd]: "abcd" is one token here, a + bc + d there); the llama
+    export has none of this.
  4. Chat: a ChatML Jinja template that renders exactly `Tokenizer.render_chat`; EOS is <|im_end|>
     after any chat stage and <|endoftext|> for a pretrain checkpoint; padding is <|endoftext|>.
  5. Import reads config.json (both `rope_theta` / `rope_scaling` and transformers 5's
