@@ -242,14 +242,19 @@ def main(args: Args):
             row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
             rows.append(row)
             continue
-        row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens, args.batch_size))
-        families += [k.split("/", 1)[1] for k in row if k.startswith("accuracy/") and k.split("/", 1)[1] not in families]
-        same = lambda other: other is not None and other["tokenizer"] == checkpoint["tokenizer"]  # same token ids
-        row.update({key: value for key, value in sampled_replies(
-            model, tokenizer, sample_records, args.max_new_tokens, args.batch_size, args.seed,
-            reference if same(reference_checkpoint) else None, reward_model if same(reward_checkpoint) else None).items()})
-        if row["reward"] is not None:
-            row["reward"] = (row["reward"] - reward_mean) / reward_std
+        longest = max(len(tokenizer.encode_prompt(r["prompt"])) for r in records)
+        if longest + args.max_new_tokens > model.config.max_position_embeddings:  # no room to reply: no reply columns
+            print(f"eval | {paths[i]}: context {model.config.max_position_embeddings} < the longest prompt ({longest}) "
+                  f"+ --max-new-tokens {args.max_new_tokens}: no replies", file=sys.stderr)
+        else:
+            row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens, args.batch_size))
+            families += [k.split("/", 1)[1] for k in row if k.startswith("accuracy/") and k.split("/", 1)[1] not in families]
+            same = lambda other: other is not None and other["tokenizer"] == checkpoint["tokenizer"]  # same token ids
+            row.update({key: value for key, value in sampled_replies(
+                model, tokenizer, sample_records, args.max_new_tokens, args.batch_size, args.seed,
+                reference if same(reference_checkpoint) else None, reward_model if same(reward_checkpoint) else None).items()})
+            if row["reward"] is not None:
+                row["reward"] = (row["reward"] - reward_mean) / reward_std
         if val_text is not None:
             key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
             if key not in val_cache:  # tokenize once per tokenizer

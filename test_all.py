@@ -2052,6 +2052,22 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "pipeline | pretrain" not in result.stdout
 
 
+def test_eval_skips_replies_where_the_context_is_too_short(tmp_path, capsys):
+    import importlib
+    evaluate = importlib.import_module("eval")
+    tokenizer = Tokenizer(merges=[])
+    for name, context in (("short.pt", 16), ("long.pt", 128)):  # the prompt is ~30 byte tokens
+        save_checkpoint(str(tmp_path / name), tiny_model(vocab_size=259, max_position_embeddings=context), tokenizer, "sft")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2", "family": "add"}) + "\n")
+    evaluate.main(evaluate.Args(checkpoints=f"{tmp_path}/*.pt", eval_data=str(tmp_path / "eval.jsonl"),
+                                val_data=str(tmp_path / "none.txt"), reference=str(tmp_path / "none.pt"),
+                                reward_model=str(tmp_path / "none.pt"), out=str(tmp_path / "eval.json"),
+                                max_new_tokens=4, device="cpu"))
+    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(tmp_path / "eval.json"))}
+    assert rows["short.pt"]["accuracy"] is None and rows["long.pt"]["accuracy"] is not None  # one row each, no crash
+    assert "short.pt: context 16 < the longest prompt" in capsys.readouterr().err
+
+
 def test_bits_per_byte_by_hand():
     import importlib
     bits_per_byte = importlib.import_module("eval").bits_per_byte
