@@ -70,7 +70,9 @@ def ours_step(model, ids):
 
 
 def hf_step(model, ids):
-    return model(ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts the labels itself: same tokens, same loss
+    # HF shifts the labels itself (so it scores 255 targets per row to our 256: under 0.5 % less work);
+    # use_cache=False: its config says True, which would build a KV cache in every training step
+    return model(ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
 
 
 def bench_train(steps):
@@ -100,15 +102,16 @@ def bench_generate(repeats):
         prompts = [torch.randint(1, config.vocab_size, (8 + i % 17,)).tolist() for i in range(64)]
         ids, mask = left_pad(prompts, pad_id=0)
         timings = {"ours": [], "transformers": []}
+        run = {"ours": lambda: generate(ours, prompts, 64, temperature=0)[0],
+               "transformers": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
+                                                   do_sample=False, pad_token_id=0, eos_token_id=None)}
         with torch.no_grad():
-            for _ in range(repeats):
-                t0 = CLOCK()
-                completions, _, _ = generate(ours, prompts, 64, temperature=0)
-                timings["ours"].append(CLOCK() - t0)
-                t0 = CLOCK()
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)
-                timings["transformers"].append(CLOCK() - t0)
+            completions, out = run["ours"](), run["transformers"]()  # warm-up, untimed
+            for r in range(repeats):  # interleaved, each side first in turn
+                for side in (["ours", "transformers"] if r % 2 == 0 else ["transformers", "ours"]):
+                    t0 = CLOCK()
+                    run[side]()
+                    timings[side].append(CLOCK() - t0)
         same = (out[:, ids.shape[1]:] == completions).float().mean().item()
         ours_tps, hf_tps = 64 * 64 / min(timings["ours"]), 64 * 64 / min(timings["transformers"])
         print(f"   {name:15s} ours {ours_tps:8.0f} tok/s | transformers {hf_tps:8.0f} tok/s | "
@@ -176,6 +179,8 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
+        if args.threads != 1:  # CPU time sums every thread, busy-waiting OpenMP threads included
+            parser.error("--cpu-time needs --threads 1")
         CLOCK = time.process_time
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}, {'CPU' if args.cpu_time else 'wall'} clock")
