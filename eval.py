@@ -208,6 +208,8 @@ def plot_curves(log_paths: list[str], path: str):
 def main(args: Args):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
     start_time = time.time()
     paths = sorted({p for pattern in args.checkpoints.split() for p in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])})
     if not paths:

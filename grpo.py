@@ -240,6 +240,8 @@ def main(args: Args):
     ddp = "RANK" in os.environ  # set by torchrun
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -646,6 +646,8 @@ def main(argv=None):
         return hf.import_hf(args.model_dir, args.out)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, head="lm")
     model.eval()
     generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -1837,6 +1837,9 @@ def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
         grpo.main(grpo.Args(**common, group_size=1))
     with pytest.raises(ValueError, match="--temperature 0"):  # the log-probs would divide by it: NaN
         grpo.main(grpo.Args(**common, temperature=0.0))
+    if not torch.cuda.is_available():  # a one-line error, not a traceback from deep inside torch
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            grpo.main(grpo.Args(**{**common, "device": "cuda"}))
     with pytest.raises(ValueError, match="--temperature 0"):
         ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tiny_reward),
                           temperature=0.0))
