@@ -51,7 +51,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -66,7 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (ModelConfig, Transformer, format_accuracy, generate, heldout_accuracy, load_checkpoint,
+from model import (ModelConfig, Transformer, batch_indices, format_accuracy, generate, heldout_accuracy, load_checkpoint,
                    save_checkpoint)
 from tokenizer import Tokenizer
 
@@ -236,27 +235,6 @@ def distill_example(tokenizer: Tokenizer, record: dict, context: int) -> tuple[l
     ids, mask = ids[: context + 1], mask[: context + 1]
     targets = [token if keep else -100 for token, keep in zip(ids[1:], mask[1:])]
     return ids[:-1], targets, prompt, truncated
-
-
-# detail 7: length-bucketed batches; the batch of a step depends only on (seed, step)
-def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the records in the global batch of `step`."""
-    epoch, index = divmod(step, len(lengths) // batch_size)
-    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
-
-
-@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
-def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
-    length within windows of 64 batches, cut into batches, and the batches shuffled."""
-    batches_per_epoch = len(lengths) // batch_size
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    order = order[: batches_per_epoch * batch_size]
-    window = 64 * batch_size
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
-    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return [batches[b] for b in shuffle]
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:

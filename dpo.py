@@ -22,7 +22,7 @@ Implementation details:
    `<|im_start|>assistant\\n`; log pi(reply | prompt) is the SUM of the per-token log-probs of
    the reply tokens and the closing <|im_end|> (model.completion_logprobs, temperature 1):
    prompt and padding tokens contribute nothing, and padding changes nothing.
-3. Batches: pairs of similar length are batched together (sft.py's length buckets), and the
+3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py), and the
    chosen and rejected replies of a batch are two forward passes (prompts left-padded, replies
    right-padded), so a short chosen reply is not padded to the length of a rambling rejected one
    (TRL concatenates them into one batch of 2B rows: here that would pad most chosen replies to
@@ -52,7 +52,6 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -67,7 +66,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import completion_logprobs, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint
+from model import batch_indices, completion_logprobs, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint
 from tokenizer import Tokenizer
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -272,27 +271,6 @@ def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, pa
 
 def format_skipped(skipped: dict) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in skipped.items())
-
-
-# length-bucketed batches (sft.py's): the batch of a step depends only on (seed, step)
-def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the pairs in the global batch of `step`."""
-    epoch, index = divmod(step, len(lengths) // batch_size)
-    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
-
-
-@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
-def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
-    length within windows of 64 batches, cut into batches, and the batches shuffled."""
-    batches_per_epoch = len(lengths) // batch_size
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    order = order[: batches_per_epoch * batch_size]
-    window = 64 * batch_size
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
-    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return [batches[b] for b in shuffle]
 
 
 def main(args: Args):

@@ -36,6 +36,7 @@ Implementation details (tagged `# detail N` in the code):
     and written atomically (`path.tmp`, then `os.replace`).
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -396,6 +397,27 @@ def unwrap(model):
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+# length-bucketed batches (sft.py, reward.py, dpo.py, distill.py): little padding, every example once an epoch
+def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples (conversations, pairs...) in the global batch of `step`, a function of (seed, step) only."""
+    epoch, index = divmod(step, len(lengths) // batch_size)
+    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
+
+
+@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
+def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
+    length within windows of 64 batches, cut into batches, and the batches shuffled."""
+    batches_per_epoch = len(lengths) // batch_size
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    order = order[: batches_per_epoch * batch_size]
+    window = 64 * batch_size
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
+    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
+    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
+    return [batches[b] for b in shuffle]
 
 
 def left_pad(seqs, pad_id, device=None):

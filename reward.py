@@ -17,7 +17,7 @@ Implementation details:
    `<|im_start|>assistant\\n`, and the reward is the score at the LAST REAL token of prompt +
    reply, found from the attention mask (model.sequence_scores), never by looking for a pad id
    (the pad id is <|endoftext|>, a real token too).
-3. Batches: pairs of similar length are batched together (sft.py's length buckets), and the
+3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py), and the
    chosen and rejected replies of a batch are two forward passes (prompts left-padded, replies
    right-padded), so a short chosen reply is not padded to the length of a rambling rejected one.
    The held-out pairs are evaluated sorted by length for the same reason.
@@ -42,7 +42,6 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -57,7 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores
+from model import ModelConfig, Transformer, batch_indices, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores
 from tokenizer import Tokenizer
 
 
@@ -207,27 +206,6 @@ def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, pa
     if not pairs:
         raise ValueError(f"{path}: no usable preference pairs ({format_skipped(skipped)})")
     return pairs, skipped
-
-
-# length-bucketed batches (sft.py's): the batch of a step depends only on (seed, step)
-def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the pairs in the global batch of `step`."""
-    epoch, index = divmod(step, len(lengths) // batch_size)
-    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
-
-
-@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
-def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
-    length within windows of 64 batches, cut into batches, and the batches shuffled."""
-    batches_per_epoch = len(lengths) // batch_size
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    order = order[: batches_per_epoch * batch_size]
-    window = 64 * batch_size
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
-    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return [batches[b] for b in shuffle]
 
 
 def format_skipped(skipped: dict) -> str:

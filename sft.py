@@ -18,9 +18,9 @@ Implementation details:
 2. Targets are the next tokens where the mask is 1 and -100 (ignored) elsewhere, so the loss is
    the mean cross-entropy over assistant tokens only.
 3. Conversations longer than the context are cut at the context (counted in a warning).
-4. Length-bucketed batches instead of pad-to-max: every epoch is shuffled, then sorted by length
-   within windows of 64 batches, so a batch holds conversations of similar length and little
-   compute goes to padding. Right padding needs no attention mask: causal attention never looks
+4. Length-bucketed batches instead of pad-to-max (model.batch_indices, shared with reward, dpo and
+   distill): every epoch is shuffled, then sorted by length within windows of 64 batches, so a batch
+   holds conversations of similar length and little compute goes to padding. Right padding needs no attention mask: causal attention never looks
    ahead at it.
 5. The loss of a step is the sum over the assistant tokens of the whole global batch divided by
    their count, so every token weighs the same whatever the micro-batch or rank it lands on
@@ -34,7 +34,6 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
+from model import batch_indices, check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -152,27 +151,6 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions whose target is not -100 (the reference the model's
     chunked loss is tested against): logits (B, T, V), targets (B, T)."""
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-# detail 4: length-bucketed batches; the batch of a step depends only on (seed, step)
-def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the conversations in the global batch of `step`."""
-    epoch, index = divmod(step, len(lengths) // batch_size)
-    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
-
-
-@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
-def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
-    length within windows of 64 batches, cut into batches, and the batches shuffled."""
-    batches_per_epoch = len(lengths) // batch_size
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    order = order[: batches_per_epoch * batch_size]
-    window = 64 * batch_size
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
-    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return [batches[b] for b in shuffle]
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:

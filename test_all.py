@@ -1195,20 +1195,14 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path):
 
 
 def test_batches_cover_every_example_and_bucket_by_length():
-    import distill
-    import dpo
-    import reward
-    import sft
-
     lengths = [(7 * i) % 50 + 1 for i in range(100)]  # 100 examples, batch 8: 4 left over each epoch
-    for module in (sft, reward, dpo, distill):  # the same boilerplate in each stage
-        epochs = [[module.batch_indices(lengths, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]
-        for batches in epochs:
-            seen = [i for batch in batches for i in batch]
-            assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
-        assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the longest too
-        assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) < 49  # by length
-        assert module.batch_indices(lengths, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
+    epochs = [[M.batch_indices(lengths, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]
+    for batches in epochs:
+        seen = [i for batch in batches for i in batch]
+        assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
+    assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the longest too
+    assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) < 49  # by length
+    assert M.batch_indices(lengths, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
 
 
 def test_sft_ddp_equals_single_process(world, tmp_path):
