@@ -20,8 +20,8 @@ Implementation details:
 3. Conversations longer than the context are cut at the context (counted in a warning).
 4. Length-bucketed batches instead of pad-to-max (model.batch_indices, shared with reward, dpo and
    distill): every epoch is shuffled, then sorted by length within windows of 64 batches, so a batch
-   holds conversations of similar length and little compute goes to padding. Right padding needs no attention mask: causal attention never looks
-   ahead at it.
+   holds conversations of similar length and little compute goes to padding. Right padding needs no
+   attention mask: causal attention never looks ahead at it.
 5. The loss of a step is the sum over the assistant tokens of the whole global batch divided by
    their count, so every token weighs the same whatever the micro-batch or rank it lands on
    (and N ranks give the same loss as one process).
