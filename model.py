@@ -31,7 +31,11 @@ Implementation details (tagged `# detail N` in the code):
     top-k, top-p; greedy gives the model's own); without top-k/top-p they equal `completion_logprobs`
     at the same temperature, which is what the RL stages recompute with gradients.
 10. `completion_logprobs`: one forward over prompt + completion, logits kept only for the
-    completion, log p = logit[token] - logsumexp(logits), so one (B, N, V) tensor is held.
+    completion, log p = logit[token] - logsumexp(logits), so one (B, N, V) tensor is held. With
+    `group_size` G (GRPO's G replies to one prompt), each prompt runs once into a KV cache that
+    keeps gradients (concatenated, never written in place), the cache is repeated for the G
+    replies, and the replies run on top of it: same log-probs and gradients, the prompt's cost
+    paid once instead of G times.
 11. Checkpoints are plain dicts read with `torch.load(weights_only=True)` (no code runs on load)
     and written atomically (`path.tmp`, then `os.replace`).
 """
@@ -266,15 +270,22 @@ def chunked_cross_entropy(hidden, weight, targets):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once for B rows and max_len positions (detail 8)."""
-    def __init__(self, config, batch_size, max_len, device=None):
+    """Keys and values of every layer, allocated once for B rows and max_len positions (detail 8).
+    grow=True keeps them as tensors that each update concatenates to instead: slower to decode with,
+    but no write in place, so gradients flow through the cache (detail 10)."""
+    def __init__(self, config, batch_size, max_len, device=None, grow=False):
         self.shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
                       config.hidden_size // config.num_attention_heads)
         self.keys = self.values = None   # allocated by the first update, in the dtype of the keys
+        self.grown = [None] * config.num_hidden_layers if grow else None  # per layer (keys, values) so far
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # slot holds a real token
         self.length = 0                  # slots filled so far
 
     def update(self, layer, k, v):  # k, v (B, KV, T, D) -> all keys and values so far (B, KV, S, D)
+        if self.grown is not None:
+            past = self.grown[layer]
+            self.grown[layer] = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+            return self.grown[layer]
         if self.keys is None:
             self.keys = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.values = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
@@ -282,6 +293,15 @@ class KVCache:
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def repeat_rows(self, n):
+        """Each row n times in a row (row i -> rows i*n .. i*n+n-1): one prompt's cache for its n replies."""
+        self.mask = self.mask.repeat_interleave(n, dim=0)
+        if self.grown is not None:
+            self.grown = [None if kv is None else (kv[0].repeat_interleave(n, 0), kv[1].repeat_interleave(n, 0))
+                          for kv in self.grown]
+        elif self.keys is not None:
+            self.keys, self.values = self.keys.repeat_interleave(n, dim=1), self.values.repeat_interleave(n, dim=1)
 
 
 class Transformer(nn.Module):
@@ -353,7 +373,9 @@ class Transformer(nn.Module):
                 raise ValueError("a score-head model has no next-token loss: call it without targets")
             return self.score(x[:, -logits_to_keep:]).squeeze(-1).float(), None  # (B, T)
         if targets is None:
-            return self.lm_head(x[:, -logits_to_keep:]).float(), None            # (B, T, V)
+            # contiguous: matmul folds a strided slice one way when the weight requires grad and another when
+            # not (a frozen reference), which would differ from the policy's logits in the last bit
+            return self.lm_head(x[:, -logits_to_keep:].contiguous()).float(), None  # (B, T, V)
         loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if router_logits:
             aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
@@ -508,15 +530,20 @@ def join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_m
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                        return_entropy=False):
+                        return_entropy=False, group_size=1):
     """log pi(completion token t | prompt, completion[:t]) (B, N) with logits / temperature, 0 where the mask
-    is 0 (detail 10). Prompts left-padded, completions right-padded. Optionally the entropy (B, N) too."""
+    is 0 (detail 10). Prompts left-padded, completions right-padded. Optionally the entropy (B, N) too.
+    group_size=G: rows come in groups of G adjacent rows with the same prompt (GRPO), and each prompt
+    runs through the model once instead of G times."""
     if temperature <= 0:
         raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 (greedy has none)")
-    ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
     N = completion_ids.shape[1]
-    logits, _ = model(ids, attention_mask=mask, logits_to_keep=N + 1)
-    logits = logits[:, :-1].float() / temperature                    # (B, N, V): position t predicts token t
+    if group_size > 1:
+        logits = grouped_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    else:
+        ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logits = model(ids, attention_mask=mask, logits_to_keep=N + 1)[0][:, :-1]   # (B, N, V)
+    logits = logits.float() / temperature                            # (B, N, V): position t predicts token t
     lse = logits.logsumexp(dim=-1)                                               # (B, N)
     logp = (logits.gather(2, completion_ids[..., None]).squeeze(2) - lse) * completion_mask
     if not return_entropy:
@@ -524,6 +551,25 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     # H = logsumexp(z) - sum_v softmax(z)_v z_v
     entropy = (lse - (logits.softmax(dim=-1) * logits).sum(dim=-1)) * completion_mask
     return logp, entropy
+
+
+# detail 10: a group's prompt once, then its G replies attend to that prompt's keys and values
+def grouped_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size):
+    """The logits (B, N, V) at the positions that predict each completion token, as the one joined forward
+    of completion_logprobs gives them, for rows in groups of `group_size` sharing a prompt."""
+    B, P = prompt_ids.shape
+    G, N = group_size, completion_ids.shape[1]
+    if B % G or not (prompt_ids.view(-1, G, P) == prompt_ids[::G, None]).all() \
+            or not (prompt_mask.view(-1, G, P) == prompt_mask[::G, None]).all():
+        raise ValueError(f"group_size {G}: every {G} adjacent rows must share one prompt")
+    cache = KVCache(unwrap(model).config, B // G, P + N, prompt_ids.device, grow=True)
+    first, _ = model(prompt_ids[::G], attention_mask=prompt_mask[::G], kv_cache=cache, logits_to_keep=1)  # (B/G, 1, V)
+    first = first.repeat_interleave(G, dim=0)                                    # predicts completion token 0
+    if N == 1:
+        return first
+    cache.repeat_rows(G)
+    rest, _ = model(completion_ids[:, :-1], attention_mask=completion_mask[:, :-1], kv_cache=cache)  # (B, N-1, V)
+    return torch.cat([first, rest], dim=1)
 
 
 def completion_values(model, prompt_ids, prompt_mask, completion_ids, completion_mask):

@@ -906,6 +906,72 @@ def test_completion_logprobs_invariant_to_padding_and_entropy():
             completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=0.0)
 
 
+def grouped_batch(group_size=3):
+    """Rows in groups sharing a left-padded prompt (GRPO's layout), right-padded replies of mixed lengths."""
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
+    replies = [[15, 16, 17], [18], [19, 20], [21, 22, 23, 24], [25], [26, 27], [28], [29, 30, 31], [32]]
+    p_ids, p_mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
+    c_ids, c_mask = right_pad(replies[:len(prompts) * group_size], 0)
+    return p_ids, p_mask, c_ids, c_mask.float()
+
+
+def test_grouped_completion_logprobs_equal_the_joined_forward():
+    model = tiny_model().train()
+    batch = grouped_batch()
+
+    def run(group_size):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, *batch, temperature=0.7, return_entropy=True, group_size=group_size)
+        ((logp * torch.arange(1.0, 5.0)).sum() + entropy.sum()).backward()  # a loss that weighs each position
+        return logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]
+    logp, entropy, grads = run(1)
+    shared_logp, shared_entropy, shared_grads = run(3)
+    torch.testing.assert_close(shared_logp, logp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared_entropy, entropy, atol=1e-6, rtol=0)
+    for g, shared in zip(grads, shared_grads):  # the gradient reaches the prompt's keys through the cache
+        torch.testing.assert_close(shared, g, atol=1e-5, rtol=1e-4)
+    assert (shared_logp[batch[3] == 0] == 0).all()
+    # no grad (old and reference log-probs) gives the loss's numbers exactly, so the first ratio is 1
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(model, *batch, temperature=0.7, group_size=3), shared_logp)
+    # a frozen copy (requires_grad False, as the reference) gives the policy's numbers exactly: KL 0 at the
+    # start (prompts of 16-33 tokens: at some shapes a strided lm-head input took another matmul path)
+    frozen = tiny_model().train().requires_grad_(False)
+    long = left_pad([list(range(s, s + n)) for s, n in [(1, 29), (5, 33), (9, 16), (3, 29)] for _ in range(3)], 0)
+    long = (*long, *right_pad([[10, 11, 12, 5, 1, 2]] * 12, 0))
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(frozen, *long, group_size=3), completion_logprobs(model, *long, group_size=3))
+    # one-token replies: the prompt pass alone
+    one = (*batch[:2], batch[2][:, :1], batch[3][:, :1])
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(model, *one, group_size=3), completion_logprobs(model, *one),
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="must share one prompt"):  # groups of 3 read as groups of 2 mix prompts
+        completion_logprobs(model, *(t[:8] for t in batch), group_size=2)
+    with pytest.raises(ValueError, match="must share one prompt"):  # 9 rows are not groups of 2
+        completion_logprobs(model, *batch, group_size=2)
+
+
+def test_grouped_completion_logprobs_under_ddp(tmp_path):
+    """Two forward calls (prompts, then replies) before one backward: DDP's gradient hooks fire once per
+    parameter and the gradients are the plain model's (one process, gloo)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = tiny_model().train()
+    batch = grouped_batch()
+    completion_logprobs(model, *batch, group_size=3).sum().backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp_model = DDP(tiny_model().train())
+        for _ in range(2):  # a second step: the reducer was left ready for the next backward
+            ddp_model.zero_grad()
+            completion_logprobs(ddp_model, *batch, group_size=3).sum().backward()
+        for p, q in zip(model.parameters(), ddp_model.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_heldout_accuracy_by_hand():
     model, tokenizer = tiny_model(vocab_size=259, max_position_embeddings=128), Tokenizer(merges=[])
     records = [{"prompt": "a", "answer": "x", "family": "add"}, {"prompt": "bb", "answer": "y", "family": "add"},
