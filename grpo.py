@@ -13,9 +13,10 @@ Run (after `python sft.py`):
 Implementation details:
 1. Rollout: every step draws `prompts_per_step` prompts (ranks take different ones), repeats each
    `group_size` times and samples all of them as one batch with the KV cache at `temperature`.
-   The G replies of a prompt are adjacent rows, so a group never straddles two ranks, and every
-   log-prob pass runs each prompt once for its G replies (`completion_logprobs(..., group_size=G)`,
-   model.py detail 10): the same log-probs and gradients, the prompt's cost paid once, not G times.
+   The G replies of a prompt are adjacent rows, so a group never straddles two ranks, and each
+   prompt runs through the model once for its G replies, in the prefill and in every log-prob pass
+   (`group_size=G` of generate and completion_logprobs, model.py detail 10): the same numbers, the
+   prompt's cost paid once, not G times.
 2. Old log-probs are recomputed once after sampling (no grad) with `completion_logprobs` and the
    logits divided by the sampling temperature, the same call as the loss makes, so the ratio is
    exactly 1 on the first iteration (to rounding with --compile, where the loss runs the compiled
@@ -330,7 +331,8 @@ def main(args: Args):
         # ---------------------------------------------------------- rollout (detail 1, 2)
         with torch.no_grad(), autocast:
             completion_ids, _, completion_mask = generate(raw_policy, prompts, args.max_new_tokens, args.temperature,
-                                                          eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=sampler)
+                                                          eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=sampler,
+                                                          group_size=args.group_size)
             prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, args.device)   # (B, P), as generate padded them
             rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             old_logp = None  # with one iteration the policy is the rollout policy: old = new, detached (TRL)

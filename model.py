@@ -485,10 +485,11 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,
-             generator=None):
+             generator=None, group_size=1):
     """Sample completions of a batch of token lists (detail 8). Returns completions (B, N) right-padded
     with pad_id, log-probs of the sampled tokens (B, N) and completion_mask (B, N), 1.0 up to and
-    including each row's EOS. N <= max_new_tokens: it stops when every row has hit EOS."""
+    including each row's EOS. N <= max_new_tokens: it stops when every row has hit EOS.
+    group_size=G: the prompts come in runs of G equal ones (GRPO), and each is prefilled once."""
     model = unwrap(model)  # no gradient sync or compilation needed to sample
     device = next(model.parameters()).device
     context = model.config.max_position_embeddings
@@ -496,14 +497,19 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         raise ValueError("generate needs at least one prompt and no empty prompt (start it with <|endoftext|>)")
     ids, mask = left_pad(prompts, pad_id, device)                               # (B, P)
     B, P = ids.shape
+    if group_size > 1 and (B % group_size or any(prompts[i] != prompts[i - i % group_size] for i in range(B))):
+        raise ValueError(f"group_size {group_size}: every {group_size} adjacent prompts must be the same")
     if max_new_tokens < 1 or P + max_new_tokens > context:
         raise ValueError(f"a prompt of {P} tokens + {max_new_tokens} new tokens is longer than the context "
                          f"({context}): shorten the prompt or lower max_new_tokens")
-    cache = KVCache(model.config, B, P + max_new_tokens, device)
+    cache = KVCache(model.config, B // group_size, P + max_new_tokens, device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits, _ = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)  # prefill: (B, 1, V)
+    logits, _ = model(ids[::group_size], attention_mask=mask[::group_size], kv_cache=cache, logits_to_keep=1)  # prefill
+    if group_size > 1:  # each prompt's keys, values and next-token logits, once per reply
+        cache.repeat_rows(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)                     # (B, 1, V)
     for step in range(max_new_tokens):
         token, logp = sample_token(logits[:, -1].float(), temperature, top_k, top_p, generator)
         tokens[:, step] = token.masked_fill(done, pad_id)

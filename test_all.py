@@ -952,6 +952,25 @@ def test_grouped_completion_logprobs_equal_the_joined_forward():
         completion_logprobs(model, *batch, group_size=2)
 
 
+def test_generate_with_groups_prefills_each_prompt_once():
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
+    rows = [p for p in prompts for _ in range(3)]
+    plain = generate(model, rows, 6, temperature=0)
+    grouped = generate(model, rows, 6, temperature=0, group_size=3)
+    assert torch.equal(grouped[0], plain[0]) and torch.equal(grouped[2], plain[2])
+    torch.testing.assert_close(grouped[1], plain[1], atol=1e-5, rtol=0)
+    # sampled: the rows of a group differ, and their log-probs are the model's (as completion_logprobs)
+    tokens, logps, mask = generate(model, rows, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                   group_size=3)
+    assert len({tuple(t) for t in tokens[:3].tolist()}) > 1
+    p_ids, p_mask = left_pad(rows, 0)
+    torch.testing.assert_close(logps, completion_logprobs(model, p_ids, p_mask, tokens, mask, group_size=3),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="adjacent prompts must be the same"):
+        generate(model, rows[1:] + rows[:1], 6, group_size=3)
+
+
 def test_grouped_completion_logprobs_under_ddp(tmp_path):
     """Two forward calls (prompts, then replies) before one backward: DDP's gradient hooks fire once per
     parameter and the gradients are the plain model's (one process, gloo)."""
