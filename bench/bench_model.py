@@ -11,6 +11,9 @@ bench/bench_model.py: model.py against Hugging Face transformers on this machine
 2. generation tokens/s, batch 64 left-padded prompts, 64 new tokens, greedy: ours vs `model.generate`
 3. peak memory of forward + backward at vocab 32k, sequence 2048: the chunked loss vs full logits and
    F.cross_entropy, each in a fresh process (peak RSS over the RSS after set-up)
+4. GRPO's log-prob pass (forward + backward of completion_logprobs, 16 prompts x 8 replies, prompts of
+   24-40 tokens, replies of 16): each prompt once for its group (group_size=8) vs once per reply, the
+   way TRL's GRPOTrainer joins every prompt to every completion
 Speed pairs run interleaved, twice, and keep the best of each: the machine may be shared.
 """
 import argparse
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, Transformer, generate, left_pad  # noqa: E402
+from model import ModelConfig, Transformer, completion_logprobs, generate, left_pad, right_pad  # noqa: E402
 
 CONFIGS = {  # name: (config, benchmark generation too)
     "tiny (default)": (ModelConfig(vocab_size=1024), True),
@@ -151,6 +154,27 @@ def peak_memory_child(variant):
     print(max(peak[0] - base, maxrss - max(base, base_maxrss)))
 
 
+def bench_grpo_logprobs(repeats):
+    print("4. GRPO log-prob pass, forward + backward, 16 prompts x 8 replies (tiny model)")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=1024)).train()
+    prompts = [torch.randint(1, 1024, (24 + i,)).tolist() for i in range(16)]
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(8)], pad_id=0)
+    replies = [torch.randint(1, 1024, (4 + i % 13,)).tolist() for i in range(128)]
+    reply_ids, reply_mask = right_pad(replies, pad_id=0)
+    timings = {1: [], 8: []}
+    for r in range(repeats + 1):  # the first round warms up; interleaved, each side first in turn
+        for group_size in ([1, 8] if r % 2 == 0 else [8, 1]):
+            t0 = CLOCK()
+            completion_logprobs(model, prompt_ids, prompt_mask, reply_ids, reply_mask, group_size=group_size).sum().backward()
+            if r:
+                timings[group_size].append(CLOCK() - t0)
+            model.zero_grad(set_to_none=True)
+    shared, joined = min(timings[8]), min(timings[1])
+    print(f"   shared prompt {shared * 1e3:6.1f} ms | prompt per reply (as TRL) {joined * 1e3:6.1f} ms | "
+          f"ratio {joined / shared:.2f}x faster")
+
+
 def bench_memory():
     print("3. peak memory of forward + backward, vocab 32000, sequence 2048 (tiny default model otherwise)")
     peaks = {}
@@ -165,7 +189,7 @@ def bench_memory():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    parser.add_argument("--only", choices=("train", "generate", "memory"), help="run one benchmark")
+    parser.add_argument("--only", choices=("train", "generate", "memory", "grpo"), help="run one benchmark")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is steadier "
                         "on a shared machine")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU clock (with --threads 1: "
@@ -188,5 +212,7 @@ if __name__ == "__main__":
         bench_train(steps=2 if args.quick else 4)
     if args.only in (None, "generate"):
         bench_generate(repeats=1 if args.quick else 2)
+    if args.only in (None, "grpo"):
+        bench_grpo_logprobs(repeats=2 if args.quick else 6)
     if args.only in (None, "memory"):
         bench_memory()
