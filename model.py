@@ -497,7 +497,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         raise ValueError("generate needs at least one prompt and no empty prompt (start it with <|endoftext|>)")
     ids, mask = left_pad(prompts, pad_id, device)                               # (B, P)
     B, P = ids.shape
-    if group_size > 1 and (B % group_size or any(prompts[i] != prompts[i - i % group_size] for i in range(B))):
+    if group_size > 1 and (B % group_size or (ids.view(-1, group_size, P) != ids[::group_size, None]).any()
+                           or (mask.view(-1, group_size, P) != mask[::group_size, None]).any()):
         raise ValueError(f"group_size {group_size}: every {group_size} adjacent prompts must be the same")
     if max_new_tokens < 1 or P + max_new_tokens > context:
         raise ValueError(f"a prompt of {P} tokens + {max_new_tokens} new tokens is longer than the context "
