@@ -20,13 +20,13 @@ Implementation details:
    is held in memory.
 2. A reply is rendered as the assistant turn the policy writes, `reply<|im_end|>` after
    `<|im_start|>assistant\\n`; log pi(reply | prompt) is the SUM of the per-token log-probs of
-   the reply tokens and the closing <|im_end|> (model.completion_logprobs, temperature 1):
+   the reply tokens and the closing <|im_end|> (model.shared_prompt_logprobs, temperature 1):
    prompt and padding tokens contribute nothing, and padding changes nothing.
-3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py), and the
-   chosen and rejected replies of a batch are two forward passes (prompts left-padded, replies
-   right-padded), so a short chosen reply is not padded to the length of a rambling rejected one
-   (TRL concatenates them into one batch of 2B rows: here that would pad most chosen replies to
-   the length of a rambling rejected one).
+3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py). The
+   prompts of a batch run once (left-padded) into a KV cache, and the chosen and the rejected
+   replies (right-padded) run on top of it as two passes, so a short chosen reply is not padded to
+   the length of a rambling rejected one and no prompt is computed twice (TRL concatenates them
+   into one batch of 2B rows, each prompt twice, most chosen replies padded to the rejected's length).
 4. Losses, on h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
      sigmoid  -(1-e) log s(b h) - e log s(-b h)         DPO, Rafailov et al. 2023 (e > 0: cDPO)
      robust   (-(1-e) log s(b h) + e log s(-b h)) / (1 - 2e)   rDPO, Chowdhury et al. 2024
@@ -66,7 +66,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import batch_indices, completion_logprobs, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint
+from model import (batch_indices, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint,
+                   shared_prompt_logprobs)
 from tokenizer import Tokenizer
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -199,8 +200,9 @@ def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Ten
     prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)              # (B, P)
     chosen_ids, chosen_mask = right_pad([p["chosen"] for p in pairs], pad_id, device)             # (B, Nc)
     rejected_ids, rejected_mask = right_pad([p["rejected"] for p in pairs], pad_id, device)       # (B, Nr)
-    return (completion_logprobs(model, prompt_ids, prompt_mask, chosen_ids, chosen_mask).sum(dim=1),
-            completion_logprobs(model, prompt_ids, prompt_mask, rejected_ids, rejected_mask).sum(dim=1))
+    chosen, rejected = shared_prompt_logprobs(model, prompt_ids, prompt_mask, [(chosen_ids, chosen_mask),
+                                                                                (rejected_ids, rejected_mask)])
+    return chosen.sum(dim=1), rejected.sum(dim=1)
 
 
 @torch.no_grad()

@@ -294,6 +294,15 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def branch(self):
+        """A cache that goes on from this one's state and leaves it as it is (grow=True only: the tensors so
+        far are shared, never written): several completions of the same prompts, one after the other."""
+        if self.grown is None:
+            raise ValueError("only a grow=True cache can branch: a preallocated one is written in place")
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__, grown=list(self.grown), mask=self.mask.clone())
+        return other
+
     def repeat_rows(self, n):
         """Each row n times in a row (row i -> rows i*n .. i*n+n-1): one prompt's cache for its n replies."""
         self.mask = self.mask.repeat_interleave(n, dim=0)
@@ -544,12 +553,28 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     runs through the model once instead of G times."""
     if temperature <= 0:
         raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 (greedy has none)")
-    N = completion_ids.shape[1]
-    if group_size > 1:
-        logits = grouped_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size)
+    B, P = prompt_ids.shape
+    G, N = group_size, completion_ids.shape[1]
+    if G > 1:
+        if B % G or not (prompt_ids.view(-1, G, P) == prompt_ids[::G, None]).all() \
+                or not (prompt_mask.view(-1, G, P) == prompt_mask[::G, None]).all():
+            raise ValueError(f"group_size {G}: every {G} adjacent rows must share one prompt")
+        [logits] = shared_prompt_logits(model, prompt_ids[::G], prompt_mask[::G], [(completion_ids, completion_mask)], G)
     else:
         ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
         logits = model(ids, attention_mask=mask, logits_to_keep=N + 1)[0][:, :-1]   # (B, N, V)
+    return token_logprobs(logits, completion_ids, completion_mask, temperature, return_entropy)
+
+
+def shared_prompt_logprobs(model, prompt_ids, prompt_mask, completions, temperature=1.0):
+    """completion_logprobs of several completion sets [(ids (B, N_i), mask (B, N_i)), ...] of the same
+    prompts (DPO's chosen and rejected replies), each prompt run once: [(B, N_i), ...]."""
+    logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completions)
+    return [token_logprobs(z, ids, mask, temperature) for z, (ids, mask) in zip(logits, completions)]
+
+
+def token_logprobs(logits, completion_ids, completion_mask, temperature=1.0, return_entropy=False):
+    """logits (B, N, V) at the positions that predict completion tokens -> log-probs (B, N) [, entropy]."""
     logits = logits.float() / temperature                            # (B, N, V): position t predicts token t
     lse = logits.logsumexp(dim=-1)                                               # (B, N)
     logp = (logits.gather(2, completion_ids[..., None]).squeeze(2) - lse) * completion_mask
@@ -560,23 +585,26 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     return logp, entropy
 
 
-# detail 10: a group's prompt once, then its G replies attend to that prompt's keys and values
-def grouped_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size):
-    """The logits (B, N, V) at the positions that predict each completion token, as the one joined forward
-    of completion_logprobs gives them, for rows in groups of `group_size` sharing a prompt."""
+# detail 10: each prompt once, then every completion attends to that prompt's keys and values
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, repeat=1):
+    """For each (completion_ids, completion_mask) of `completions`, rows i*repeat .. i*repeat+repeat-1
+    completing prompt i: the logits (B * repeat, N, V) at the positions that predict its tokens, as one
+    joined forward of prompt + completion gives them."""
     B, P = prompt_ids.shape
-    G, N = group_size, completion_ids.shape[1]
-    if B % G or not (prompt_ids.view(-1, G, P) == prompt_ids[::G, None]).all() \
-            or not (prompt_mask.view(-1, G, P) == prompt_mask[::G, None]).all():
-        raise ValueError(f"group_size {G}: every {G} adjacent rows must share one prompt")
-    cache = KVCache(unwrap(model).config, B // G, P + N, prompt_ids.device, grow=True)
-    first, _ = model(prompt_ids[::G], attention_mask=prompt_mask[::G], kv_cache=cache, logits_to_keep=1)  # (B/G, 1, V)
-    first = first.repeat_interleave(G, dim=0)                                    # predicts completion token 0
-    if N == 1:
-        return first
-    cache.repeat_rows(G)
-    rest, _ = model(completion_ids[:, :-1], attention_mask=completion_mask[:, :-1], kv_cache=cache)  # (B, N-1, V)
-    return torch.cat([first, rest], dim=1)
+    longest = max(ids.shape[1] for ids, _ in completions)
+    cache = KVCache(unwrap(model).config, B, P + longest, prompt_ids.device, grow=True)
+    first, _ = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, logits_to_keep=1)  # (B, 1, V)
+    if repeat > 1:
+        first = first.repeat_interleave(repeat, dim=0)                           # predicts completion token 0
+        cache.repeat_rows(repeat)
+    out = []
+    for ids, mask in completions:
+        if ids.shape[1] == 1:
+            out.append(first)
+            continue
+        rest, _ = model(ids[:, :-1], attention_mask=mask[:, :-1], kv_cache=cache.branch())  # (B * repeat, N - 1, V)
+        out.append(torch.cat([first, rest], dim=1))
+    return out
 
 
 def completion_values(model, prompt_ids, prompt_mask, completion_ids, completion_mask):

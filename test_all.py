@@ -34,7 +34,8 @@ from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 from model import (ModelConfig, Transformer, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
-                   generate, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores)
+                   generate, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores,
+                   shared_prompt_logprobs)
 from tokenizer import Tokenizer  # noqa: E402
 import hf  # noqa: E402
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint  # noqa: E402
@@ -952,6 +953,30 @@ def test_grouped_completion_logprobs_equal_the_joined_forward():
         completion_logprobs(model, *batch, group_size=2)
 
 
+def test_shared_prompt_logprobs_equal_one_forward_per_completion_set():
+    """DPO's chosen and rejected replies on one prompt pass: the log-probs and gradients of two joined forwards."""
+    model = tiny_model().train()
+    p_ids, p_mask = left_pad([[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13]], 0)
+    sets = [right_pad(r, 0) for r in ([[15, 16], [17], [18, 19, 20]], [[21, 22, 23, 24, 25], [26], [27]])]
+
+    def run(shared):
+        model.zero_grad()
+        if shared:
+            logps = shared_prompt_logprobs(model, p_ids, p_mask, sets, temperature=0.7)
+        else:
+            logps = [completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7) for ids, mask in sets]
+        sum(logp.sum() * (i + 1) for i, logp in enumerate(logps)).backward()
+        return [logp.detach() for logp in logps], [p.grad.clone() for p in model.parameters()]
+    (chosen, rejected), grads = run(False)
+    (shared_chosen, shared_rejected), shared_grads = run(True)
+    torch.testing.assert_close(shared_chosen, chosen, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared_rejected, rejected, atol=1e-6, rtol=0)
+    for g, shared in zip(grads, shared_grads):
+        torch.testing.assert_close(shared, g, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="only a grow=True cache can branch"):  # it would overwrite the prompt
+        M.KVCache(model.config, 3, 16).branch()
+
+
 def test_generate_with_groups_prefills_each_prompt_once():
     model = tiny_model()
     prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
@@ -1544,29 +1569,33 @@ def test_robust_with_eps_zero_equals_sigmoid():
 
 
 def test_dpo_gradient_is_zero_on_prompt_and_padding_positions():
-    """The loss sees only the log-probs of reply tokens: d loss / d logits is 0 at every position that
-    predicts a prompt token or a pad, and not 0 where it predicts a reply token."""
+    """The loss sees only the log-probs of reply tokens: the prompts run once and only their last position
+    (which predicts a reply's first token) gets logits; d loss / d logits is 0 at every reply position
+    that predicts a pad, and not 0 where it predicts a reply token."""
     from dpo import dpo_loss, pair_logps
 
     pairs = [pair([5, 6, 7], [8, 9], [10]), pair([1, 2, 3, 4, 5], [11], [12, 13, 14])]
-    P, Nc, Nr, V = 5, 2, 3, 17
-    chosen_logits = torch.randn(2, P + Nc, V, requires_grad=True)
-    rejected_logits = torch.randn(2, P + Nr, V, requires_grad=True)
+    V = 17
+    prompt_logits = torch.randn(2, 1, V, requires_grad=True)      # the prompt pass: the last position only
+    chosen_logits = torch.randn(2, 1, V, requires_grad=True)      # chosen replies (2 tokens at most), minus the last
+    rejected_logits = torch.randn(2, 2, V, requires_grad=True)    # rejected replies (3 tokens at most), minus the last
 
-    def fake_model(ids, attention_mask=None, logits_to_keep=0):  # the logits of a model, as leaves
-        logits = chosen_logits if ids.shape[1] == P + Nc else rejected_logits
-        return logits[:, -logits_to_keep:], None
+    class FakeModel:  # the logits of a model, as leaves
+        config = ModelConfig(**TINY)
 
-    logp_chosen, logp_rejected = pair_logps(fake_model, pairs, pad_id=0, device="cpu")
+        def __call__(self, ids, attention_mask=None, kv_cache=None, logits_to_keep=0):
+            if kv_cache.length == 0:
+                kv_cache.length = ids.shape[1]
+                assert logits_to_keep == 1
+                return prompt_logits, None
+            return (chosen_logits if ids.shape[1] == 1 else rejected_logits), None
+
+    logp_chosen, logp_rejected = pair_logps(FakeModel(), pairs, pad_id=0, device="cpu")
     losses, _, _ = dpo_loss(logp_chosen, logp_rejected, torch.zeros(2), torch.zeros(2))
     losses.sum().backward()
-    for logits, reply_lengths in ((chosen_logits, (2, 1)), (rejected_logits, (1, 3))):
-        nonzero = logits.grad.abs().sum(-1) > 0                                   # (B, T)
-        for row, n in enumerate(reply_lengths):
-            # position t predicts token t+1; the reply starts at column P (prompts are left-padded)
-            expected = torch.zeros(logits.shape[1], dtype=torch.bool)
-            expected[P - 1 : P - 1 + n] = True
-            assert torch.equal(nonzero[row], expected), (row, nonzero[row])
+    assert (prompt_logits.grad.abs().sum(-1) > 0).all()  # both prompts predict their replies' first tokens
+    assert torch.equal(chosen_logits.grad.abs().sum(-1) > 0, torch.tensor([[True], [False]]))  # lengths 2, 1
+    assert torch.equal(rejected_logits.grad.abs().sum(-1) > 0, torch.tensor([[False, False], [True, True]]))  # 1, 3
 
 
 def test_dpo_logps_by_hand_and_invariant_to_padding():
