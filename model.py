@@ -31,11 +31,11 @@ Implementation details (tagged `# detail N` in the code):
     top-k, top-p; greedy gives the model's own); without top-k/top-p they equal `completion_logprobs`
     at the same temperature, which is what the RL stages recompute with gradients.
 10. `completion_logprobs`: one forward over prompt + completion, logits kept only for the
-    completion, log p = logit[token] - logsumexp(logits), so one (B, N, V) tensor is held. With
-    `group_size` G (GRPO's G replies to one prompt), each prompt runs once into a KV cache that
-    keeps gradients (concatenated, never written in place), the cache is repeated for the G
-    replies, and the replies run on top of it: same log-probs and gradients, the prompt's cost
-    paid once instead of G times.
+    completion, log p = logit[token] - logsumexp(logits), so one (B, N, V) tensor is held. Where
+    several replies share a prompt (GRPO's G replies: `group_size`; DPO's chosen and rejected:
+    `shared_prompt_logprobs`), each prompt runs once into a KV cache that keeps gradients (grown by
+    concatenation, never written in place), repeated per reply or branched per reply set, and the
+    replies run on top of it: the same log-probs and gradients, the prompt's cost paid once.
 11. Checkpoints are plain dicts read with `torch.load(weights_only=True)` (no code runs on load)
     and written atomically (`path.tmp`, then `os.replace`).
 """
