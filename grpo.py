@@ -15,8 +15,8 @@ Implementation details:
    `group_size` times and samples all of them as one batch with the KV cache at `temperature`.
    The G replies of a prompt are adjacent rows, so a group never straddles two ranks, and each
    prompt runs through the model once for its G replies, in the prefill and in every log-prob pass
-   (`group_size=G` of generate and completion_logprobs, model.py detail 10): the same numbers, the
-   prompt's cost paid once, not G times.
+   (`group_size=G` of generate and completion_logprobs, model.py detail 10): the same numbers to
+   rounding, the prompt's cost paid once, not G times.
 2. Old log-probs are recomputed once after sampling (no grad) with `completion_logprobs` and the
    logits divided by the sampling temperature, the same call as the loss makes, so the ratio is
    exactly 1 on the first iteration (to rounding with --compile, where the loss runs the compiled
@@ -337,8 +337,10 @@ def main(args: Args):
             rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             old_logp = None  # with one iteration the policy is the rollout policy: old = new, detached (TRL)
             if args.iterations > 1:
-                old_logp = completion_logprobs(raw_policy, *rollout, args.temperature, group_size=args.group_size)  # (B, N)
-            ref_logp = completion_logprobs(reference, *rollout, args.temperature, group_size=args.group_size) if reference else None
+                old_logp = completion_logprobs(raw_policy, *rollout, temperature=args.temperature,
+                                               group_size=args.group_size)                             # (B, N)
+            ref_logp = (completion_logprobs(reference, *rollout, temperature=args.temperature, group_size=args.group_size)
+                        if reference else None)                                                  # (B, N)
             scores = (sequence_scores(reward_model, *rollout) - reward_mean) / reward_std if reward_model else None
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
 
@@ -371,7 +373,7 @@ def main(args: Args):
         clip_sum = entropy_sum = loss_sum = 0.0
         for iteration in range(args.iterations):
             with autocast:
-                logp, entropy = completion_logprobs(policy, *rollout, args.temperature, return_entropy=True,
+                logp, entropy = completion_logprobs(policy, *rollout, temperature=args.temperature, return_entropy=True,
                                                     group_size=args.group_size)                         # (B, N)
                 if iteration == 0 and old_logp is None:
                     old_logp = logp.detach()

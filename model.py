@@ -27,6 +27,8 @@ Implementation details (tagged `# detail N` in the code):
     are computed right there in the forward, so only one chunk of logits ever exists.
  8. Generation: prompts left-padded, one prefill, then one token per step into a KV cache
     allocated once; a row that emitted EOS keeps emitting pad (masked) until all rows are done.
+    With `group_size` G (GRPO's G replies to a prompt), each prompt is prefilled once and its cache
+    repeated for its G rows.
  9. generate's log-probs are those of the distribution actually sampled from (after temperature,
     top-k, top-p; greedy gives the model's own); without top-k/top-p they equal `completion_logprobs`
     at the same temperature, which is what the RL stages recompute with gradients.
@@ -35,7 +37,8 @@ Implementation details (tagged `# detail N` in the code):
     several replies share a prompt (GRPO's G replies: `group_size`; DPO's chosen and rejected:
     `shared_prompt_logprobs`), each prompt runs once into a KV cache that keeps gradients (grown by
     concatenation, never written in place), repeated per reply or branched per reply set, and the
-    replies run on top of it: the same log-probs and gradients, the prompt's cost paid once.
+    replies run on top of it: the same log-probs and gradients to rounding, the prompt's cost paid
+    once (with dropout > 0 the replies of a prompt would share its dropout mask; the default is 0).
 11. Checkpoints are plain dicts read with `torch.load(weights_only=True)` (no code runs on load)
     and written atomically (`path.tmp`, then `os.replace`).
 """
@@ -306,6 +309,7 @@ class KVCache:
     def repeat_rows(self, n):
         """Each row n times in a row (row i -> rows i*n .. i*n+n-1): one prompt's cache for its n replies."""
         self.mask = self.mask.repeat_interleave(n, dim=0)
+        self.shape = (self.shape[0], self.shape[1] * n, *self.shape[2:])
         if self.grown is not None:
             self.grown = [None if kv is None else (kv[0].repeat_interleave(n, 0), kv[1].repeat_interleave(n, 0))
                           for kv in self.grown]
@@ -506,9 +510,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         raise ValueError("generate needs at least one prompt and no empty prompt (start it with <|endoftext|>)")
     ids, mask = left_pad(prompts, pad_id, device)                               # (B, P)
     B, P = ids.shape
-    if group_size > 1 and (B % group_size or (ids.view(-1, group_size, P) != ids[::group_size, None]).any()
-                           or (mask.view(-1, group_size, P) != mask[::group_size, None]).any()):
-        raise ValueError(f"group_size {group_size}: every {group_size} adjacent prompts must be the same")
+    check_groups(ids, mask, group_size)
     if max_new_tokens < 1 or P + max_new_tokens > context:
         raise ValueError(f"a prompt of {P} tokens + {max_new_tokens} new tokens is longer than the context "
                          f"({context}): shorten the prompt or lower max_new_tokens")
@@ -545,6 +547,15 @@ def join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_m
             torch.cat([prompt_mask.long(), completion_mask.long()], dim=1))
 
 
+def check_groups(prompt_ids, prompt_mask, group_size):
+    """One-line error unless the rows come in runs of group_size equal (left-padded) prompts."""
+    B, P = prompt_ids.shape
+    if group_size < 1 or B % group_size or (group_size > 1 and (
+            (prompt_ids.reshape(-1, group_size, P) != prompt_ids[::group_size, None]).any()
+            or (prompt_mask.reshape(-1, group_size, P) != prompt_mask[::group_size, None]).any())):
+        raise ValueError(f"group_size {group_size}: every {group_size} adjacent rows must share one prompt")
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
                         return_entropy=False, group_size=1):
     """log pi(completion token t | prompt, completion[:t]) (B, N) with logits / temperature, 0 where the mask
@@ -553,12 +564,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     runs through the model once instead of G times."""
     if temperature <= 0:
         raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 (greedy has none)")
-    B, P = prompt_ids.shape
     G, N = group_size, completion_ids.shape[1]
+    check_groups(prompt_ids, prompt_mask, G)
     if G > 1:
-        if B % G or not (prompt_ids.view(-1, G, P) == prompt_ids[::G, None]).all() \
-                or not (prompt_mask.view(-1, G, P) == prompt_mask[::G, None]).all():
-            raise ValueError(f"group_size {G}: every {G} adjacent rows must share one prompt")
         [logits] = shared_prompt_logits(model, prompt_ids[::G], prompt_mask[::G], [(completion_ids, completion_mask)], G)
     else:
         ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
@@ -570,11 +578,13 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, completions, temperat
     """completion_logprobs of several completion sets [(ids (B, N_i), mask (B, N_i)), ...] of the same
     prompts (DPO's chosen and rejected replies), each prompt run once: [(B, N_i), ...]."""
     logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completions)
-    return [token_logprobs(z, ids, mask, temperature) for z, (ids, mask) in zip(logits, completions)]
+    return [token_logprobs(set_logits, ids, mask, temperature) for set_logits, (ids, mask) in zip(logits, completions)]
 
 
 def token_logprobs(logits, completion_ids, completion_mask, temperature=1.0, return_entropy=False):
     """logits (B, N, V) at the positions that predict completion tokens -> log-probs (B, N) [, entropy]."""
+    if logits.dim() != 3:
+        raise ValueError("log-probs need a model with the lm head, not the score head")
     logits = logits.float() / temperature                            # (B, N, V): position t predicts token t
     lse = logits.logsumexp(dim=-1)                                               # (B, N)
     logp = (logits.gather(2, completion_ids[..., None]).squeeze(2) - lse) * completion_mask
@@ -586,23 +596,23 @@ def token_logprobs(logits, completion_ids, completion_mask, temperature=1.0, ret
 
 
 # detail 10: each prompt once, then every completion attends to that prompt's keys and values
-def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, repeat=1):
-    """For each (completion_ids, completion_mask) of `completions`, rows i*repeat .. i*repeat+repeat-1
-    completing prompt i: the logits (B * repeat, N, V) at the positions that predict its tokens, as one
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, group_size=1):
+    """For each (completion_ids, completion_mask) of `completions`, rows i*G .. i*G+G-1 (G = group_size)
+    completing prompt i: the logits (B * G, N, V) at the positions that predict its tokens, as one
     joined forward of prompt + completion gives them."""
     B, P = prompt_ids.shape
     longest = max(ids.shape[1] for ids, _ in completions)
     cache = KVCache(unwrap(model).config, B, P + longest, prompt_ids.device, grow=True)
     first, _ = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, logits_to_keep=1)  # (B, 1, V)
-    if repeat > 1:
-        first = first.repeat_interleave(repeat, dim=0)                           # predicts completion token 0
-        cache.repeat_rows(repeat)
+    if group_size > 1:
+        first = first.repeat_interleave(group_size, dim=0)                       # predicts completion token 0
+        cache.repeat_rows(group_size)
     out = []
     for ids, mask in completions:
         if ids.shape[1] == 1:
             out.append(first)
             continue
-        rest, _ = model(ids[:, :-1], attention_mask=mask[:, :-1], kv_cache=cache.branch())  # (B * repeat, N - 1, V)
+        rest, _ = model(ids[:, :-1], attention_mask=mask[:, :-1], kv_cache=cache.branch())  # (B * G, N - 1, V)
         out.append(torch.cat([first, rest], dim=1))
     return out
 

@@ -947,6 +947,12 @@ def test_grouped_completion_logprobs_equal_the_joined_forward():
     with torch.no_grad():
         torch.testing.assert_close(completion_logprobs(model, *one, group_size=3), completion_logprobs(model, *one),
                                    atol=1e-6, rtol=0)
+    # each prompt runs once: 3 prompts (the longest 6 tokens), then the 9 replies without their last token
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    completion_logprobs(model, *batch, group_size=3)
+    hook.remove()
+    assert shapes == [(3, 6), (9, 3)]
     with pytest.raises(ValueError, match="must share one prompt"):  # groups of 3 read as groups of 2 mix prompts
         completion_logprobs(model, *(t[:8] for t in batch), group_size=2)
     with pytest.raises(ValueError, match="must share one prompt"):  # 9 rows are not groups of 2
@@ -973,6 +979,11 @@ def test_shared_prompt_logprobs_equal_one_forward_per_completion_set():
     torch.testing.assert_close(shared_rejected, rejected, atol=1e-6, rtol=0)
     for g, shared in zip(grads, shared_grads):
         torch.testing.assert_close(shared, g, atol=1e-5, rtol=1e-4)
+    shapes = []  # the 3 prompts once, then each reply set without its last token
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    shared_prompt_logprobs(model, p_ids, p_mask, sets)
+    hook.remove()
+    assert shapes == [(3, 5), (3, 2), (3, 4)]
     with pytest.raises(ValueError, match="only a grow=True cache can branch"):  # it would overwrite the prompt
         M.KVCache(model.config, 3, 16).branch()
 
@@ -992,8 +1003,14 @@ def test_generate_with_groups_prefills_each_prompt_once():
     p_ids, p_mask = left_pad(rows, 0)
     torch.testing.assert_close(logps, completion_logprobs(model, p_ids, p_mask, tokens, mask, group_size=3),
                                atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="adjacent prompts must be the same"):
+    with pytest.raises(ValueError, match="must share one prompt"):
         generate(model, rows[1:] + rows[:1], 6, group_size=3)
+    # the prefill runs 3 prompts, not 9 rows, then one token per step for the 9 rows
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    generate(model, rows, 2, temperature=0, group_size=3)
+    hook.remove()
+    assert shapes == [(3, 6), (9, 1)]
 
 
 def test_grouped_completion_logprobs_under_ddp(tmp_path):

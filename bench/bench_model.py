@@ -12,7 +12,7 @@ bench/bench_model.py: model.py against Hugging Face transformers on this machine
 3. peak memory of forward + backward at vocab 32k, sequence 2048: the chunked loss vs full logits and
    F.cross_entropy, each in a fresh process (peak RSS over the RSS after set-up)
 4. GRPO's log-prob pass (forward + backward of completion_logprobs, 16 prompts x 8 replies, prompts of
-   24-40 tokens, replies of 16): each prompt once for its group (group_size=8) vs once per reply, the
+   24-39 tokens, replies of 4-16 padded to 16): each prompt once for its group (group_size=8) vs once per reply, the
    way TRL's GRPOTrainer joins every prompt to every completion
 Speed pairs run interleaved, twice, and keep the best of each: the machine may be shared.
 """
