@@ -32,7 +32,9 @@ Implementation details:
      robust   (-(1-e) log s(b h) + e log s(-b h)) / (1 - 2e)   rDPO, Chowdhury et al. 2024
      hinge    max(0, 1 - b h)                            SLiC, Zhao et al. 2023
      ipo      (h - 1/(2b))^2                             IPO, Azar et al. 2023, on summed log-probs
-   (TRL averages IPO's log-probs over tokens; here every loss sees the same sums.)
+   TRL's IPO divides each log-ratio by its reply's token count, so one beta sets another target margin
+   there; `--ipo-length-normalized` is TRL's form. e > 0 smooths the sigmoid loss as TRL did up to 0.28
+   (newer TRL's sigmoid ignores label_smoothing).
 5. The implicit rewards b (log pi - log ref) of the chosen and rejected replies are logged as
    rewards/chosen, rewards/rejected, their difference as the margin and the share of pairs whose
    margin is > 0 as the accuracy (TRL's names; a tie counts as wrong, so it is 0 at step 0).
@@ -91,6 +93,8 @@ class Args:
     """strength of the pull towards the reference (higher = stay closer)"""
     label_smoothing: float = 0.0
     """assumed share of flipped labels, for sigmoid (cDPO) and robust; below 0.5"""
+    ipo_length_normalized: bool = False
+    """ipo only: divide each reply's log-ratio by its token count first (TRL's IPO; beta then counts per token)"""
     precompute_ref: bool = False
     """compute the reference log-probs once before training and hold no reference model"""
     steps: int = 100
@@ -174,8 +178,10 @@ def format_time(seconds: float) -> str:
 # detail 4: h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)); the loss is a function of β h
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
              ref_logp_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,) and the implicit rewards (B,), (B,) of the chosen and rejected replies."""
+             label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and the implicit rewards (B,), (B,) of the chosen and rejected replies; with the
+    token counts (B,) of the replies, ipo divides each log-ratio by its count (TRL's IPO)."""
     h = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)                  # (B,)
     eps = label_smoothing
     if loss_type == "sigmoid":  # -(1-ε) log σ(βh) - ε log σ(-βh)
@@ -185,6 +191,8 @@ def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_ch
     elif loss_type == "hinge":  # max(0, 1 - βh)
         losses = torch.relu(1 - beta * h)
     elif loss_type == "ipo":  # (h - 1/(2β))²
+        if chosen_tokens is not None:  # detail 4: --ipo-length-normalized, log-ratios per token
+            h = (logp_chosen - ref_logp_chosen) / chosen_tokens - (logp_rejected - ref_logp_rejected) / rejected_tokens
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -305,6 +313,8 @@ def main(args: Args):
         raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.ipo_length_normalized and args.loss_type != "ipo":
+        raise ValueError(f"--ipo-length-normalized applies to --loss-type ipo, got {args.loss_type!r}")
     if args.beta <= 0:  # the strength of the KL to the reference; IPO divides by it
         raise ValueError(f"--beta must be > 0, got {args.beta}")
 
@@ -366,11 +376,13 @@ def main(args: Args):
                 with torch.no_grad(), autocast:
                     ref_logp_chosen, ref_logp_rejected = pair_logps(reference, rows, pad_id, args.device)
             no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            tokens = ([torch.tensor([len(p[side]) for p in rows], device=args.device) for side in ("chosen", "rejected")]
+                      if args.ipo_length_normalized else [None, None])  # detail 4: reply + <|im_end|> token counts
             with no_sync(), autocast:
                 logp_chosen, logp_rejected = pair_logps(model, rows, pad_id, args.device)  # (b,), (b,)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen.float(),
                                                                     ref_logp_rejected.float(), args.beta, args.loss_type,
-                                                                    args.label_smoothing)
+                                                                    args.label_smoothing, *tokens)
                 loss = losses.sum() / args.batch_size  # detail 8: its share of the global mean
             with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world

@@ -2617,3 +2617,322 @@ def test_reply_texts_cut_at_eos():
     completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
     assert texts == ["12", "abcd"] and ended.tolist() == [True, False]
+
+
+# =================================================================================================
+# parity with TRL
+# =================================================================================================
+# Each test feeds the same random inputs (float64 where both sides allow) to one of our loss functions and to TRL's
+# own code, called through the smallest stand-in for the trainer it lives in (a types.SimpleNamespace passed as
+# `self`, with only the attributes the method reads), not TRL's lines re-typed. Written against TRL 1.16; skipped
+# when trl is not installed. Where we differ from TRL by design (dpo.py detail 4, ppo.py detail 4) the tests say so.
+
+import collections  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
+
+TRL_MISSING = "trl is not installed (pip install -r requirements-dev.txt)"
+
+
+def trl_stand_in(**attributes):
+    """What every trainer method below reads: a model in train mode, a one-process accelerator, a metrics dict."""
+    identity = lambda x: x  # noqa: E731
+    accelerator = types.SimpleNamespace(device="cpu", num_processes=1, process_index=0, gather=identity,
+                                        gather_for_metrics=identity, reduce=lambda x, reduction: x)
+    return types.SimpleNamespace(model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+                                 accelerator=accelerator, aux_loss_enabled=False, _total_train_tokens=0, _tp_size=1,
+                                 _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), **attributes)
+
+
+def trl_dpo_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_type, beta, label_smoothing=0.0):
+    """TRL's DPOTrainer._compute_loss (mean loss, metrics) on the rows [chosen; rejected]: per_token_logps (2B, T - 1),
+    0 off the completion, as the model's fused head returns them; completion_mask (2B, T); precomputed ref sums (B,)."""
+    from trl import DPOTrainer
+
+    stand_in = trl_stand_in(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+                            loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False)
+    zeros = torch.zeros_like(per_token_logps)
+    outputs = types.SimpleNamespace(log_probs=per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    loss = DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, inputs, False)
+    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items() if k.startswith("rewards/")}
+
+
+def random_dpo_batch(pairs=6, width=9, seed=0):
+    """Per-token log-probs (2B, width - 1) of chosen then rejected replies of 1..width-3 tokens after a 2-token prompt,
+    their completion mask (2B, width) and reference sums (2B,), float64."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width - 2, (2 * pairs,), generator=generator)
+    completion_mask = (torch.arange(width) >= 2) & (torch.arange(width) < 2 + lengths[:, None])   # (2B, width)
+    per_token = -3 * torch.rand(2 * pairs, width - 1, generator=generator, dtype=torch.float64) * completion_mask[:, 1:]
+    ref = -3 * torch.rand(2 * pairs, generator=generator, dtype=torch.float64) * lengths
+    return per_token, completion_mask.long(), ref, lengths
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("robust", 0.2), ("hinge", 0.0)])
+def test_trl_dpo_loss_parity(loss_type, label_smoothing):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from dpo import dpo_loss
+
+    per_token, completion_mask, ref, _ = random_dpo_batch()
+    pairs = len(ref) // 2
+    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
+    trl_loss, metrics = trl_dpo_loss(trl_leaf, completion_mask, ref[:pairs], ref[pairs:], loss_type, 0.3, label_smoothing)
+    logps = ours_leaf.sum(dim=1)  # dpo.py detail 2: the summed log-probs of each reply
+    losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3,
+                                                        loss_type, label_smoothing)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    # per-pair: d loss / d log-prob of every reply token
+    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
+                          rtol=1e-10, atol=1e-14)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-12)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=1e-12)
+    assert metrics["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-12)
+    assert metrics["rewards/accuracies"] == (chosen_rewards > rejected_rewards).double().mean().item()
+
+
+def test_trl_dpo_sigmoid_label_smoothing_differs_by_design():
+    """dpo.py detail 4: e > 0 smooths our sigmoid loss (cDPO, as TRL up to 0.28); TRL 1.x's sigmoid ignores it."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from dpo import dpo_loss
+
+    per_token, completion_mask, ref, _ = random_dpo_batch(seed=1)
+    pairs, logps = len(ref) // 2, per_token.sum(dim=1)
+    trl_loss, _ = trl_dpo_loss(per_token, completion_mask, ref[:pairs], ref[pairs:], "sigmoid", 0.3, 0.2)
+    plain, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.0)
+    smoothed, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.2)
+    assert plain.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert smoothed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
+
+
+def test_trl_dpo_ipo_length_normalized_parity_and_summed_form_by_hand():
+    """dpo.py detail 4: with the replies' token counts (--ipo-length-normalized) our IPO is TRL's, whose log-ratios are
+    per token; without them it is IPO on summed log-probs, so the same beta asks for another margin."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from dpo import dpo_loss
+
+    per_token, completion_mask, ref, lengths = random_dpo_batch(seed=2)
+    pairs = len(ref) // 2
+    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
+    trl_loss, _ = trl_dpo_loss(trl_leaf, completion_mask, ref[:pairs], ref[pairs:], "ipo", 0.5)
+    logps = ours_leaf.sum(dim=1)
+    losses, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo",
+                            chosen_tokens=lengths[:pairs], rejected_tokens=lengths[pairs:])
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
+                          rtol=1e-10, atol=1e-14)
+    summed, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo")
+    assert summed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
+    # by hand: log-ratios 2 (chosen, 4 tokens) and -2 (rejected, 2 tokens), beta 0.5, target 1/(2 beta) = 1
+    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-3.0]), torch.tensor([-1.0])
+    assert dpo_loss(*numbers, 0.5, "ipo")[0].item() == pytest.approx((2 + 2 - 1) ** 2)                        # h = 4
+    per_token_loss = dpo_loss(*numbers, 0.5, "ipo", chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]))[0]
+    assert per_token_loss.item() == pytest.approx((2 / 4 + 2 / 2 - 1) ** 2)                                    # h = 1.5
+
+
+def trl_grpo_advantages(rewards, group_size, scale):
+    """The advantages TRL's GRPOTrainer._generate_and_score_completions computes from these rewards (one reward
+    function), with generation and reward calls stubbed out."""
+    from trl import GRPOTrainer
+
+    n = len(rewards)
+    stand_in = trl_stand_in(
+        environment_factories=None, tools=None, environments=None, pad_to_multiple_of=None, mask_truncated_completions=False,
+        _generate=lambda prompts: ([[1]] * n, [[2, 3]] * n, None, ["reply"] * n, None, {}, None, None),
+        _tokenizer=types.SimpleNamespace(pad_token_id=0), num_iterations=1, use_vllm=False, beta=0.0, log_multimodal=False,
+        args=types.SimpleNamespace(per_device_train_batch_size=n, steps_per_generation=1, gradient_accumulation_steps=1,
+                                   gradient_checkpointing_kwargs=None),
+        _calculate_rewards=lambda *args: rewards[:, None], num_generations=group_size, scale_rewards=scale,
+        multi_objective_aggregation="sum_then_normalize", reward_weights=torch.ones(1, dtype=rewards.dtype),
+        reward_func_names=["answer"], _pending_extra_logs={}, _pending_metrics={},
+        _logs={"prompt": [], "completion": [], "advantages": [], "rewards": collections.defaultdict(list)})
+    return GRPOTrainer._generate_and_score_completions(stand_in, [{"prompt": "p"}] * n)["advantages"]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_trl_grpo_advantages_parity(scale):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from grpo import grpo_advantages
+
+    rewards = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rewards[4:8] = 1.0   # a group whose rewards are all equal: advantage 0
+    rewards[8:12] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    ours, theirs = grpo_advantages(rewards, 4, scale), trl_grpo_advantages(rewards, 4, scale)
+    assert torch.equal(ours[4:8], torch.zeros(4, dtype=torch.float64)) and torch.equal(theirs[4:8], ours[4:8])
+    # TRL's nanstd computes Bessel's factor count / (count - 1) in float32: equal to ~1e-8, not 1e-15
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+
+
+def trl_grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, loss_type, beta, eps_low, eps_high, max_new_tokens):
+    """TRL's GRPOTrainer._compute_loss (loss, metrics) with the policy's per-token log-probs (B, N) given."""
+    from trl import GRPOTrainer
+
+    stand_in = trl_stand_in(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False, max_completion_length=max_new_tokens,
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1))
+    rows, width = logp.shape
+    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(rows, width, dtype=torch.long), "completion_mask": completion_mask,
+              "advantages": advantages, "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
+              "num_items_in_batch": completion_mask.sum()}
+    loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("ours,theirs", [("grpo", "grpo"), ("dapo", "bnpo"), ("dapo", "dapo"), ("dr_grpo", "dr_grpo")])
+def test_trl_grpo_loss_clip_fraction_and_kl_parity(ours, theirs, beta):
+    """Our dapo (sum over all tokens / their count) is TRL's bnpo, and on one process TRL's dapo too."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from grpo import aggregate_loss, grpo_token_loss, k3_kl
+
+    generator = torch.Generator().manual_seed(0)
+    rows, width, max_new_tokens = 8, 7, 10
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    completion_mask = (torch.arange(width) < lengths[:, None]).long()                                # (B, N)
+    old_logp = -2 * torch.rand(rows, width, generator=generator, dtype=torch.float64)
+    logp = old_logp + 0.3 * torch.randn(rows, width, generator=generator, dtype=torch.float64)      # ratios off 1: clipping acts
+    ref_logp = old_logp + 0.2 * torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(rows, generator=generator, dtype=torch.float64)
+    ours_leaf, trl_leaf = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    trl_loss, metrics = trl_grpo_loss(trl_leaf, old_logp, ref_logp, advantages, completion_mask, theirs, beta, 0.2, 0.28,
+                                      max_new_tokens)
+    token_loss, clipped = grpo_token_loss(ours_leaf, old_logp, advantages, 0.2, 0.28, ref_logp, beta)
+    loss = aggregate_loss(token_loss, completion_mask, ours, max_new_tokens)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(loss, ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
+                          rtol=1e-10, atol=1e-14)
+    clip_fraction = ((clipped * completion_mask).sum() / completion_mask.sum()).item()   # as grpo.py logs it
+    assert 0 < clip_fraction and metrics["clip_ratio/region_mean"] == pytest.approx(clip_fraction, rel=1e-12)
+    if beta > 0:
+        kl = ((k3_kl(logp, ref_logp) * completion_mask).sum() / completion_mask.sum()).item()
+        assert metrics["kl"] == pytest.approx(kl, rel=1e-12)
+
+
+def trl_reward_loss(chosen_rewards, rejected_rewards, margin, center_coef):
+    """TRL's RewardTrainer.compute_loss (loss, metrics) for a model whose scores are these rewards."""
+    from trl import RewardTrainer
+
+    stand_in = trl_stand_in(args=types.SimpleNamespace(center_rewards_coefficient=center_coef))
+    logits = torch.cat([chosen_rewards, rejected_rewards])[:, None]          # (2B, 1), the batch is [chosen; rejected]
+    inputs = {"attention_mask": torch.ones(len(logits), 3, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = margin
+    loss = RewardTrainer.compute_loss(stand_in, lambda **kwargs: types.SimpleNamespace(logits=logits), inputs)
+    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("center_coef", [0.0, 0.01])
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_trl_reward_loss_parity(with_margin, center_coef):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from reward import pairwise_accuracy, reward_loss
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = (torch.randn(9, generator=generator, dtype=torch.float64) for _ in range(2))
+    margin = torch.rand(9, generator=generator, dtype=torch.float64) if with_margin else None
+    leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+    trl_leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+    trl_loss, metrics = trl_reward_loss(*trl_leaves, margin, center_coef or None)
+    loss = reward_loss(*leaves, margin, center_coef).mean()     # reward.py detail 6: the mean over the pairs
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    for ours, theirs in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(trl_loss, trl_leaves)):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert metrics["accuracy"] == pytest.approx(pairwise_accuracy(chosen, rejected), rel=1e-6)   # TRL's mean is float32
+    assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-12)
+
+
+def random_distill_batch(seed=0):
+    """Student and teacher logits (B, T, V), float64, and targets (B, T) with -100 where a token does not count."""
+    generator = torch.Generator().manual_seed(seed)
+    student, teacher = (2 * torch.randn(3, 5, 11, generator=generator, dtype=torch.float64) for _ in range(2))
+    targets = torch.randint(0, 11, (3, 5), generator=generator)
+    targets[0, :2] = targets[2, 3:] = -100
+    return student, teacher, targets
+
+
+def gkd_trainer():
+    with warnings.catch_warnings():  # "You are importing from 'trl.experimental'"
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("trl.experimental.gkd", reason="no trl, or a trl without trl.experimental.gkd").GKDTrainer
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_trl_generalized_jsd_parity(beta):
+    """Against GKDTrainer.generalized_jsd_loss and the divergence of TRL's DistillationTrainer (its chunked kernel,
+    fed the logits as hidden states through an identity lm_head; it computes in float32)."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    from distill import generalized_jsd
+
+    student, teacher, targets = random_distill_batch()
+    counts = targets != -100
+    ours_leaf, trl_leaf = student.clone().requires_grad_(), student.clone().requires_grad_()
+    ours = generalized_jsd(ours_leaf, teacher, beta)[counts].mean()     # distill.py computes in float32
+    gkd = gkd_trainer().generalized_jsd_loss(trl_leaf, teacher, labels=targets, beta=beta)
+    assert ours.item() == pytest.approx(gkd.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(ours, ours_leaf)[0].double(), torch.autograd.grad(gkd, trl_leaf)[0],
+                          rtol=1e-5, atol=1e-7)
+    identity = torch.eye(student.shape[-1], dtype=torch.float64)
+    chunked, _, _ = _chunked_divergence_loss(student, teacher, identity, identity, counts.long(), beta)
+    assert ours.item() == pytest.approx(chunked.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_trl_kd_loss_at_temperature_2_parity(beta):
+    """kd_loss's divergence at T = 2 is GKD's at temperature 2; the loss adds Hinton's T^2 (distill.py detail 3),
+    which TRL's GKD loss has not."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from distill import kd_loss
+
+    student, teacher, targets = random_distill_batch(seed=1)
+    loss, ce, kd = kd_loss(student, teacher, targets, alpha=0.7, temperature=2.0, beta=beta)
+    gkd = gkd_trainer().generalized_jsd_loss(student, teacher, labels=targets, beta=beta, temperature=2.0)
+    assert kd.item() == pytest.approx(gkd.item(), rel=1e-6)
+    counts = targets != -100
+    hard = F.cross_entropy(student[counts], targets[counts])
+    assert loss.item() == pytest.approx(0.3 * hard.item() + 0.7 * 4 * gkd.item(), rel=1e-6)
+
+
+def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
+    """ppo.py detail 4, by hand: the score sits on a reply's last real token and nothing past it is trained (TRL's
+    former PPOTrainer put the score one token after the EOS and trained a value there). TRL no longer ships PPO."""
+    from ppo import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
+
+    junk = 9.0  # padding: whatever a model returns there must change nothing
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])  # a reply that ended (<|im_end|> at t = 1), one cut at 4 tokens
+    logp = torch.tensor([[-1.0, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
+    ref_logp = torch.tensor([[-1.2, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
+    values = torch.tensor([[0.4, 0.9, junk, junk], [0.1, 0.2, 0.3, 0.4]])
+    scores = torch.tensor([1.5, -0.5])
+
+    def losses(pad):
+        """rewards, advantages, returns, d policy loss / d logp, d value loss / d values, with `pad` more padding columns."""
+        widen = lambda x, value: torch.cat([x, torch.full((2, pad), value)], dim=1)  # noqa: E731
+        m, lp, vals = widen(mask, 0.0), widen(logp, junk).requires_grad_(), widen(values, junk).requires_grad_()
+        rewards = ppo_rewards(lp.detach(), widen(ref_logp, junk), scores, m, kl_coef=0.1)
+        advantages, returns = gae(rewards, vals.detach(), m, gamma=1.0, lam=0.95)
+        policy_loss, _ = ppo_policy_loss(lp, lp.detach(), masked_whiten(advantages, m), m, clip=0.2)
+        value_loss = ppo_value_loss(vals, vals.detach(), returns, m, vf_clip=0.2)
+        return rewards, advantages, returns, torch.autograd.grad(policy_loss, lp)[0], torch.autograd.grad(value_loss, vals)[0]
+
+    rewards, advantages, returns, logp_grad, value_grad = losses(pad=0)
+    # KL reward -0.1 (-1.0 + 1.2) = -0.02 at t = 0; each score once, on the last real token, nothing past it
+    assert rewards.tolist() == [pytest.approx(r) for r in ([-0.02, 1.5, 0, 0], [0, 0, 0, -0.5])]
+    # GAE, gamma 1, lambda 0.95: deltas (-0.02 + 0.9 - 0.4, 1.5 - 0.9) = (0.48, 0.6) and (0.1, 0.1, 0.1, -0.9)
+    expected = [[0.48 + 0.95 * 0.6, 0.6, 0, 0], [-0.4863875, -0.61725, -0.755, -0.9]]
+    assert advantages.tolist() == [pytest.approx(a) for a in expected]
+    # the value target of the last real token is its score: no bootstrap from a position past it
+    assert returns.tolist() == [pytest.approx(r) for r in ([1.45, 1.5, 0, 0], [-0.3863875, -0.41725, -0.455, -0.5])]
+    # nothing past the last real token is trained: no gradient reaches the padding
+    assert torch.equal(logp_grad[mask == 0], torch.zeros(2)) and torch.equal(value_grad[mask == 0], torch.zeros(2))
+    # on the 6 real tokens, at ratio 1: d/dlogp = -A_white / 6; d/dV = (V - R) / 6 = -A / 6
+    assert torch.allclose(logp_grad, -masked_whiten(advantages, mask) / 6, atol=1e-7)
+    assert torch.allclose(value_grad, -advantages / 6, atol=1e-7)
+    # and more padding changes nothing
+    for ours, wider in zip((rewards, advantages, returns, logp_grad, value_grad), losses(pad=3)):
+        assert torch.allclose(wider[:, :4], ours, atol=1e-7) and torch.equal(wider[:, 4:], torch.zeros(2, 3))
