@@ -1,62 +1,69 @@
 """
-data.py: the built-in "tiny world", deterministic procedurally generated datasets for every stage.
+data.py: the built-in "thinking world", deterministic procedurally generated datasets for every stage.
 
     python data.py                  # writes data/ at the default size (a few seconds)
     python data.py --scale 0.02     # a tiny world for tests (well under a second)
-    python data.py --help           # every option with its default
+    python data.py --seed 1         # other training data of the same kind; the eval files stay the same
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
-Files written (sizes at --scale 1; the eval files do not depend on --scale)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines in plain form
-                    ("37 + 48 = 85"), ~15 % stories and facts from a small grammar; never the chat markup
+The story the world tells, stage by stage: a small model can add and subtract two-digit numbers
+when it works digit by digit, but rarely gets them right answering straight away. Pretraining shows
+both ways; SFT teaches the chat format with a minority of demos that think first; reinforcement
+learning (GRPO's verifiable reward, PPO's learned one) and DPO teach the model to think where that
+is what gets problems right, and what the labeler prefers; distillation hands that to a smaller model.
+
+Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, half of them
+                    in the think form, ~15 % stories and facts from a small grammar; no chat markup
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
-  sft.jsonl         20k {"messages", "family", "level"}: one task per conversation and the assistant
-                    reply is exactly the answer; ~10 % open with a system message, ~5 % have a second
-                    user turn, ~4 % are family "chat" (greetings, short stories) so the chat model talks
-  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}
-  prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO)
-  eval.jsonl        100 held-out problems per family, {"prompt", "answer", "family", "level"}
-  prefs_eval.jsonl  one preference pair per eval problem, for held-out reward / DPO accuracy
+  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per conversation
+                    whose reply is the answer, 30 % of them thinking first; ~4 % family "chat"
+                    (greetings, short stories) so the chat model still talks
+  prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
+  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, labelled by `prefer`
+  eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
+  prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
-  add      "What is 37 + 48?"                -> "85"     2+1 digits without a carry / with one / 2+2
-  sub      "Compute 85 - 48."                -> "37"     2-1 digits without a borrow / with one / 2-2
-  mul      "Multiply 7 by 36."               -> "252"    2..9 x 0..9 / 2..9 x 10..19 / 2..19 x 10..99
-  reverse  "Write c a t backwards."          -> "t a c"  3 / 4 / 5 letters (a word or random letters)
-  sort     "Sort these digits: 5 2 9"        -> "2 5 9"  3 / 4 / 5 digits, ascending
-  count    "How many a are in b a n a n a?"  -> "3"      3-4 / 5-6 / 7-8 letters
-Each family has four phrasings of the prompt and two plain forms for pretraining. A reply is
-correct iff `reply.strip() == answer.strip()` (check_answer). With a 1k byte-level BPE that keeps
-digits single: a task prompt is ~12 tokens (at most ~30), an answer ~4 (at most 13, + <|im_end|>),
-a rejected reply at most ~80, a whole sft conversation at most ~100 before the chat template, and
-pretrain.txt is ~1.5M tokens.
+  add   "What is 385 + 48?"  direct "433", thinking "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
+  sub   "Compute 305 - 148." direct "157", thinking "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
+A three-digit number and one of 1, 2 or 3 digits (the level). A reply thinks when it starts with <think>; its final answer is the text after </think>
+(tokenizer.final_answer, the one rule every stage scores with); it is correct iff the final answer,
+stripped, equals the record's answer.
 
 Implementation details
-1. Letters and digits of the non-arithmetic tasks are written with spaces ("c a t"): a BPE tokenizer
-   would merge "cat" into one token and hide its letters from the model.
-2. Numbers are written plainly, most significant digit first. A small transformer learns addition
-   faster with reversed digits (the carry then flows in reading order), but "85" is the answer a user
-   expects. The price, measured with the CPU defaults (a 0.9M-parameter model, ~2M pretraining
-   tokens): the letter and digit families are learned (after SFT: sort 59 %, count 30 %, reverse
-   26 %, each falling with the level, e.g. reverse 73 / 6 / 0 %) while arithmetic stays at 1-2 %; a
-   larger model or more steps (the GPU presets) is what arithmetic needs.
-3. The held-out split: every problem has a canonical key, the same for trivially equal problems
-   ("add:37:48" for 37 + 48 and 48 + 37; "sort:259" for every order of 2, 5, 9; "reverse:cat" for
-   c a t and t a c). A key is held out iff sha256(key) falls in the first --held-out fraction (8 %)
-   of the hash range, so the split is a fixed slice of each family's problem space whatever the
-   seed. Eval files draw only held-out keys; every training generator (pretraining lines included)
-   redraws them. A few level spaces are small (80 times-table facts, 220 sets of 3 digits), so eval
-   has only a few problems there; the shortfall is drawn from the harder levels. (A held-out
-   times-table fact is one the model has never seen: mul is the family that stays hard.)
-4. Rejected replies are plausible failures (REJECT_KINDS): "format" (right answer with extra text),
-   "rambling" (the answer buried in filler), "empty" (no answer), "wrong" (same shape, wrong value:
-   one digit changed, letters not reversed, digits not sorted) and "off_by_one" (a number +-1, two
-   neighbouring letters or digits swapped). 70 % can be told from the reply alone (a judge that
-   never reads the prompt and flips a coin on the rest scores ~85 %); the other 30 % (wrong,
-   off_by_one) needs the skill itself, which is what DPO and the reward model have to learn. With
-   the CPU defaults the reward model judges those well only where the SFT model has the skill
-   (sort ~90 %, arithmetic at chance), which caps it near 86 %, short of 90 %.
+1. Traces a tiny model can execute: the operands are restated first, zero-padded to two digits, so
+   every digit sits at a fixed place ("385+048:"); then one column per step, ones first, each step
+   using only digits it can copy from a fixed place and the carry (borrow) of the step before:
+   "5+8=13" (ones), "8+4+1=13" (tens, + carry). A borrow reads "15-8=7" then "10-4-1=5" (the column
+   borrowed from, minus the borrow it lent). The answer is the last result followed by the last
+   digit of each result before it, leading zeros dropped. Measured in a two-digit prototype (0.9M
+   parameters): without the restating, forced-think accuracy was 32 % instead of 61 %.
+   Three digits, because a small model answers two-digit problems directly well enough (~60 %)
+   that thinking has little to add; with three, answering straight away is mostly wrong.
+2. Why only add and sub: the budget of a 2-core CPU trains one or two skills to the point where
+   thinking clearly beats answering. A prototype with six families spread it too thin (GRPO found no
+   signal), and a counting trace the model could copy but not execute (it did not increment).
+3. Pretraining has half of its skill lines in the think form ("What is 385 + 48? <think>...</think>433"),
+   half plain ("385 + 48 = 433"): without think lines in pretraining, SFT alone did not teach the
+   traces (forced-think accuracy 6 %). <think> and </think> in the text are the tokenizer's think
+   tokens (pretrain.py encodes them as such).
+4. The held-out split: every problem has a canonical key, the same for trivially equal problems
+   ("add:48:385" for 385 + 48 and 48 + 385). A key is held out iff sha256(key) falls in the first
+   --held-out fraction (8 %) of the hash range, so the split is a fixed slice of each family's problem
+   space whatever the seed. Eval files draw only held-out keys; every training generator (pretraining
+   lines included) redraws them.
+5. The labeler `prefer(record, reply_a, reply_b)` stands for the careful human who labels
+   comparisons (it labels every preference pair and judges win rates in eval.py). It ranks a reply
+   by, in order: its final answer is right; its work: right steps (2) > no think block (1) > a think
+   block with a wrong step (0); it has a final answer (a reply cut off inside its think block has
+   none). Equal ranks are a tie (half a win). Each pair is the right worked reply against a
+   plausible failure (REJECT_KINDS): the bare answer, right or wrong by a slip; a trace cut off
+   before </think>; a trace with one wrong step (10 %: the subtle kind, which needs the arithmetic
+   checked; a reward model at the CPU default judges it ~60 % right). Two bare answers, one right
+   and one wrong, are not asked: telling them apart needs the three-digit sum done in one's head,
+   which no model here can do (a reward model judged such pairs at chance, 46-60 %).
 """
 
 import argparse
@@ -68,9 +75,12 @@ import inspect
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
+
+from tokenizer import final_answer, thinks
 
 
 @dataclass
@@ -85,19 +95,16 @@ class Args:
     """size of pretrain.txt in bytes at --scale 1 (pretrain_val.txt gets a twentieth of it)"""
     sft: int = 20_000
     """conversations in sft.jsonl at --scale 1"""
+    think_share: float = 0.3
+    """share of the sft task replies that think first"""
     prefs: int = 8_000
     """preference pairs in prefs.jsonl at --scale 1"""
     prompts: int = 4_000
     """RL prompts in prompts.jsonl at --scale 1"""
-    eval_per_family: int = 100
+    eval_per_family: int = 150
     """held-out problems per family in eval.jsonl (and pairs in prefs_eval.jsonl)"""
     held_out: float = 0.08
     """fraction of every family's problem space kept out of training, for evaluation"""
-
-
-def check_answer(reply: str, answer: str) -> bool:
-    """The one correctness rule of every stage."""
-    return reply.strip() == answer.strip()
 
 
 def is_held_out(key: str, fraction: float) -> bool:
@@ -107,19 +114,16 @@ def is_held_out(key: str, fraction: float) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# TASK FAMILIES: one generator per family, (rng, level) -> Problem
+# TASK FAMILIES: one generator per family, (rng, level) -> Problem, and its worked steps
 
 @dataclass
 class Problem:
     family: str
     level: int
-    key: str      # canonical: the same for every trivially equal problem (detail 3)
-    fields: dict  # what the prompt and plain-form templates fill in
+    key: str      # canonical: the same for every trivially equal problem (detail 4)
+    a: int
+    b: int
     answer: str
-
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-spaced = " ".join  # "cat" -> "c a t" (detail 1)
 
 
 def number(rng, digits):
@@ -127,103 +131,74 @@ def number(rng, digits):
     return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
 
-def two_and_one_digits(rng, level, carry):
-    """Level 1: a 2-digit and a 1-digit number whose ones digits do not carry (or borrow); level 2:
-    the same shape with a carry (borrow); level 3: two 2-digit numbers."""
-    if level == 3:
-        return number(rng, 2), number(rng, 2)
-    while True:
-        a, b = number(rng, 2), number(rng, 1)
-        if carry(a % 10, b) == (level == 2):
-            return a, b
-
-
 def make_add(rng, level):
-    a, b = two_and_one_digits(rng, level, lambda x, y: x + y >= 10)
+    a, b = number(rng, 3), number(rng, level)  # level = digits of the smaller number
     a, b = rng.choice([(a, b), (b, a)])
-    return Problem("add", level, f"add:{min(a, b)}:{max(a, b)}", {"a": a, "b": b}, str(a + b))
+    return Problem("add", level, f"add:{min(a, b)}:{max(a, b)}", a, b, str(a + b))
 
 
 def make_sub(rng, level):
-    a, b = two_and_one_digits(rng, level, lambda x, y: x < y)
+    a, b = number(rng, 3), number(rng, level)
     a, b = max(a, b), min(a, b)  # a >= b: results are never negative
-    return Problem("sub", level, f"sub:{a}:{b}", {"a": a, "b": b}, str(a - b))
+    return Problem("sub", level, f"sub:{a}:{b}", a, b, str(a - b))
 
 
-def make_mul(rng, level):
-    a = rng.randrange(2, 20 if level == 3 else 10)
-    b = [rng.randrange(10), rng.randrange(10, 20), number(rng, 2)][level - 1]
-    a, b = rng.choice([(a, b), (b, a)])
-    return Problem("mul", level, f"mul:{min(a, b)}:{max(a, b)}", {"a": a, "b": b}, str(a * b))
-
-
-def letters_word(rng, length, real_word_prob):
-    words = WORDS_BY_LENGTH.get(length)
-    if words and rng.random() < real_word_prob:
-        return rng.choice(words)
-    return "".join(rng.choice(ALPHABET) for _ in range(length))
-
-
-def make_reverse(rng, level):
-    word = letters_word(rng, level + 2, 0.5)
-    key = f"reverse:{min(word, word[::-1])}"  # reversing "tac" is the same problem as reversing "cat"
-    return Problem("reverse", level, key, {"letters": spaced(word)}, spaced(word[::-1]))
-
-
-def make_sort(rng, level):
-    digits = [str(rng.randrange(10)) for _ in range(level + 2)]
-    key = "sort:" + "".join(sorted(digits))  # every order of the same digits has the same answer
-    return Problem("sort", level, key, {"digits": spaced(digits)}, spaced(sorted(digits)))
-
-
-def make_count(rng, level):
-    length = rng.randint(*[(3, 4), (5, 6), (7, 8)][level - 1])
-    if rng.random() < 0.3:
-        word = letters_word(rng, length, 1.0)
-    else:  # few distinct letters, so counts above 1 are common
-        pool = rng.sample(ALPHABET, rng.randint(2, 4))
-        word = "".join(rng.choice(pool) for _ in range(length))
-    letter = rng.choice(word) if rng.random() < 0.85 else rng.choice(ALPHABET)  # sometimes 0
-    fields = {"letter": letter, "letters": spaced(word)}
-    return Problem("count", level, f"count:{letter}:{word}", fields, str(word.count(letter)))
-
-
-GENERATORS = {"add": make_add, "sub": make_sub, "mul": make_mul,
-              "reverse": make_reverse, "sort": make_sort, "count": make_count}
+GENERATORS = {"add": make_add, "sub": make_sub}
 FAMILIES = list(GENERATORS)
+SIGN = {"add": "+", "sub": "-"}
 
-# prompts never contain a one-letter word, so the letters of a task are easy to find in them
+
+# detail 1: restate the operands at fixed places, then one column per step, ones first
+def trace(family: str, a: int, b: int) -> str:
+    """The worked steps of a problem: trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
+    top, bottom = f"{a:03d}", f"{b:03d}"
+    steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into the next column
+    for column, (x, y) in enumerate(zip(map(int, reversed(top)), map(int, reversed(bottom)))):
+        if family == "add":
+            result = x + y + carry
+            steps.append(f"{x}+{y}={result}" if column == 0 else f"{x}+{y}+{carry}={result}")
+            carry = result // 10
+        else:
+            borrow = int(x - y - carry < 0)
+            result = x + 10 * borrow - y - carry
+            steps.append(f"{x + 10 * borrow}-{y}={result}" if column == 0 else f"{x + 10 * borrow}-{y}-{carry}={result}")
+            carry = borrow
+    return f"{top}{SIGN[family]}{bottom}: " + " ".join(steps)
+
+
+def answer_from_steps(results: list[int]) -> str:
+    """The answer the step results spell: the last (hundreds) result whole, then the last digit of the others."""
+    return str(int(str(results[-1]) + "".join(str(r % 10) for r in reversed(results[:-1]))))
+
+
+def thinking_reply(p: Problem) -> str:
+    return f"<think>{trace(p.family, p.a, p.b)}</think>{p.answer}"
+
+
+# prompts never contain another number, so the labeler finds the operands in them
 PROMPTS = {
     "add": ["What is {a} + {b}?", "{a} + {b} =", "Compute {a} + {b}.", "Add {a} and {b}."],
     "sub": ["What is {a} - {b}?", "{a} - {b} =", "Compute {a} - {b}.", "What is {a} minus {b}?"],
-    "mul": ["What is {a} x {b}?", "{a} x {b} =", "Compute {a} times {b}.", "Multiply {a} by {b}."],
-    "reverse": ["Reverse the letters: {letters}", "Write {letters} backwards.",
-                "What is {letters} reversed?", "Spell {letters} in reverse order."],
-    "sort": ["Sort these digits: {digits}", "Put {digits} in order, smallest first.",
-             "Sort {digits} from smallest to largest.", "Arrange the digits {digits} in increasing order."],
-    "count": ["How many {letter} are in {letters}?", "Count the letter {letter} in {letters}.",
-              "How many times does {letter} appear in {letters}?", "Count how often {letter} occurs in {letters}."],
 }
-PLAIN = {  # the pretraining form: the skill without the chat format
+PLAIN = {  # the pretraining form without thinking: the skill without the chat format
     "add": ["{a} + {b} = {answer}", "{a} plus {b} equals {answer}"],
     "sub": ["{a} - {b} = {answer}", "{a} minus {b} equals {answer}"],
-    "mul": ["{a} x {b} = {answer}", "{a} times {b} equals {answer}"],
-    "reverse": ["the reverse of {letters} is {answer}", "{letters} backwards is {answer}"],
-    "sort": ["{digits} sorted is {answer}", "in order, {digits} becomes {answer}"],
-    "count": ["in {letters} the letter {letter} appears {answer} times", "{letters} has {letter} {answer} times"],
 }
 
 
 def render_prompt(rng, p):
-    return rng.choice(PROMPTS[p.family]).format(**p.fields)
+    return rng.choice(PROMPTS[p.family]).format(a=p.a, b=p.b)
 
 
-def render_plain(rng, p):
-    return rng.choice(PLAIN[p.family]).format(**p.fields, answer=p.answer)
+def skill_line(rng, p):
+    """detail 3: half the lines think ("What is 37 + 48? <think>...</think>85"), half are plain."""
+    if rng.random() < 0.5:
+        return f"{render_prompt(rng, p)} {thinking_reply(p)}"
+    return rng.choice(PLAIN[p.family]).format(a=p.a, b=p.b, answer=p.answer)
 
 
 def sample_problem(rng, family, fraction):
-    """A training problem of a random level: held-out keys are redrawn (detail 3)."""
+    """A training problem of a random level: held-out keys are redrawn (detail 4)."""
     while True:
         p = GENERATORS[family](rng, rng.randint(1, 3))
         if not is_held_out(p.key, fraction):
@@ -235,52 +210,86 @@ def training_problems(rng, count, fraction):
 
 
 # ----------------------------------------------------------------------------------------------
-# REJECTED REPLIES: plausible failures for the preference pairs (detail 4)
+# THE LABELER (detail 5)
 
-REJECT_KINDS = {"format": 0.3, "rambling": 0.2, "empty": 0.2, "wrong": 0.17, "off_by_one": 0.13}
-FORMAT_REPLIES = ["The answer is {answer}.", "Answer: {answer}", "Sure! It is {answer}.",
-                  "{answer}. Let me know if you need more help!", "It is {answer}, I think."]
-FILLERS = ["let me think", "good question", "I must be careful", "step by step", "hmm"]
-EMPTY_REPLIES = ["I don't know.", "?", "Hmm.", "I am not sure.", "I cannot answer that."]
-
-
-def change_one(rng, answer):
-    """Replace one digit or letter by another of the same kind (the first digit stays nonzero)."""
-    i = rng.choice([i for i, c in enumerate(answer) if c != " "])
-    pool = ALPHABET if answer[i].isalpha() else "123456789" if i == 0 and len(answer) > 1 else "0123456789"
-    return answer[:i] + rng.choice(pool.replace(answer[i], "")) + answer[i + 1:]
+def operands(record) -> tuple[str, int, int]:
+    """(family, a, b) of a task record, read from its prompt."""
+    prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
+    a, b = map(int, re.findall(r"\d+", prompt))
+    return record["family"], a, b
 
 
-def wrong_answer(rng, p):
-    if p.family == "reverse" and p.fields["letters"] != p.answer:
-        return p.fields["letters"]  # forgot to reverse
-    if p.family == "sort" and p.fields["digits"] != p.answer:
-        return p.fields["digits"]  # forgot to sort
-    return change_one(rng, p.answer)
+def rank(record, reply: str) -> tuple[int, int, int]:
+    """What the labeler looks at, most important first: (right final answer, work, has an answer).
+    The labeler solves the task itself, from the prompt: a record needs "prompt" and "family"."""
+    family, a, b = operands(record)
+    answer = final_answer(reply)
+    right = int(answer == str(a + b if family == "add" else a - b))
+    if not thinks(reply):
+        work = 1  # no work shown
+    else:
+        work = 2 if reply.strip().startswith(f"<think>{trace(family, a, b)}</think>") else 0
+    return right, work, int(answer is not None)
 
 
-def off_by_one(rng, p):
-    if p.answer.isdigit():
-        return "1" if p.answer == "0" else str(int(p.answer) + rng.choice([-1, 1]))
-    items = p.answer.split(" ")
-    swaps = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
-    if not swaps:  # all the same ("7 7 7"): nothing to swap
-        return change_one(rng, p.answer)
-    i = rng.choice(swaps)
-    items[i], items[i + 1] = items[i + 1], items[i]
-    return " ".join(items)
+def prefer(record, reply_a: str, reply_b: str) -> float:
+    """The labeler: 1.0 if reply_a is the better reply to `record`'s task, 0.0 if reply_b is, 0.5 for a tie."""
+    rank_a, rank_b = rank(record, reply_a), rank(record, reply_b)
+    return 0.5 if rank_a == rank_b else float(rank_a > rank_b)
 
 
-def rejected_reply(rng, p):
+def win_rate(records, replies, reference_replies) -> float:
+    """Mean of prefer(record, reply, reference reply) over the records: ties count half."""
+    judged = [prefer(r, a, b) for r, a, b in zip(records, replies, reference_replies)]
+    return sum(judged) / max(len(judged), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# PREFERENCE PAIRS: the right worked reply against a plausible failure, labelled by prefer
+
+REJECT_KINDS = {"bare_right": 0.4, "bare_wrong": 0.3, "cut_off": 0.2, "wrong_step": 0.1}
+
+
+def slip(rng, value: int) -> int:
+    """A plausible wrong result: off by 1, 2 or 10, never negative."""
+    wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
+    return wrong if wrong >= 0 and wrong != value else value + 1
+
+
+def wrong_step_reply(rng, p: Problem) -> str:
+    """A trace with one wrong step result, and the answer the steps then spell."""
+    head, *steps = trace(p.family, p.a, p.b).split(" ")  # "385+048:", "5+8=13", "8+4+1=13", "3+0+1=4"
+    results = [int(step.split("=")[1]) for step in steps]
+    column = rng.randrange(len(steps))
+    results[column] = slip(rng, results[column])
+    steps[column] = steps[column].split("=")[0] + f"={results[column]}"
+    return f"<think>{' '.join([head, *steps])}</think>{answer_from_steps(results)}"
+
+
+def candidate_pair(rng, p: Problem) -> tuple[str, str, str]:
     kind = rng.choices(list(REJECT_KINDS), weights=list(REJECT_KINDS.values()))[0]
-    if kind == "format":
-        return kind, rng.choice(FORMAT_REPLIES).format(answer=p.answer)
-    if kind == "rambling":
-        filler = rng.choice(FILLERS)
-        return kind, f"Well, {filler}. " * rng.randint(1, 2) + f"Maybe it is {p.answer}, or maybe not, {filler}."
-    if kind == "empty":
-        return kind, rng.choice(EMPTY_REPLIES)
-    return kind, (wrong_answer if kind == "wrong" else off_by_one)(rng, p)
+    good = thinking_reply(p)
+    if kind == "bare_right":
+        return kind, good, p.answer
+    if kind == "bare_wrong":
+        return kind, good, str(slip(rng, int(p.answer)))
+    if kind == "wrong_step":
+        return kind, good, wrong_step_reply(rng, p)
+    steps = good.split(" ")  # cut_off
+    return kind, good, " ".join(steps[: rng.randint(1, len(steps) - 1)])
+
+
+def preference_record(rng, p):
+    record = prompt_record(rng, p)
+    kind, a, b = candidate_pair(rng, p)
+    if rng.random() < 0.5:
+        a, b = b, a
+    label = prefer(record, a, b)
+    if label == 0.5:  # never: every kind is a strict preference (a test checks it)
+        raise AssertionError(f"a tie in a preference pair: {a!r} vs {b!r}")
+    chosen, rejected = (a, b) if label == 1.0 else (b, a)
+    return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
+            "family": p.family, "level": p.level, "kind": kind}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,15 +308,8 @@ TIMES = ["One day", "In the morning", "After lunch", "That night", "Later", "The
 COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "dark",
           "sea": "blue", "leaf": "green", "fire": "hot", "ice": "cold", "milk": "white"}
 LESSONS = {  # the words of the task prompts, in prose, so the base model has seen them
-    "add": "{name} practices addition: add the two numbers and write the sum.",
-    "sub": "{name} practices subtraction: take the second number away from the first.",
-    "mul": "{name} practices multiplication: multiply the two numbers.",
-    "reverse": "{name} practices spelling backwards: write the letters in reverse order.",
-    "sort": "{name} practices sorting: put the digits in order, from smallest to largest.",
-    "count": "{name} practices counting: how many times does the letter appear?"}
-WORDS_BY_LENGTH = {}  # the prose words, reused as the words of the reverse and count tasks
-for _word in sorted({*ANIMALS, *ADJECTIVES, *THINGS, *PLACES, *FEELINGS, *COLORS, "banana", "yellow"}):
-    WORDS_BY_LENGTH.setdefault(len(_word), []).append(_word)
+    "add": "{name} practices addition: add the two numbers, ones first, then tens with the carry.",
+    "sub": "{name} practices subtraction: take the second number away, ones first, then tens with the borrow."}
 
 
 def a(word):
@@ -355,7 +357,7 @@ def facts(rng):
 def skill_document(rng, fraction):
     """A drill (skill lines only) or a lesson (a sentence of prose around skill lines)."""
     family = rng.choice(FAMILIES)
-    lines = [render_plain(rng, sample_problem(rng, family, fraction)) for _ in range(rng.randint(4, 16))]
+    lines = [skill_line(rng, sample_problem(rng, family, fraction)) for _ in range(rng.randint(4, 16))]
     if rng.random() < 0.5:
         return "\n".join(lines)
     name = rng.choice(NAMES)
@@ -375,12 +377,10 @@ def pretrain_text(rng, n_bytes, fraction):
 # ----------------------------------------------------------------------------------------------
 # CONVERSATIONS AND RECORDS
 
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant. Reply with the answer only.",
-                  "Answer with just the result."]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.", "Answer the question."]
 GREETINGS = ["Hello!", "Hi.", "Good morning!", "Hey there."]
 GREETING_REPLIES = ["Hello! How can I help you?", "Hi! Ask me a question.", "Hello! What shall we do today?"]
-ABILITIES = ("I can add, subtract and multiply numbers, reverse letters, sort digits, count letters "
-             "and tell short stories.")
+ABILITIES = "I can add and subtract numbers, step by step if you like, and tell short stories."
 
 
 def chat_conversation(rng):
@@ -396,21 +396,22 @@ def chat_conversation(rng):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
-def sft_records(rng, n, fraction):
+def sft_records(rng, n, fraction, think_share):
     records = []
     for _ in range(n):
         if rng.random() < 0.04:
             records.append({"messages": chat_conversation(rng), "family": "chat"})
             continue
         family, messages, levels = rng.choice(FAMILIES), [], []
+        thinks = rng.random() < think_share  # a minority of demos think first
         if rng.random() < 0.1:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        for _turn in range(2 if rng.random() < 0.05 else 1):  # a second user turn, same family
+        for _turn in range(2 if rng.random() < 0.05 else 1):  # a second user turn, same family and style
             p = sample_problem(rng, family, fraction)
             messages += [{"role": "user", "content": render_prompt(rng, p)},
-                         {"role": "assistant", "content": p.answer}]
+                         {"role": "assistant", "content": thinking_reply(p) if thinks else p.answer}]
             levels.append(p.level)
-        records.append({"messages": messages, "family": family, "level": max(levels)})
+        records.append({"messages": messages, "family": family, "level": max(levels), "thinks": thinks})
     return records
 
 
@@ -418,20 +419,14 @@ def prompt_record(rng, p):
     return {"prompt": render_prompt(rng, p), "answer": p.answer, "family": p.family, "level": p.level}
 
 
-def preference_record(rng, p):
-    kind, rejected = rejected_reply(rng, p)
-    return {"prompt": render_prompt(rng, p), "chosen": p.answer, "rejected": rejected,
-            "family": p.family, "level": p.level, "kind": kind}
-
-
 def held_out_problems(rng, per_family, fraction):
-    """`per_family` distinct held-out problems per family, spread over the levels (detail 3)."""
+    """`per_family` distinct held-out problems per family, spread over the levels (detail 4)."""
     problems = []
     for family in FAMILIES:
         chosen = {}
         for level in (1, 2, 3):
             quota, found = (per_family - len(chosen)) // (4 - level), 0
-            for _ in range(100 * quota):  # level 1 runs out of held-out keys: harder levels take the rest
+            for _ in range(100 * quota):  # levels 1 and 2 run out of held-out keys: level 3 takes the rest
                 if found == quota:
                     break
                 p = GENERATORS[family](rng, level)
@@ -453,8 +448,8 @@ def jsonl(records):
 
 def main(args: Args):
     t0 = time.time()
-    if not 0 < args.held_out < 1:
-        raise ValueError(f"--held-out must be between 0 and 1, got {args.held_out}")
+    if not 0 < args.held_out < 1 or not 0 <= args.think_share <= 1:
+        raise ValueError(f"--held-out must be between 0 and 1 (got {args.held_out}), --think-share in [0, 1] (got {args.think_share})")
     os.makedirs(args.out, exist_ok=True)
     frac = args.held_out
 
@@ -464,12 +459,13 @@ def main(args: Args):
     def n(count):
         return max(1, round(count * args.scale))
 
-    prefs_rng, prompts_rng, eval_rng, prefs_eval_rng = rng("prefs"), rng("prompts"), rng("eval"), rng("prefs_eval")
+    prefs_rng, prompts_rng = rng("prefs"), rng("prompts")
+    eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # the same at every seed
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
     files = {
         "pretrain.txt": pretrain_text(rng("pretrain"), n(args.pretrain_bytes), frac),
         "pretrain_val.txt": pretrain_text(rng("pretrain_val"), n(args.pretrain_bytes * 0.05), frac),
-        "sft.jsonl": jsonl(sft_records(rng("sft"), n(args.sft), frac)),
+        "sft.jsonl": jsonl(sft_records(rng("sft"), n(args.sft), frac, args.think_share)),
         "prefs.jsonl": jsonl(preference_record(prefs_rng, p) for p in training_problems(prefs_rng, n(args.prefs), frac)),
         "prompts.jsonl": jsonl(prompt_record(prompts_rng, p) for p in training_problems(prompts_rng, n(args.prompts), frac)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),

@@ -18,11 +18,11 @@ Implementation details:
    `--precompute-ref` the reference log-probs of every pair the run will see are computed once,
    by the policy itself before its first step (it IS the reference then), and no second model
    is held in memory.
-2. A reply is rendered as the assistant turn the policy writes, `reply<|im_end|>` after
+2. A reply is rendered as the assistant turn the policy writes (tokenizer.encode_reply), `reply<|im_end|>` after
    `<|im_start|>assistant\\n`; log pi(reply | prompt) is the SUM of the per-token log-probs of
    the reply tokens and the closing <|im_end|> (model.shared_prompt_logprobs, temperature 1):
    prompt and padding tokens contribute nothing, and padding changes nothing.
-3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py). The
+3. Batches: random pairs each step (model.batch_indices, as sft.py). The
    prompts of a batch run once (left-padded) into a KV cache, and the chosen and the rejected
    replies (right-padded) run on top of it as two passes, so a short chosen reply is not padded to
    the length of a rambling rejected one and no prompt is computed twice (TRL concatenates them
@@ -111,7 +111,7 @@ class Args:
     """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (0 = off)"""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
     """reply length limit for the held-out task evaluation"""
     eval_batch_size: int = 128
     """pairs per forward pass when evaluating"""
@@ -268,8 +268,7 @@ def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, pa
             prompt = tokenizer.encode_prompt(record["prompt"])
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
-        chosen_ids = tokenizer.encode(chosen) + [tokenizer.im_end_id]
-        rejected_ids = tokenizer.encode(rejected) + [tokenizer.im_end_id]
+        chosen_ids, rejected_ids = tokenizer.encode_reply(chosen), tokenizer.encode_reply(rejected)
         if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
             skipped["longer than the context"] += 1
             continue
@@ -322,7 +321,6 @@ def main(args: Args):
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
     context = policy.config.max_position_embeddings
     pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, ("prompt", "chosen", "rejected")), context, args.data)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs]
     if len(pairs) < args.batch_size:
         raise ValueError(f"{args.data}: {len(pairs)} usable pairs, fewer than --batch-size {args.batch_size}")
     eval_pairs, eval_skipped = preference_pairs(tokenizer, read_jsonl(args.eval_data, ("prompt", "chosen", "rejected")),
@@ -334,7 +332,7 @@ def main(args: Args):
     ref_eval = all_pair_logps(policy, eval_pairs, pad_id, args.device, args.eval_batch_size, autocast) if master else None
     reference = None
     if args.precompute_ref:  # only the pairs this rank will see
-        mine = sorted({i for step in range(args.steps) for i in batch_indices(lengths, args.batch_size, args.seed, step)[rank::world]})
+        mine = sorted({i for step in range(args.steps) for i in batch_indices(len(pairs), args.batch_size, args.seed, step)[rank::world]})
         ref_chosen = torch.full((len(pairs),), float("nan"), device=args.device)
         ref_rejected = torch.full((len(pairs),), float("nan"), device=args.device)
         ref_chosen[mine], ref_rejected[mine] = all_pair_logps(policy, [pairs[i] for i in mine], pad_id, args.device,
@@ -364,7 +362,7 @@ def main(args: Args):
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = batch_indices(lengths, args.batch_size, args.seed, step)[rank::world]
+        batch = batch_indices(len(pairs), args.batch_size, args.seed, step)[rank::world]
         stats = torch.zeros(5, device=args.device)  # loss, rewards/chosen, rewards/rejected, correct, margin: global sums
         for micro in range(args.grad_accum):
             indices = batch[micro * micro_batch : (micro + 1) * micro_batch]

@@ -12,9 +12,13 @@ Run:
 
 Columns (one row per checkpoint):
 1. stage and parameters (all of them, embeddings included).
-2. held-out accuracy: greedy replies to the 600 prompts of data/eval.jsonl, exact match after
-   stripping whitespace, overall and per task family (model.heldout_accuracy, the numbers every
-   stage prints); well-formed = the share of replies that end with <|im_end|>.
+2. held-out accuracy: greedy replies to the 300 prompts of data/eval.jsonl, the reply's final answer
+   (tokenizer.final_answer: the text after </think> when it thinks) against the answer, overall and
+   per task family (model.heldout_accuracy, the numbers every stage prints); think = the share of
+   replies that start with <think>; well-formed = the share that end with <|im_end|>.
+   win vs sft: the checkpoint's greedy reply against the reference's (sft.pt) to each prompt, judged
+   by data.py's labeler `prefer` (a right answer first, then right work shown), ties half: 50 % is
+   "as good as sft".
 3. reward: the reward model's score of the replies, normalised with the mean and std of the
    rewards of its training replies that reward.py stores, so 0 is "as good as an average
    training reply" (PPO optimises the same normalised score).
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data import win_rate
 from model import STAGES, completion_logprobs, generate, heldout_accuracy, left_pad, load_checkpoint, sequence_scores
 
 
@@ -65,7 +70,7 @@ class Args:
     """score-head checkpoint for the reward column (blank without it)"""
     out: str = "out/eval.json"
     """where the table is written as JSON (the plot goes next to it)"""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
     """reply length limit"""
     samples: int = 200
     """prompts (evenly spread over --eval-data) whose sampled replies give the reward, KL and length columns (0 = all)"""
@@ -159,7 +164,8 @@ def bits_per_byte(model, tokenizer, tokens: torch.Tensor, batch_size: int) -> fl
 
 
 def markdown_table(rows: list[dict], families: list[str]) -> str:
-    header = ["checkpoint", "stage", "params", "accuracy", *families, "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
+    header = ["checkpoint", "stage", "params", "accuracy", *families, "think", "win vs sft", "well-formed", "reward",
+              "KL to sft", "reply len", "val bpb"]
 
     def cell(value, kind):
         if value is None:
@@ -169,7 +175,8 @@ def markdown_table(rows: list[dict], families: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         values = [row["checkpoint"], row["stage"], cell(row["params"], "M"), cell(row["accuracy"], "%"),
-                  *[cell(row.get(f"accuracy/{f}"), "%") for f in families], cell(row["well_formed"], "%"),
+                  *[cell(row.get(f"accuracy/{f}"), "%") for f in families], cell(row["think_rate"], "%"),
+                  cell(row["win_rate"], "%"), cell(row["well_formed"], "%"),
                   cell(row["reward"], "2"), cell(row["kl_to_sft"], "3"), cell(row["reply_length"], "1"), cell(row["val_bpb"], "3")]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -226,8 +233,12 @@ def main(args: Args):
             return None, None, None
         model, tokenizer, checkpoint = load_checkpoint(path, device=args.device, head=head)
         return model.eval(), tokenizer, checkpoint
-    reference, _, reference_checkpoint = optional(args.reference, "lm")
+    reference, reference_tokenizer, reference_checkpoint = optional(args.reference, "lm")
     reward_model, _, reward_checkpoint = optional(args.reward_model, "score")
+    reference_replies = None
+    if reference is not None and reference.config.max_position_embeddings >= args.max_new_tokens + max(
+            len(reference_tokenizer.encode_prompt(r["prompt"])) for r in records):
+        reference_replies = heldout_accuracy(reference, reference_tokenizer, records, args.max_new_tokens, args.batch_size)["replies"]
     if reward_model is not None:
         reward_mean, reward_std = reward_checkpoint["metrics"].get("reward_mean", 0.0), reward_checkpoint["metrics"].get("reward_std", 1.0)
     val_text = open(args.val_data, encoding="utf-8").read() if os.path.exists(args.val_data) else None
@@ -239,7 +250,8 @@ def main(args: Args):
         model, tokenizer, checkpoint = loaded[i]
         model.eval()
         row = {"checkpoint": paths[i], "stage": checkpoint.get("stage", "?"), "params": model.num_params(non_embedding=False),
-               "accuracy": None, "well_formed": None, "reward": None, "kl_to_sft": None, "reply_length": None, "val_bpb": None}
+               "accuracy": None, "think_rate": None, "win_rate": None, "well_formed": None, "reward": None, "kl_to_sft": None,
+               "reply_length": None, "val_bpb": None}
         if model.config.head == "score":  # column 6: a reward model's own held-out number
             row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
             rows.append(row)
@@ -250,6 +262,9 @@ def main(args: Args):
                   f"+ --max-new-tokens {args.max_new_tokens}: no replies", file=sys.stderr)
         else:
             row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens, args.batch_size))
+            replies = row.pop("replies")
+            if reference_replies is not None:  # column 2: judged by the labeler against sft's replies
+                row["win_rate"] = win_rate(records, replies, reference_replies)
             families += [k.split("/", 1)[1] for k in row if k.startswith("accuracy/") and k.split("/", 1)[1] not in families]
             same = lambda other: other is not None and other["tokenizer"] == checkpoint["tokenizer"]  # same token ids
             row.update({key: value for key, value in sampled_replies(
@@ -260,7 +275,7 @@ def main(args: Args):
         if val_text is not None:
             key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
             if key not in val_cache:  # tokenize once per tokenizer
-                tokens = tokenizer.encode_array([d for d in val_text.split("\n\n") if d.strip()])[: args.val_tokens + 1]
+                tokens = tokenizer.encode_array([d for d in val_text.split("\n\n") if d.strip()], tokenizer.think_tokens)[: args.val_tokens + 1]
                 val_cache[key] = torch.tensor(tokens.astype("int64"))
             row["val_bpb"] = bits_per_byte(model, tokenizer, val_cache[key], args.batch_size)
         rows.append(row)

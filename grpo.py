@@ -23,9 +23,11 @@ Implementation details:
    model). (generate's own log-probs come from a different code path,
    the KV cache, and would give a ratio that is 1 only up to rounding.) With one iteration the
    old log-probs are the loss's own, detached (as TRL): the same numbers, one forward fewer.
-3. Reward = 1 if the reply, stripped, equals the answer, stripped, else 0: the reply is the text
-   before the first <|im_end|> (the whole completion if it never ended), the rule of
-   heldout_accuracy and data.py's check_answer. Optionally `+ reward_weight * score` of a
+3. Reward = 1 if the reply's final answer equals the answer, stripped, else 0: the reply is the
+   text before the first <|im_end|> (the whole completion if it never ended) and its final answer
+   the text after </think> when it thinks (tokenizer.final_answer, the rule of heldout_accuracy and
+   of every stage; an unclosed think block has none). No reward for thinking itself: the model
+   thinks more only where thinking gets answers right. Optionally `+ reward_weight * score` of a
    learned reward model (normalised with its stored mean / std; prompts may then lack an
    answer) and `- length_penalty * tokens / max_new_tokens`, the guard against the classic hack
    of a reward that grows with length.
@@ -44,7 +46,7 @@ Implementation details:
    `--mask-truncated` also zeroes the replies that never ended (DAPO's overlong filtering).
 7. `iterations` optimizer steps per batch of samples (mu in the paper), old log-probs fixed.
    With 1 the ratio is always 1 and the clip never acts: plain REINFORCE with a group baseline.
-8. Logged at every step: reward, accuracy, KL to the reference (the sequence KL, summed
+8. Logged at every step: reward, accuracy, think rate (replies that start with <think>), KL to the reference (the sequence KL, summed
    log-ratio of a reply, averaged over replies, as ppo.py logs it), clip fraction (tokens
    where the clip removed the gradient), entropy, reply length, and the share of groups whose
    rewards are all equal (they teach nothing; at 100 % the task is too easy or too hard).
@@ -71,6 +73,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, load_checkpoint,
                    reply_texts, save_checkpoint, sequence_scores)
+from tokenizer import final_answer, thinks
 
 
 @dataclass
@@ -97,13 +100,13 @@ class Args:
     """prompts sampled per step, summed over ranks"""
     group_size: int = 8
     """replies sampled per prompt (G)"""
-    max_new_tokens: int = 16
+    max_new_tokens: int = 48
     """reply length limit, for sampling and for the held-out evaluation"""
     temperature: float = 1.0
     """sampling temperature; the loss divides the logits by the same value"""
     iterations: int = 2
     """optimizer steps per batch of samples (mu)"""
-    lr: float = 1e-4
+    lr: float = 5e-4
     """peak learning rate"""
     warmup: int = 5
     """linear warmup steps"""
@@ -235,7 +238,7 @@ def aggregate_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, loss_type:
     raise ValueError(f"--loss-type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
-METRICS = ("loss", "reward", "accuracy", "kl", "clip", "entropy", "length", "equal")
+METRICS = ("loss", "reward", "accuracy", "think", "kl", "clip", "entropy", "length", "equal")
 
 
 def main(args: Args):
@@ -347,7 +350,8 @@ def main(args: Args):
         # ---------------------------------------------------------- rewards and advantages (detail 3, 4)
         texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
         has_answer = torch.tensor([answer is not None for answer in answers], device=args.device)
-        correct = torch.tensor([float(text.strip() == answer) for text, answer in zip(texts, answers)], device=args.device)
+        correct = torch.tensor([float(final_answer(text) == answer) for text, answer in zip(texts, answers)], device=args.device)
+        think_rate = sum(map(thinks, texts)) / len(texts)
         lengths = completion_mask.sum(dim=1)                                             # (B,)
         rewards = correct.clone()
         if reward_model is not None:
@@ -395,7 +399,7 @@ def main(args: Args):
         # ---------------------------------------------------------- metrics (detail 8)
         kl = ((old_logp - ref_logp).sum(dim=1).mean() if reference is not None else torch.zeros((), device=args.device))
         totals += torch.tensor([loss_sum / args.iterations, rewards.mean().item(),
-                                (correct.sum() / has_answer.sum().clamp(min=1)).item(), kl.item(), clip_sum / args.iterations,
+                                (correct.sum() / has_answer.sum().clamp(min=1)).item(), think_rate, kl.item(), clip_sum / args.iterations,
                                 entropy_sum / args.iterations, lengths.mean().item(), equal_groups.item()], device=args.device)
         steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
@@ -409,7 +413,7 @@ def main(args: Args):
                 elapsed, rate = now - start_time, step / (now - start_time)
                 tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
                 print(f"grpo | step {step}/{args.steps} | loss {metrics['loss']:.4f} | reward {metrics['reward']:.3f} | "
-                      f"acc {metrics['accuracy']:.1%} | kl {metrics['kl']:.4f} | clip {metrics['clip']:.3f} | "
+                      f"acc {metrics['accuracy']:.1%} | think {metrics['think']:.1%} | kl {metrics['kl']:.4f} | clip {metrics['clip']:.3f} | "
                       f"entropy {metrics['entropy']:.3f} | len {metrics['length']:.1f} | equal {metrics['equal']:.0%} | "
                       f"lr {lr:.1e} | {tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
                 log_file.write(json.dumps({"step": step, **metrics, "lr": lr, "tok_per_s": tok_per_s}) + "\n")

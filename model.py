@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, final_answer, thinks
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "distill")  # for "run X first" hints
 CHUNK_LOGITS = 2 ** 23  # logits held at once by the chunked loss (32 MB in float32)
@@ -434,25 +434,16 @@ def unwrap(model):
     return model
 
 
-# length-bucketed batches (sft.py, reward.py, dpo.py, distill.py): little padding, every example once an epoch
-def batch_indices(lengths: list[int], batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples (conversations, pairs...) in the global batch of `step`, a function of (seed, step) only."""
-    epoch, index = divmod(step, len(lengths) // batch_size)
-    return epoch_batches(tuple(lengths), batch_size, seed, epoch)[index]
-
-
-@functools.lru_cache(maxsize=1)  # an epoch's batches are made once, not at every step
-def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A random order, cut to whole batches (a random remainder waits for the next epoch), sorted by
-    length within windows of 64 batches, cut into batches, and the batches shuffled."""
-    batches_per_epoch = len(lengths) // batch_size
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    order = order[: batches_per_epoch * batch_size]
-    window = 64 * batch_size
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(batches_per_epoch)]
-    shuffle = torch.randperm(batches_per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return [batches[b] for b in shuffle]
+# random batches (sft.py, reward.py, dpo.py, distill.py): every example once an epoch, in a fresh order
+def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples (conversations, pairs...) in the global batch of `step`, a function of (seed, step)
+    only: each epoch is a fresh permutation cut into whole batches (a random remainder waits for the next).
+    Not length-bucketed: batches sorted by length are all-short or all-long, so whatever goes with a
+    reply's length is taught in alternation; SFT demos that think first (long) then lost to bare answers
+    (short), and the model chose <think> with probability ~0.05 where 30 % of the demos think."""
+    epoch, index = divmod(step, n_examples // batch_size)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[index * batch_size : (index + 1) * batch_size].tolist()
 
 
 def left_pad(seqs, pad_id, device=None):
@@ -642,36 +633,39 @@ def reply_texts(tokenizer, completion_ids, completion_mask):
 
 def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
     """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage scores them:
-    "accuracy" (reply.strip() == answer.strip()), "well_formed" (the reply closed with <|im_end|>
-    within max_new_tokens) and "accuracy/<family>" for each task family."""
+    "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule), "think_rate" (the reply
+    starts with <think>), "well_formed" (it closed with <|im_end|> within max_new_tokens) and
+    "accuracy/<family>" for each task family; "replies" holds the reply texts (for a win rate)."""
     was_training = model.training
     model.eval()
-    correct, closed, families = [], [], []
+    replies, correct, closed, families = [], [], [], []
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch]
         completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0, eos_id=tokenizer.im_end_id,
                                         pad_id=tokenizer.pad_id)
-        for record, tokens, n in zip(batch, completions.tolist(), mask.sum(dim=1).long().tolist()):
-            reply = tokens[:n]
-            closed.append(reply[-1:] == [tokenizer.im_end_id])
-            reply = tokenizer.decode(reply[:-1] if closed[-1] else reply)
-            correct.append(reply.strip() == str(record["answer"]).strip())
+        texts, ended = reply_texts(tokenizer, completions, mask)
+        for record, text in zip(batch, texts):
+            replies.append(text)
+            correct.append(final_answer(text) == str(record["answer"]).strip())
             families.append(record.get("family"))
+        closed += ended.tolist()
     model.train(was_training)
-    result = {"accuracy": sum(correct) / max(len(correct), 1), "well_formed": sum(closed) / max(len(closed), 1)}
+    n = max(len(correct), 1)
+    result = {"accuracy": sum(correct) / n, "think_rate": sum(map(thinks, replies)) / n, "well_formed": sum(closed) / n}
     for family in sorted({f for f in families if f is not None}):
         hits = [c for c, f in zip(correct, families) if f == family]
         result[f"accuracy/{family}"] = sum(hits) / len(hits)
+    result["replies"] = replies
     return result
 
 
 def format_accuracy(result):
-    """heldout_accuracy's dict as one line: accuracy 41.7% (add 80%, sub 25%) | well-formed 97.5%."""
+    """heldout_accuracy's dict as one line: accuracy 41.7% (add 80%, sub 25%) | think 30.0% | well-formed 97.5%."""
     families = ", ".join(f"{key.split('/', 1)[1]} {value:.0%}" for key, value in result.items()
                          if key.startswith("accuracy/"))
     return (f"accuracy {result['accuracy']:.1%}" + (f" ({families})" if families else "")
-            + f" | well-formed {result['well_formed']:.1%}")
+            + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}")
 
 
 # ----------------------------------------------------------------------------- checkpoints (detail 11)

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
 # pipeline.sh: every stage in order on the built-in data, from nothing to the results table.
 #
-#   bash pipeline.sh                  # CPU defaults: data/ and out/, about 10 minutes on 2 cores
-#   bash pipeline.sh --quick          # tiny sizes in data/quick/ and out/quick/, about 2 minutes
+#   bash pipeline.sh                  # CPU defaults: data/ and out/, under 10 minutes on 2 cores
+#   bash pipeline.sh --seed 1         # another seed: data.py's training data and every stage's seed
+#   bash pipeline.sh --quick          # tiny sizes in data/quick/ and out/quick/, about 1 minute
 #   bash pipeline.sh --data D --out O # other directories (for --quick too)
 #   PYTHON=python3.11 bash pipeline.sh
 #
-# data -> tokenizer -> pretrain -> sft -> reward -> ppo -> grpo -> dpo -> distill -> eval.
+# data -> tokenizer -> pretrain -> sft -> reward -> ppo -> grpo -> dpo -> student (a quarter-size
+# pretrain) -> distill -> eval.
 # Each stage's output goes to the terminal and to O/logs/STAGE.log; the first failing stage stops
 # the pipeline and is named; the end prints each stage's wall time and headline (before/after).
-# Every stage runs with its own defaults (the CPU defaults); only paths are passed (and a 1k
-# vocabulary to the tokenizer), plus tiny sizes with --quick. Flags: `python STAGE.py --help`.
+# Every stage runs with its own defaults (the CPU defaults); only paths and the seed are passed (and
+# a 1k vocabulary to the tokenizer, the student's size), plus tiny sizes with --quick. Flags:
+# `python STAGE.py --help`.
 set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
 PYTHON=${PYTHON:-python}
-QUICK=0 DATA="" OUT=""
+QUICK=0 DATA="" OUT="" SEED=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --seed)
+      case "$2" in ''|*[!0-9]*) echo "pipeline: --seed needs a whole number" >&2; exit 2 ;; esac
+      SEED=$2
+      shift ;;
     --data|--out)
       [ $# -ge 2 ] || { echo "pipeline: $1 needs a directory" >&2; exit 2; }
       case "$2" in /*) dir=$2 ;; *) dir=$PWD/$2 ;; esac  # relative to where you are, not to the repo
       if [ "$1" = --data ]; then DATA=$dir; else OUT=$dir; fi
       shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "pipeline: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -42,10 +49,12 @@ if [ "$QUICK" = 1 ]; then
   Q_PPO=(--steps 2 --prompts-per-step 8 --max-new-tokens 4 --warmup 1 --log-every 1)
   Q_GRPO=(--steps 2 --prompts-per-step 4 --group-size 4 --max-new-tokens 4 --warmup 1 --log-every 1)
   Q_DPO=(--steps 5 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4)
-  Q_DISTILL=(--steps 10 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4)
+  Q_STUDENT=(--hidden-size 16 --num-layers 2 --context 64 --batch-size 8 --steps 20 --warmup 5 --log-every 10 --eval-every 20 --eval-batches 2)
+  Q_DISTILL=(--steps 10 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4 --no-keep-correct)
   Q_EVAL=(--max-new-tokens 4 --val-tokens 2048)
 else
   Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=() Q_DPO=() Q_DISTILL=() Q_EVAL=()
+  Q_STUDENT=(--hidden-size 64 --num-layers 4 --steps 600)  # a quarter of the default model's parameters
 fi
 
 STAGES_RUN=() TIMES=()
@@ -66,16 +75,18 @@ run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
 }
 
 T0=$(date +%s.%N)
-run data      $PYTHON data.py --out "$DATA" "${Q_DATA[@]}"
+S=(--seed "$SEED")
+run data      $PYTHON data.py --out "$DATA" "${S[@]}" "${Q_DATA[@]}"
 run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/tokenizer.json" "${Q_TOKENIZER[@]}"
-run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/pretrain.pt" "${Q_PRETRAIN[@]}"
-run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${Q_SFT[@]}"
-run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${Q_REWARD[@]}"
-run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${Q_PPO[@]}"
-run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${Q_GRPO[@]}"
-run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --task-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" "${Q_DPO[@]}"
-run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${Q_DISTILL[@]}"
-run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --out "$OUT/eval.json" "${Q_EVAL[@]}"
+run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/pretrain.pt" "${S[@]}" "${Q_PRETRAIN[@]}"
+run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" "${Q_SFT[@]}"
+run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
+run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${S[@]}" "${Q_PPO[@]}"
+run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${S[@]}" "${Q_GRPO[@]}"
+run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --task-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" "${S[@]}" "${Q_DPO[@]}"
+run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
+run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" --data "$DATA/prompts.jsonl" --baseline-data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${S[@]}" "${Q_DISTILL[@]}"
+run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --out "$OUT/eval.json" "${S[@]}" "${Q_EVAL[@]}"
 
 echo
 echo "pipeline | done in $(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')s$([ "$QUICK" = 1 ] && echo " (--quick)")"
@@ -83,5 +94,5 @@ for i in "${!STAGES_RUN[@]}"; do
   name=${STAGES_RUN[$i]}
   printf "pipeline | %-9s %7ss\n" "$name" "${TIMES[$i]}"
   # the headline of each training stage: the before/after lines it ends with (eval's table is above)
-  sed -n "/^$name | done in/,\$p" "$OUT/logs/$name.log" | grep -E "before|after|teacher:|student:|baseline:|val bpb" | sed 's/^/    /' || true
+  sed -n "/^[a-z]* | done in/,\$p" "$OUT/logs/$name.log" | grep -E "before|after|teacher:|student:|baseline:|val bpb" | sed 's/^/    /' || true
 done

@@ -27,6 +27,8 @@ Implementation details:
    reply). The KL is part of the reward here, not a loss term as in grpo.py: it flows into the
    advantages and the value targets. `--adaptive-kl` moves kl_coef towards a target KL
    (proportional controller, error clipped to +-0.2, horizon 10000 replies).
+   Nothing past the last real token is trained (TRL's former PPOTrainer put the score one token
+   after the EOS and trained a value there).
 5. GAE (gamma 1, lambda 0.95, TRL's defaults) computed backwards over the reply; rewards and
    values are 0 past the last real token, so the bootstrap stops there. returns = advantages +
    values, before the advantages are whitened (mean 0, std 1 over the real tokens of the rank's
@@ -67,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (completion_logprobs, completion_values, format_accuracy, generate, heldout_accuracy, left_pad,
                    load_checkpoint, reply_texts, save_checkpoint, sequence_scores)
+from tokenizer import final_answer
 
 
 @dataclass
@@ -87,7 +90,7 @@ class Args:
     """rollout steps; each does ppo_epochs x minibatches optimizer steps"""
     prompts_per_step: int = 32
     """prompts sampled per step (one reply each), summed over ranks"""
-    max_new_tokens: int = 16
+    max_new_tokens: int = 48
     """reply length limit, for sampling and for the held-out evaluation"""
     temperature: float = 1.0
     """sampling temperature; the loss divides the logits by the same value"""
@@ -367,7 +370,7 @@ def main(args: Args):
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
         texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
         has_answer = torch.tensor([answer is not None for answer in answers], device=args.device)
-        correct = torch.tensor([float(text.strip() == answer) for text, answer in zip(texts, answers)], device=args.device)
+        correct = torch.tensor([float(final_answer(text) == answer) for text, answer in zip(texts, answers)], device=args.device)
 
         # ---------------------------------------------------------- rewards, GAE (detail 3, 4, 5)
         penalized_scores = scores - args.missing_eos_penalty * (~ended).float()

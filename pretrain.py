@@ -14,7 +14,8 @@ Implementation details:
 1. The corpus is tokenized once and cached as a numpy memmap next to the data
    (`data/pretrain.txt.<hash>.bin`, uint16 when the vocab fits). The hash covers the tokenizer
    and the data bytes, so a new tokenizer or new data re-tokenizes, nothing else does.
-2. Documents are joined with <|endoftext|> and training reads random windows of `context + 1`
+2. Documents are joined with <|endoftext|>, and <think> / </think> in the text are the think tokens
+   (the built-in text has thinking lines). Training reads random windows of `context + 1`
    tokens from the stream (packed: no compute is spent on padding). The last `val_fraction` of
    the stream is held out for validation.
 3. The windows of step s come from a generator seeded with (seed, s): the data position is the
@@ -171,7 +172,7 @@ def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
     cache = f"{path}.{key.hexdigest()[:12]}.bin"
     if not os.path.exists(cache):
         documents = read_documents(path)
-        tokens = tokenizer.encode_array(documents)  # joined by <|endoftext|>
+        tokens = tokenizer.encode_array(documents, tokenizer.think_tokens)  # joined by <|endoftext|>; <think> is the token
         with open(cache + ".tmp", "wb") as f:
             f.write(np.asarray(tokens, dtype=dtype).tobytes())
         os.replace(cache + ".tmp", cache)

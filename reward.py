@@ -13,11 +13,11 @@ Implementation details:
 1. The reward model is sft.pt with its language-model head swapped for a scalar head `score`
    (Qwen2ForSequenceClassification's name): every other weight is copied, `score` starts from
    N(0, 1/sqrt(hidden + 1)) as TRL does, so the first rewards are of order 1 and not all equal.
-2. A reply is rendered as the assistant turn the policy would write, `reply<|im_end|>` after
+2. A reply is rendered as the assistant turn the policy would write (tokenizer.encode_reply), `reply<|im_end|>` after
    `<|im_start|>assistant\\n`, and the reward is the score at the LAST REAL token of prompt +
    reply, found from the attention mask (model.sequence_scores), never by looking for a pad id
    (the pad id is <|endoftext|>, a real token too).
-3. Batches: pairs of similar length are batched together (model.batch_indices, as sft.py), and the
+3. Batches: random pairs each step (model.batch_indices, as sft.py), and the
    chosen and rejected replies of a batch are two forward passes (prompts left-padded, replies
    right-padded), so a short chosen reply is not padded to the length of a rambling rejected one.
    The held-out pairs are evaluated sorted by length for the same reason.
@@ -196,8 +196,7 @@ def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, pa
             prompt = tokenizer.encode_prompt(record["prompt"])
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
-        chosen_ids = tokenizer.encode(chosen) + [tokenizer.im_end_id]
-        rejected_ids = tokenizer.encode(rejected) + [tokenizer.im_end_id]
+        chosen_ids, rejected_ids = tokenizer.encode_reply(chosen), tokenizer.encode_reply(rejected)
         if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
             skipped["longer than the context"] += 1
             continue
@@ -286,7 +285,6 @@ def main(args: Args):
     del lm_model
     context = reward_model.config.max_position_embeddings
     pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, ("prompt", "chosen", "rejected")), context, args.data)
-    lengths = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs]
     if len(pairs) < args.batch_size:
         raise ValueError(f"{args.data}: {len(pairs)} usable pairs, fewer than --batch-size {args.batch_size}")
     eval_pairs, eval_skipped = preference_pairs(tokenizer, read_jsonl(args.eval_data, ("prompt", "chosen", "rejected")),
@@ -313,7 +311,7 @@ def main(args: Args):
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [pairs[i] for i in batch_indices(lengths, args.batch_size, args.seed, step)][rank::world]
+        batch = [pairs[i] for i in batch_indices(len(pairs), args.batch_size, args.seed, step)][rank::world]
         stats = torch.zeros(3, device=args.device)  # loss, correct pairs, margin sum over the global batch
         for micro in range(args.grad_accum):
             rows = batch[micro * micro_batch : (micro + 1) * micro_batch]

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: tests run side by side
 
-from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
+from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, final_answer, thinks  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 from model import (ModelConfig, Transformer, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
@@ -65,7 +65,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.train(corpus(), vocab_size=256 + 3 + 500)
+    return Tokenizer.train(corpus(), vocab_size=256 + 5 + 500)
 
 
 def random_text(rng, n):
@@ -154,7 +154,7 @@ def hf_byte_order():
 
 def naive_train(documents, n_merges):
     """Reference trainer: recount every pair after every merge; max count, ties -> smallest pair in HF order."""
-    specials = "|".join(map(re.escape, SPECIAL_TOKENS))  # never trained on
+    specials = "|".join(map(re.escape, SPECIAL_TOKENS + THINK_TOKENS))  # never trained on
     words = Counter(tuple(p.encode()) for doc in documents for part in re.split(specials, doc)
                     for p in re.findall(SPLIT_PATTERN, part))
     tokens = [bytes([b]) for b in range(256)]
@@ -191,7 +191,7 @@ def naive_train(documents, n_merges):
 
 def test_merges_match_naive_trainer():
     documents = [SAMPLE, SAMPLE.lower(), corpus()[1][:3000]]
-    fast = Tokenizer.train(documents, vocab_size=256 + 3 + 150)
+    fast = Tokenizer.train(documents, vocab_size=256 + 5 + 150)
     assert fast.merges == naive_train(documents, 150)
 
 
@@ -199,15 +199,15 @@ def test_merges_match_huggingface():
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     # Hugging Face trains on special-token text too; we cut it out, so give both the cut documents
-    documents = [part for doc in corpus() for part in re.split("|".join(map(re.escape, SPECIAL_TOKENS)), doc)]
+    documents = [part for doc in corpus() for part in re.split("|".join(map(re.escape, SPECIAL_TOKENS + THINK_TOKENS)), doc)]
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(documents, trainers.BpeTrainer(
-        vocab_size=256 + 3 + 300, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=256 + 5 + 300, special_tokens=list(SPECIAL_TOKENS + THINK_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    ours = Tokenizer.train(documents, vocab_size=256 + 3 + 300)
+    ours = Tokenizer.train(documents, vocab_size=256 + 5 + 300)
     hf_merges = json.loads(hf.to_str())["model"]["merges"]
     hf_merges = [m.split(" ") if isinstance(m, str) else m for m in hf_merges]
     byte_of = {c: b for b, c in gpt2_chars().items()}
@@ -235,8 +235,9 @@ def test_special_tokens(tok):
     text = "a<|endoftext|>b<|im_start|>c"
     ids = tok.encode(text, allowed_special={"<|endoftext|>"})
     assert ids == tok.encode("a") + [tok.eot_id] + tok.encode("b<|im_start|>c")
-    assert tok.vocab_size == 256 + len(tok.merges) + 3 and tok.pad_id == tok.eot_id
-    assert [tok.eot_id, tok.im_start_id, tok.im_end_id] == list(range(tok.vocab_size - 3, tok.vocab_size))
+    assert tok.vocab_size == 256 + len(tok.merges) + 5 and tok.pad_id == tok.eot_id
+    assert [tok.eot_id, tok.im_start_id, tok.im_end_id, tok.think_id, tok.special_tokens["</think>"]] == \
+        list(range(tok.vocab_size - 5, tok.vocab_size))
     with pytest.raises(ValueError):
         tok.encode("x", allowed_special={"<|nope|>"})
 
@@ -268,6 +269,40 @@ def test_chat_mask(tok):
     assert tok.encode_prompt("2+3?") == tok.encode_chat([{"role": "user", "content": "2+3?"}], True)[0]
     assert tok.render_chat(messages[:1], add_generation_prompt=True) == \
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_think_tokens_are_special_in_replies_only(tok):
+    think, end = tok.special_tokens["<think>"], tok.special_tokens["</think>"]
+    assert tok.think_tokens == THINK_TOKENS and tok.think_id == think
+    messages = [{"role": "system", "content": "Say <think> if you like."},
+                {"role": "user", "content": "What is <think>1+1</think>?"},
+                {"role": "assistant", "content": "<think>1+1=2</think>2"}]
+    ids, mask = tok.encode_chat(messages)
+    assert ids.count(think) == 1 and ids.count(end) == 1  # the system's and the user's lookalikes stay text
+    reply = [i for i, m in zip(ids, mask) if m]
+    assert reply == [think] + tok.encode("1+1=2") + [end] + tok.encode("2") + [tok.im_end_id]
+    assert tok.decode(ids) == tok.render_chat(messages)  # round trip: the special ids decode to their text
+    # a corpus: think tokens only where the caller allows them (pretrain.py does)
+    doc = "Q? <think>1+1=2</think>2"
+    assert think not in tok.encode_array([doc]).tolist()
+    assert tok.encode_array([doc, "x"], THINK_TOKENS).tolist() == tok.encode(doc, THINK_TOKENS) + [tok.eot_id] + tok.encode("x")
+    assert tok.encode(doc, THINK_TOKENS).count(think) == 1
+    # a tokenizer without them (an imported one) has none, and replies stay plain text
+    old = Tokenizer(tok.merges, special_tokens=SPECIAL_TOKENS)
+    assert old.think_tokens == () and old.think_id is None
+    assert old.think_tokens == () and old.decode(old.encode_chat(messages)[0]) == tok.render_chat(messages)
+
+
+def test_final_answer_rule():
+    assert final_answer("85") == "85" and final_answer(" 85\n") == "85"           # no think block: the whole reply
+    assert final_answer("<think>7+8=15</think>85") == "85"                        # thinks: the text after </think>
+    assert final_answer("<think>7+8=15</think> 85 ") == "85"
+    assert final_answer("<think>7+8=15") is None and final_answer("<think>") is None  # never closed: no answer
+    assert final_answer("<think>a</think>85 and more") == "85 and more"           # text after the answer stays
+    assert final_answer("<think>a</think>85</think>9") == "85</think>9"           # the first </think> closes
+    assert final_answer("85<think>a</think>9") == "85<think>a</think>9"           # thinks only when it starts so
+    assert final_answer("</think>85") == "</think>85" and final_answer("") == ""
+    assert thinks("<think>x</think>1") and thinks(" <think>") and not thinks("1<think>") and not thinks("")
 
 
 def _runs(mask):
@@ -371,7 +406,7 @@ def test_cli(tmp_path):
 
 DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
               "eval.jsonl", "prefs_eval.jsonl"]
-DATA_FAMILIES = ["add", "sub", "mul", "reverse", "sort", "count"]
+DATA_FAMILIES = ["add", "sub"]
 DATA_TINY = ["--scale", "0.02"]
 
 
@@ -386,49 +421,65 @@ def data_generate(out_dir, *flags):
 def data_solve(family, prompt):
     """(canonical key, answer) of a task prompt, from its text alone."""
     numbers = [int(x) for x in re.findall(r"\d+", prompt)]
-    letters = [w for w in re.findall(r"[A-Za-z]+", prompt) if len(w) == 1]  # prompts have no one-letter words
-    if family in ("add", "sub", "mul"):
-        assert len(numbers) == 2, prompt
-        a, b = numbers
-        if family == "sub":
-            assert a >= b, prompt
-            return f"sub:{a}:{b}", str(a - b)
-        return f"{family}:{min(a, b)}:{max(a, b)}", str(a + b if family == "add" else a * b)
-    if family == "reverse":
-        word = "".join(letters)
-        assert 3 <= len(word) <= 7 and not numbers, prompt
-        return f"reverse:{min(word, word[::-1])}", " ".join(reversed(letters))
-    if family == "sort":
-        digits = re.findall(r"\d", prompt)
-        assert 3 <= len(digits) <= 7 and all(len(x) == 1 for x in re.findall(r"\d+", prompt)), prompt
-        return "sort:" + "".join(sorted(digits)), " ".join(sorted(digits))
-    if family == "count":
-        target, word = letters[0], "".join(letters[1:])
-        assert 3 <= len(word) <= 12 and not numbers, prompt
-        return f"count:{target}:{word}", str(word.count(target))
-    raise AssertionError(f"unknown family {family}")
+    assert family in ("add", "sub") and len(numbers) == 2, (family, prompt)
+    a, b = numbers
+    assert max(a, b) >= 100 and max(a, b) <= 999, prompt  # a three-digit number and a smaller one
+    if family == "sub":
+        assert a >= b, prompt
+        return f"sub:{a}:{b}", str(a - b)
+    return f"add:{min(a, b)}:{max(a, b)}", str(a + b)
 
 
-# the plain forms of pretrain.txt: regex -> (family, inputs, answer) from the match groups
+def data_check_reply(family, prompt, reply):
+    """Checks a thinking reply step by step, independently of data.py: the operands restated and
+    zero-padded, each column's step arithmetically right with the carry / borrow of the column
+    before, and the answer spelled by the steps equal to the true answer. Returns the answer."""
+    a, b = map(int, re.findall(r"\d+", prompt))
+    sign = {"add": "+", "sub": "-"}[family]
+    m = re.fullmatch(r"<think>(\d{3})([+-])(\d{3}): (.+)</think>(\d+)", reply)
+    assert m, reply
+    assert (int(m[1]), m[2], int(m[3])) == (a, sign, b), reply
+    steps, carry, digits = m[4].split(" "), 0, []
+    assert len(steps) == 3, reply
+    for column, step in enumerate(steps):
+        x, y = int(m[1][2 - column]), int(m[3][2 - column])
+        numbers = [int(n) for n in re.findall(r"\d+", step)]
+        if family == "add":
+            expected = [x, y, x + y] if column == 0 else [x, y, carry, x + y + carry]
+            carry = expected[-1] // 10
+        else:
+            top = x + 10 if x - y - carry < 0 else x
+            expected = [top, y, top - y] if column == 0 else [top, y, carry, top - y - carry]
+            carry = int(top > x)
+        assert numbers == expected and step.count(sign) == len(expected) - 2, (reply, step, expected)
+        digits.append(expected[-1])
+    spelled = str(int(str(digits[-1]) + "".join(str(d % 10) for d in digits[-2::-1])))
+    true_answer = str(a + b if family == "add" else a - b)
+    assert spelled == true_answer == m[5], reply
+    return m[5]
+
+
+# the forms of a pretraining skill line: regex -> (family, prompt-like text, answer)
 DATA_PLAIN = [
-    (r"(\d+) (?:\+|plus) (\d+) (?:=|equals) (\d+)", lambda m: ("add", f"What is {m[1]} + {m[2]}?", m[3])),
-    (r"(\d+) (?:-|minus) (\d+) (?:=|equals) (\d+)", lambda m: ("sub", f"What is {m[1]} - {m[2]}?", m[3])),
-    (r"(\d+) (?:x|times) (\d+) (?:=|equals) (\d+)", lambda m: ("mul", f"What is {m[1]} x {m[2]}?", m[3])),
-    (r"(?:the reverse of )?((?:[a-z] )+[a-z])(?: backwards)? is ((?:[a-z] )+[a-z])",
-     lambda m: ("reverse", f"Reverse {m[1]}", m[2])),
-    (r"(?:in order, )?((?:\d )+\d) (?:sorted is|becomes) ((?:\d )+\d)", lambda m: ("sort", f"Sort {m[1]}", m[2])),
-    (r"in ((?:[a-z] )+[a-z]) the letter ([a-z]) appears (\d+) times",
-     lambda m: ("count", f"Count {m[2]} in {m[1]}", m[3])),
-    (r"((?:[a-z] )+[a-z]) has ([a-z]) (\d+) times", lambda m: ("count", f"Count {m[2]} in {m[1]}", m[3])),
+    (r"(\d+) (?:\+|plus) (\d+) (?:=|equals) (\d+)", lambda m: ("add", f"{m[1]} + {m[2]}", m[3])),
+    (r"(\d+) (?:-|minus) (\d+) (?:=|equals) (\d+)", lambda m: ("sub", f"{m[1]} - {m[2]}", m[3])),
 ]
 
 
 def data_pretrain_problems(text):
-    """(family, key) of every skill line; fails on a line that looks like a skill but is not one."""
+    """(family, key) of every skill line; fails on a line that looks like a skill but is not one,
+    and on a thinking line whose trace is wrong."""
     problems = []
     for line in text.splitlines():
-        if not re.search(r"\d|\b[a-z] [a-z]\b", line):
+        if not re.search(r"\d", line):
             continue  # prose
+        if "<think>" in line:
+            question, reply = line.split(" <think>")
+            family = "add" if re.search(r"\+|Add ", question) else "sub"
+            key, answer = data_solve(family, question)
+            assert data_check_reply(family, question, "<think>" + reply) == answer, line
+            problems.append((family, key))
+            continue
         for pattern, parse in DATA_PLAIN:
             m = re.fullmatch(pattern, line)
             if m:
@@ -465,36 +516,91 @@ def test_data_is_deterministic(tiny_data, tmp_path):
         assert len(first) > 0
         assert first == (tmp_path / "again" / name).read_bytes(), name
         assert first == (tmp_path / "inproc" / name).read_bytes(), name
-    # another seed gives other training data but never leaks the (seed-independent) held-out keys
+    # another seed gives other training data, the same eval files, and never leaks the held-out keys
     data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
     assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
+    for name in ("eval.jsonl", "prefs_eval.jsonl"):
+        assert (tmp_path / "seed1" / name).read_bytes() == (tiny_data / name).read_bytes(), name
     eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in data_read(tiny_data, "eval.jsonl")}
     assert not eval_keys & {data_solve(r["family"], r["prompt"])[0] for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
 
 
-def test_data_records_have_fields_and_correct_answers(tiny_data):
+def test_data_records_have_fields_and_correct_answers_and_traces(tiny_data):
     for name in ("prompts.jsonl", "eval.jsonl"):
         for r in data_read(tiny_data, name):
             assert set(r) == {"prompt", "answer", "family", "level"} and r["level"] in (1, 2, 3), r
             assert data_solve(r["family"], r["prompt"])[1] == r["answer"], r
-    for name in ("prefs.jsonl", "prefs_eval.jsonl"):
-        for r in data_read(tiny_data, name):
-            assert set(r) == {"prompt", "chosen", "rejected", "family", "level", "kind"}, r
-            assert r["kind"] in data.REJECT_KINDS, r
-            assert data_solve(r["family"], r["prompt"])[1] == r["chosen"], r
-            assert r["rejected"].strip() != r["chosen"].strip() and r["rejected"].strip(), r
-            assert not data.check_answer(r["rejected"], r["chosen"])
     sft = data_read(tiny_data, "sft.jsonl")
     assert {r["family"] for r in sft} == {*DATA_FAMILIES, "chat"}
     assert any(m["role"] == "system" for r in sft for m in r["messages"]), "no system prompt at all"
     assert any(len(r["messages"]) >= 4 for r in sft), "no multi-turn conversation at all"
+    tasks = [r for r in sft if r["family"] != "chat"]
+    assert 0.2 < sum(r["thinks"] for r in tasks) / len(tasks) < 0.4  # a minority of the demos think (30 %)
     for r in sft:
         messages = r["messages"][1:] if r["messages"][0]["role"] == "system" else r["messages"]
         assert messages and [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2), r
         for user, assistant in zip(messages[::2], messages[1::2]):
             assert assistant["content"].strip() and "<|" not in user["content"] + assistant["content"]
-            if r["family"] != "chat":
+            if r["family"] == "chat":
+                assert "<think>" not in assistant["content"]
+            elif r["thinks"]:  # every trace is right step by step and ends in the answer
+                assert data_check_reply(r["family"], user["content"], assistant["content"]) == data_solve(r["family"], user["content"])[1]
+            else:
                 assert data_solve(r["family"], user["content"])[1] == assistant["content"], r
+
+
+def test_data_preference_pairs_are_labelled_by_the_labeler(tiny_data):
+    for name in ("prefs.jsonl", "prefs_eval.jsonl"):
+        kinds = Counter()
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "chosen", "rejected", "family", "level", "kind"}, r
+            assert r["kind"] in data.REJECT_KINDS, r
+            kinds[r["kind"]] += 1
+            assert data.prefer(r, r["chosen"], r["rejected"]) == 1.0, r  # the labeler prefers the chosen reply
+            answer = data_solve(r["family"], r["prompt"])[1]
+            # the right worked reply against a failure
+            assert data_check_reply(r["family"], r["prompt"], r["chosen"]) == answer, r
+            assert r["rejected"] != r["chosen"], r
+            if r["kind"] == "bare_right":
+                assert r["rejected"] == answer, r
+            elif r["kind"] == "bare_wrong":
+                assert r["rejected"] != answer and r["rejected"].isdigit(), r
+            elif r["kind"] == "cut_off":
+                assert r["chosen"].startswith(r["rejected"]) and final_answer(r["rejected"]) is None, r
+            else:  # wrong_step: the same shape, one step result changed
+                assert r["rejected"].startswith(r["chosen"].split(":")[0] + ":") and "</think>" in r["rejected"], r
+                with pytest.raises(AssertionError):
+                    data_check_reply(r["family"], r["prompt"], r["rejected"])
+        assert set(kinds) == set(data.REJECT_KINDS), kinds
+
+
+def test_data_labeler():
+    record = {"prompt": "What is 385 + 48?", "answer": "433", "family": "add"}
+    right = "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
+    wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>423"
+    right_answer_wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>433"
+    cut_off = "<think>385+048: 5+8=13 8+4+1=13"
+    prefer = data.prefer
+    # a right answer beats a wrong one, whatever the work
+    assert prefer(record, "433", wrong_step) == 1.0 and prefer(record, "433", "434") == 1.0
+    # between right answers: right work > no work > a think block with a wrong step
+    assert prefer(record, right, "433") == 1.0 and prefer(record, "433", right_answer_wrong_step) == 1.0
+    assert prefer(record, right, right_answer_wrong_step) == 1.0
+    # between wrong answers: a reply with an answer beats one cut off inside its think block
+    assert prefer(record, "434", cut_off) == 1.0 and prefer(record, wrong_step, cut_off) == 1.0
+    # ties: the same rank (text around the answer makes it a wrong answer, not a tie)
+    assert prefer(record, "433", " 433\n") == 0.5 and prefer(record, right, right) == 0.5
+    assert prefer(record, "434", "432") == 0.5 and prefer(record, "433 is it", "434") == 0.5
+    # antisymmetric on every pair of these replies
+    replies = [right, wrong_step, right_answer_wrong_step, cut_off, "433", "434", "", "<think></think>433"]
+    for a in replies:
+        for b in replies:
+            assert prefer(record, a, b) + prefer(record, b, a) == 1.0, (a, b)
+    # the win rate on fixed replies, by hand: win, loss, tie, win -> (1 + 0 + 0.5 + 1) / 4
+    records = [record] * 4
+    assert data.win_rate(records, [right, "434", "433", "433"], ["433", "433", " 433", cut_off]) == 2.5 / 4
+    # the operands come from a messages prompt too
+    assert prefer({**record, "prompt": [{"role": "user", "content": "What is 385 + 48?"}]}, right, "433") == 1.0
 
 
 def test_data_pretraining_text(tiny_data):
@@ -504,10 +610,12 @@ def test_data_pretraining_text(tiny_data):
             assert token not in text, f"chat markup {token!r} in {name}"
         documents = text.split("\n\n")
         assert all(document.strip() for document in documents)
-        families = {family for family, _key in data_pretrain_problems(text)}  # also checks every skill line
+        problems = data_pretrain_problems(text)  # also checks every skill line and every trace
         if name == "pretrain.txt":
-            assert families == set(DATA_FAMILIES)
+            assert {family for family, _key in problems} == set(DATA_FAMILIES)
             assert any(document.startswith("Once upon a time") for document in documents)
+            thinking = sum("<think>" in line for line in text.splitlines())
+            assert 0.35 < thinking / len(problems) < 0.65  # half of the skill lines think
 
 
 def test_data_held_out_split_is_disjoint(tiny_data):
@@ -527,16 +635,15 @@ def test_data_held_out_split_is_disjoint(tiny_data):
         train_keys |= {key for _family, key in data_pretrain_problems(data_read(tiny_data, name))}
     assert not eval_prompts & train_prompts
     assert not eval_keys & train_keys, sorted(eval_keys & train_keys)[:5]
-    # and the plain rendering of an eval sum, difference or product appears nowhere in the pretraining text
+    # and no eval sum or difference appears in the pretraining text, in any form
     text = data_read(tiny_data, "pretrain.txt") + data_read(tiny_data, "pretrain_val.txt")
-    operator = {"+": "add", "plus": "add", "-": "sub", "minus": "sub", "x": "mul", "times": "mul"}
-    seen = {(operator[op], int(a), int(b))
-            for a, op, b in re.findall(r"(?<!\d)(\d+) (\+|plus|-|minus|x|times) (\d+) (?:=|equals)", text)}
+    seen = {(op, int(a), int(b)) for a, op, b in re.findall(r"(?<!\d)(\d+) ?(\+|plus|-|minus) ?(\d+)", text)}
+    seen |= {(op, int(a), int(b)) for op, a, b in re.findall(r"(Add|minus) (\d+) (?:and )?(\d+)", text)}
     for r in evals:
-        if r["family"] in ("add", "sub", "mul"):
-            a, b = map(int, re.findall(r"\d+", r["prompt"]))
-            orders = [(a, b)] if r["family"] == "sub" else [(a, b), (b, a)]
-            assert not any((r["family"], x, y) in seen for x, y in orders), r["prompt"]
+        a, b = map(int, re.findall(r"\d+", r["prompt"]))
+        ops = ("+", "plus", "Add") if r["family"] == "add" else ("-", "minus")
+        orders = [(a, b)] if r["family"] == "sub" else [(a, b), (b, a)]
+        assert not any((op, x, y) in seen for op in ops for x, y in orders), r["prompt"]
     # prefs_eval is built from eval problems only
     for r in data_read(tiny_data, "prefs_eval.jsonl"):
         assert data_solve(r["family"], r["prompt"])[0] in eval_keys
@@ -548,40 +655,25 @@ def test_data_eval_covers_every_family_and_level(tiny_data):
     assert len(data_read(tiny_data, "prefs_eval.jsonl")) == len(evals)
     for family in DATA_FAMILIES:
         rows = [r for r in evals if r["family"] == family]
-        assert len(rows) == 100, family
-        assert len({data_solve(family, r["prompt"])[0] for r in rows}) == 100, f"{family}: repeated problems"
-        assert {r["level"] for r in rows} == {1, 2, 3}, family
+        assert len(rows) == 150, family
+        assert len({data_solve(family, r["prompt"])[0] for r in rows}) == 150, f"{family}: repeated problems"
+        assert Counter(r["level"] for r in rows) == {1: 50, 2: 50, 3: 50}, family
 
 
 def test_data_levels_are_what_the_docstring_says():
-    # add/sub: level 1 a 2-digit and a 1-digit number with no carry (borrow), level 2 with one, level 3 two 2-digit
+    # a three-digit number and one of `level` digits
     rng = random.Random(0)
     for _ in range(300):
         for level in (1, 2, 3):
             for family in ("add", "sub"):
                 p = data.GENERATORS[family](rng, level)
-                a, b = sorted((p.fields["a"], p.fields["b"]), reverse=True)
-                if level == 3:
-                    assert 10 <= b <= a <= 99, p
-                    continue
-                assert 10 <= a <= 99 and 0 <= b <= 9, p
-                carries = a % 10 + b >= 10 if family == "add" else a % 10 < b
-                assert carries == (level == 2), p
-            p = data.GENERATORS["reverse"](rng, level)
-            assert len(p.answer.split()) == level + 2 and p.answer.split() == p.fields["letters"].split()[::-1], p
-            p = data.GENERATORS["count"](rng, level)
-            assert len(p.fields["letters"].split()) in [(3, 4), (5, 6), (7, 8)][level - 1], p
-            p = data.GENERATORS["mul"](rng, level)  # 2..9 x 0..9 / 2..9 x 10..19 / 2..19 x 10..99
-            small, large = sorted((p.fields["a"], p.fields["b"]))
-            assert [0 <= small and 2 <= large <= 9, 2 <= small <= 9 and 10 <= large <= 19,
-                    2 <= small <= 19 and 10 <= large <= 99][level - 1], p
-            p = data.GENERATORS["sort"](rng, level)
-            digits = p.fields["digits"].split()
-            assert len(digits) == level + 2 and p.answer.split() == sorted(digits), p
+                large, small = sorted((p.a, p.b), reverse=True)
+                assert 100 <= large <= 999 and (small < 10 if level == 1 else 10 ** (level - 1) <= small < 10**level), p
+                assert p.answer == str(p.a + p.b if family == "add" else p.a - p.b)
+                assert data_check_reply(family, f"{p.a} {data.SIGN[family]} {p.b}", data.thinking_reply(p)) == p.answer
 
 
-def test_data_split_rule_and_check_answer():
-    assert data.check_answer(" 85\n", "85") and not data.check_answer("85.", "85")
+def test_data_split_rule():
     # the split is a fixed ~8 % slice of a problem space, by sha256 of the key
     keys = [f"add:{a}:{b}" for a in range(100) for b in range(a, 100)]
     share = sum(data.is_held_out(k, 0.08) for k in keys) / len(keys)
@@ -1034,7 +1126,7 @@ def test_grouped_completion_logprobs_under_ddp(tmp_path):
 
 
 def test_heldout_accuracy_by_hand():
-    model, tokenizer = tiny_model(vocab_size=259, max_position_embeddings=128), Tokenizer(merges=[])
+    model, tokenizer = tiny_model(vocab_size=261, max_position_embeddings=128), Tokenizer(merges=[])
     records = [{"prompt": "a", "answer": "x", "family": "add"}, {"prompt": "bb", "answer": "y", "family": "add"},
                {"prompt": "c", "answer": "z", "family": "sub"}]
     replies = [generate(model, [tokenizer.encode_prompt(r["prompt"])], 6, temperature=0, eos_id=tokenizer.im_end_id)[0]
@@ -1044,32 +1136,40 @@ def test_heldout_accuracy_by_hand():
     result = heldout_accuracy(model.train(), tokenizer, records, max_new_tokens=6, batch_size=2)
     assert model.training  # restored
     closed = sum(tokenizer.im_end_id in reply[0].tolist() for reply in replies) / 3
-    expected = {"accuracy": sum(t.strip() == r["answer"].strip() for t, r in zip(texts, records)) / 3,
-                "well_formed": closed, "accuracy/add": (texts[0].strip() == "x") / 2 + 0.5,
-                "accuracy/sub": float(texts[2].strip() == "z")}
+    expected = {"accuracy": sum(final_answer(t) == r["answer"].strip() for t, r in zip(texts, records)) / 3,
+                "think_rate": sum(map(thinks, texts)) / 3, "well_formed": closed,
+                "accuracy/add": (final_answer(texts[0]) == "x") / 2 + 0.5, "accuracy/sub": float(final_answer(texts[2]) == "z")}
+    assert result.pop("replies") == texts
     assert result == pytest.approx(expected)
-    assert format_accuracy({"accuracy": 0.5, "well_formed": 1.0, "accuracy/add": 0.25}) == \
-        "accuracy 50.0% (add 25%) | well-formed 100.0%"
+    assert format_accuracy({"accuracy": 0.5, "think_rate": 0.25, "well_formed": 1.0, "accuracy/add": 0.25}) == \
+        "accuracy 50.0% (add 25%) | think 25.0% | well-formed 100.0%"
 
 
 def test_heldout_accuracy_on_fixed_replies(monkeypatch):
     tokenizer = Tokenizer(merges=[])
+    think, end = tokenizer.think_id, tokenizer.special_tokens["</think>"]
     replies = [tokenizer.encode("12") + [tokenizer.im_end_id],  # closed and right
                tokenizer.encode(" 7 ") + [tokenizer.im_end_id],  # closed, wrong (7 is not 8)
-               tokenizer.encode("12")]  # right, but never closed: counts as right, not as well formed
+               tokenizer.encode("12"),  # right, but never closed: counts as right, not as well formed
+               [think] + tokenizer.encode("6+6=12") + [end] + tokenizer.encode("12") + [tokenizer.im_end_id],  # thinks, right
+               [think] + tokenizer.encode("6+6=12 12") + [tokenizer.im_end_id],  # thinks, never closes the block: no answer
+               tokenizer.encode("<think>1</think>8") + [tokenizer.im_end_id]]  # a lookalike decodes the same: thinks, right
     n = max(map(len, replies))
 
     def fixed_generate(model, prompts, max_new_tokens, **kwargs):
-        assert kwargs["temperature"] == 0 and kwargs["eos_id"] == tokenizer.im_end_id and len(prompts) == 3
+        assert kwargs["temperature"] == 0 and kwargs["eos_id"] == tokenizer.im_end_id and len(prompts) == 6
         ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in replies])
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in replies])
-        return ids, torch.zeros(3, n), mask
+        return ids, torch.zeros(6, n), mask
 
     monkeypatch.setattr(M, "generate", fixed_generate)
     records = [{"prompt": "a", "answer": "12", "family": "add"}, {"prompt": "b", "answer": "8", "family": "add"},
-               {"prompt": "c", "answer": " 12", "family": "sub"}]
-    result = heldout_accuracy(tiny_model(vocab_size=259), tokenizer, records, max_new_tokens=n)
-    assert result == pytest.approx({"accuracy": 2 / 3, "well_formed": 2 / 3, "accuracy/add": 0.5, "accuracy/sub": 1.0})
+               {"prompt": "c", "answer": " 12", "family": "sub"}, {"prompt": "d", "answer": "12", "family": "sub"},
+               {"prompt": "e", "answer": "12", "family": "sub"}, {"prompt": "f", "answer": "8", "family": "add"}]
+    result = heldout_accuracy(tiny_model(vocab_size=261), tokenizer, records, max_new_tokens=n)
+    assert result.pop("replies")[3] == "<think>6+6=12</think>12"
+    assert result == pytest.approx({"accuracy": 4 / 6, "think_rate": 3 / 6, "well_formed": 5 / 6,
+                                    "accuracy/add": 2 / 3, "accuracy/sub": 2 / 3})
 
 
 def test_prompt_longer_than_context_is_an_error():
@@ -1321,15 +1421,18 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path):
     assert result.stdout.count("pretrain | step 4/4") == 1  # only rank 0 prints
 
 
-def test_batches_cover_every_example_and_bucket_by_length():
-    lengths = [(7 * i) % 50 + 1 for i in range(100)]  # 100 examples, batch 8: 4 left over each epoch
-    epochs = [[M.batch_indices(lengths, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]
+def test_batches_cover_every_example_and_are_random():
+    epochs = [[M.batch_indices(100, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]  # 4 left over each epoch
     for batches in epochs:
         seen = [i for batch in batches for i in batch]
         assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
-    assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the longest too
-    assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) < 49  # by length
-    assert M.batch_indices(lengths, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
+    assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the remainder too
+    assert epochs[0] != epochs[1] and M.batch_indices(100, 8, 1, 0) != epochs[0][0]  # a fresh order per epoch and seed
+    assert M.batch_indices(100, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
+    # not sorted by length: with 30 % long examples (thinking replies), batches mix them as the data does
+    long = set(range(0, 1000, 10)) | set(range(3, 1000, 10)) | set(range(7, 1000, 10))
+    shares = [sum(i in long for i in M.batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
+    assert min(shares) > 0.05 and max(shares) < 0.65 and abs(sum(shares) / len(shares) - 0.3) < 0.05
 
 
 def test_sft_ddp_equals_single_process(world, tmp_path):
@@ -1644,7 +1747,7 @@ def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
     assert checkpoint["stage"] == "reward" and checkpoint["parent"] == str(tiny_sft) and checkpoint["step"] == 3
     metrics = checkpoint["metrics"]
     assert metrics["reward_std"] > 0 and math.isfinite(metrics["reward_mean"])
-    assert 0 <= metrics["before"]["accuracy"] <= 1 and "accuracy/wrong" in metrics["after"]
+    assert 0 <= metrics["before"]["accuracy"] <= 1 and "accuracy/cut_off" in metrics["after"]
     stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))  # 2 ranks x 2 micro-steps
     assert stdout.count("reward | step 3/3") == 1  # only rank 0 prints
     single, ddp = logged(tmp_path / "single.jsonl"), logged(tmp_path / "ddp.jsonl")
@@ -1997,22 +2100,44 @@ def kl_by_hand(p, q):
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
 
 
-def test_distill_heldout_loss_by_hand():
-    from distill import heldout_loss
+def test_distill_student_data_are_the_teachers_replies(monkeypatch):
+    """Sequence-level KD: the student's conversations are the prompts with the teacher's own replies; with
+    keep_correct (rejection sampling) only those whose final answer is right."""
+    import distill
 
-    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
-    with torch.no_grad():
-        teacher.model.norm.weight.mul_(10)  # far from the student, so a swapped KL would differ
-    inputs = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
-    targets = torch.full((2, 5), -100)
-    targets[0, 2], targets[1, 4] = 7, 3  # the only positions that count
-    result = heldout_loss(student, teacher, [(inputs, targets)])
-    with torch.no_grad():
-        student_p, teacher_p = student(inputs)[0].softmax(-1), teacher(inputs)[0].softmax(-1)
-    counted = [(0, 2, 7), (1, 4, 3)]
-    ce = sum(-math.log(student_p[b, t, y]) for b, t, y in counted) / 2
-    kl = sum(kl_by_hand(teacher_p[b, t].tolist(), student_p[b, t].tolist()) for b, t, _ in counted) / 2  # forward
-    assert result["loss"] == pytest.approx(ce, rel=1e-4) and result["kl_to_teacher"] == pytest.approx(kl, rel=1e-3)
+    tokenizer = Tokenizer(merges=[])
+    think, end = tokenizer.think_id, tokenizer.special_tokens["</think>"]
+    replies = {"What is 1 + 2?": [think] + tokenizer.encode("1+2=3") + [end] + tokenizer.encode("3") + [tokenizer.im_end_id],
+               "What is 5 - 1?": tokenizer.encode("5") + [tokenizer.im_end_id],    # wrong
+               "What is 2 + 2?": [think] + tokenizer.encode("2+2=4"),               # cut off in its think block
+               "What is 3 + 3?": tokenizer.encode("6")}                             # right, cut off after the answer
+    calls = []
+
+    def fixed_generate(model, prompts, max_new_tokens, **kwargs):
+        assert kwargs["temperature"] == 0 and not model.training  # greedy, in eval mode
+        texts = [tokenizer.decode(p) for p in prompts]
+        rows = [next(r for q, r in replies.items() if q in text) for text in texts]
+        calls.append(len(rows))
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in rows])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
+        return ids, torch.zeros_like(mask), mask
+
+    monkeypatch.setattr(distill, "generate", fixed_generate)
+    records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 5 - 1?", "answer": "4"},
+               {"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]
+    teacher = tiny_model(vocab_size=261).eval()
+    kept, right = distill.teacher_replies(teacher, tokenizer, records, 16, keep_correct=True, batch_size=3)
+    assert right == 2 and calls == [3, 1]
+    assert kept == [{"messages": [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "<think>1+2=3</think>3"}]},
+                    {"messages": [{"role": "user", "content": "What is 3 + 3?"}, {"role": "assistant", "content": "6"}]}]
+    kept, right = distill.teacher_replies(teacher, tokenizer, records, 16, keep_correct=False)
+    assert right == 2 and [k["messages"][-1]["content"] for k in kept] == ["<think>1+2=3</think>3", "5", "<think>2+2=4", "6"]
+    # what the student is taught from a kept conversation: the teacher's reply tokens (think tokens special) and the end
+    inputs, targets, prompt, _ = distill.distill_example(tokenizer, kept[0], 64)
+    taught = [t for t in targets if t != -100]
+    assert taught == [think] + tokenizer.encode("1+2=3") + [end] + tokenizer.encode("3") + [tokenizer.im_end_id]
+    assert prompt == tokenizer.encode_prompt("What is 1 + 2?")
 
 
 def test_kd_term_is_zero_when_student_equals_teacher():
@@ -2095,51 +2220,59 @@ def test_generalized_jsd_endpoints_and_bound():
     assert far.item() == pytest.approx(math.log(2), rel=1e-5)
 
 
-def test_student_is_half_the_teacher():
-    from distill import student_config
-    from model import ModelConfig
-
-    teacher = ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-    student = student_config(teacher)
-    assert (student.hidden_size, student.num_hidden_layers, student.intermediate_size) == (64, 2, 192)
-    assert (student.num_attention_heads, student.num_key_value_heads) == (2, 1)  # same head size, same GQA ratio
-    assert student.vocab_size == teacher.vocab_size and student.max_position_embeddings == teacher.max_position_embeddings
-    assert student_config(teacher, hidden_size=96, num_layers=3).num_attention_heads == 3
-    with pytest.raises(ValueError):
-        student_config(teacher, hidden_size=100)
-
-
 def TINY_DISTILL(world, sft):
     small_eval = world / "data" / "eval_small.jsonl"  # 10 prompts per family keep the three evaluations short
     if not small_eval.exists():
         records = [json.loads(line) for line in open(world / "data" / "eval.jsonl")]
         small_eval.write_text("".join(json.dumps(r) + "\n" for f in sorted({r["family"] for r in records})
                                       for r in [r for r in records if r["family"] == f][:10]))
-    return ["--teacher", str(sft), "--data", str(world / "data" / "sft.jsonl"), "--eval-data", str(small_eval),
+    # the tiny teacher is rarely right: every one of its replies is kept (--no-keep-correct)
+    return ["--teacher", str(sft), "--init", str(world / "out" / "pretrain.pt"), "--data", str(world / "data" / "prompts.jsonl"),
+            "--baseline-data", str(world / "data" / "sft.jsonl"), "--eval-data", str(small_eval), "--no-keep-correct",
             "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--max-new-tokens", "4", "--device", "cpu"]
 
 
 def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
     out = tmp_path / "distill.pt"
-    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "4", "--beta", "0.5", "--on-policy", "0.5",
-                    "--out", str(out))
+    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "4", "--alpha", "0.5", "--beta", "0.5",
+                    "--on-policy", "0.5", "--out", str(out))
     assert "distill | student:" in stdout and "distill | baseline:" in stdout and "wrote" in stdout
     checkpoint = torch.load(out, weights_only=True)
-    teacher = torch.load(tiny_sft, weights_only=True)
+    baseline = torch.load(tmp_path / "distill_baseline.pt", weights_only=True)
+    start = torch.load(world / "out" / "pretrain.pt", weights_only=True)
     assert checkpoint["stage"] == "distill" and checkpoint["parent"] == str(tiny_sft)
-    assert checkpoint["config"]["num_hidden_layers"] == teacher["config"]["num_hidden_layers"] // 2
-    assert checkpoint["config"]["hidden_size"] == teacher["config"]["hidden_size"] // 2
+    assert baseline["stage"] == "distill-baseline" and baseline["parent"] == str(world / "out" / "pretrain.pt")
+    assert checkpoint["config"] == baseline["config"] == start["config"]  # the student is the --init model
     assert {"teacher", "student", "baseline"} <= checkpoint["metrics"].keys()
-    assert checkpoint["metrics"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    prompts = sum(1 for _ in open(world / "data" / "prompts.jsonl"))
+    assert checkpoint["metrics"]["prompts"] == checkpoint["metrics"]["kept"] == prompts  # --no-keep-correct keeps all
     log = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and any(r["on_policy"] for r in log) and not all(r["on_policy"] for r in log)
-    # --alpha 0 is the baseline itself: no second student
-    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--alpha", "0", "--out", str(out))
+    # alpha 0 (the default): plain fine-tuning on the teacher's replies, no soft term
+    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--no-baseline", "--out", str(out))
     assert "baseline" not in torch.load(out, weights_only=True)["metrics"]
+    assert all(r["kd"] == 0 and r["ce"] == r["loss"] for r in map(json.loads, open(tmp_path / "distill.jsonl")))
+
+
+def test_distill_baseline_shares_the_students_start(world, tiny_sft, tmp_path):
+    """Student and baseline start from --init's weights: at lr 0 both end as they started, equal to --init."""
+    out = tmp_path / "d.pt"
+    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--lr", "0", "--out", str(out))
+    start = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
+    student = torch.load(out, weights_only=True)["model"]
+    baseline = torch.load(tmp_path / "d_baseline.pt", weights_only=True)["model"]
+    assert start.keys() == student.keys() == baseline.keys()
+    for key, value in start.items():
+        assert torch.equal(student[key], value) and torch.equal(baseline[key], value), key
+    # and with a learning rate they learn different things from the same start
+    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--out", str(out))
+    student = torch.load(out, weights_only=True)["model"]
+    baseline = torch.load(tmp_path / "d_baseline.pt", weights_only=True)["model"]
+    assert not torch.equal(student["lm_head.weight"], baseline["lm_head.weight"])
 
 
 def test_distill_ddp_equals_single_process(world, tiny_sft, tmp_path):
-    """Student and baseline losses of 2 ranks x 2 micro-steps equal one process's (the global-batch token average)."""
+    """Student and baseline losses of 2 ranks x 2 micro-steps equal one process's."""
     args = [*TINY_DISTILL(world, tiny_sft), "--steps", "3"]
     run_ok("distill.py", *args, "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -2159,12 +2292,33 @@ def test_distill_bad_input(world, tiny_sft, tmp_path):
     out = tmp_path / "d.pt"
     args = TINY_DISTILL(world, tiny_sft)
     assert "grpo.py" in run_error("distill.py", *args, "--teacher", str(tmp_path / "grpo.pt"), "--out", str(out))
+    assert "pretrain the student first" in run_error("distill.py", *args, "--init", str(tmp_path / "student.pt"), "--out", str(out))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"messages": 3}\n')
-    line = run_error("distill.py", *args, "--data", str(tmp_path / "bad.jsonl"), "--out", str(out))
+    line = run_error("distill.py", *args, "--baseline-data", str(tmp_path / "bad.jsonl"), "--out", str(out))
     assert "bad.jsonl:2" in line
-    (tmp_path / "text.jsonl").write_text('{"text": "some plain text"}\n' * 8)
-    assert "on-policy" in run_error("distill.py", *args, "--data", str(tmp_path / "text.jsonl"), "--on-policy", "0.5", "--out", str(out))
+    (tmp_path / "no_answer.jsonl").write_text('{"prompt": "What is 1 + 2?"}\n')
+    assert "no_answer.jsonl:1: missing 'answer'" in run_error("distill.py", *[a for a in args if a != "--no-keep-correct"],
+                                                               "--data", str(tmp_path / "no_answer.jsonl"), "--out", str(out))
     assert not out.exists()
+
+
+def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
+    """bash pipeline.sh --seed 3: a python that records its command lines sees --seed 3 in every one but the tokenizer's."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", "3", "--data", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "out")], env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    scripts = [call.split()[0] for call in calls]
+    assert scripts == ["data.py", "tokenizer.py", "pretrain.py", "sft.py", "reward.py", "ppo.py", "grpo.py", "dpo.py",
+                       "pretrain.py", "distill.py", "eval.py"]
+    for call in calls:
+        assert (" --seed 3" in call) == (not call.startswith("tokenizer.py")), call
+    for bad in ("x", "-1", ""):
+        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", bad], capture_output=True, text=True)
+        assert result.returncode == 2 and "--seed needs a whole number" in result.stderr
 
 
 def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
@@ -2250,17 +2404,25 @@ def test_pipeline_quick_end_to_end(tmp_path):
     for stage in stages:
         checkpoint = torch.load(out / f"{stage}.pt", weights_only=True)
         assert checkpoint["stage"] == stage and "optimizer" not in checkpoint  # finished, not mid-run
-    for stage in ["data", "tokenizer", *stages, "eval"]:
+    for stage in ["data", "tokenizer", *stages, "student", "eval"]:
         assert f"pipeline | {stage} took " in result.stdout
+    files = [*stages, "student", "distill_baseline"]  # the student's start (a small pretrain) and the baseline
+    assert torch.load(out / "distill_baseline.pt", weights_only=True)["stage"] == "distill-baseline"
+    assert torch.load(out / "student.pt", weights_only=True)["stage"] == "pretrain"
     table = [line for line in result.stdout.splitlines() if line.startswith(f"| {out}/")]
-    assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(f"{out}/{s}.pt" for s in stages)
+    assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(f"{out}/{s}.pt" for s in files)
     rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(out / "eval.json"))}
+    assert rows["distill_baseline.pt"]["stage"] == "distill-baseline"
+    for name, row in rows.items():  # DESIGN.md's keys; the win rate is against sft's replies (sft against itself: 50 %)
+        assert {"checkpoint", "stage", "accuracy", "think_rate", "win_rate"} <= row.keys(), name
+    assert rows["sft.pt"]["win_rate"] == 0.5 and 0 <= rows["grpo.pt"]["win_rate"] <= 1
     assert rows["sft.pt"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # the reference against itself
     for bad, says in [(["--out"], "--out needs a directory"), (["--out", "a b"], "must not contain spaces")]:
         result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *bad], capture_output=True, text=True)
         assert result.returncode == 2 and says in result.stderr and not os.path.exists(os.path.join(ROOT, "a b"))
     assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None  # the score head's row
     assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None for s in stages if s != "reward")
+
 
 
 # =================================================================================================

@@ -10,7 +10,7 @@ numpy and the standard library only.
     ids, mask = tok.encode_chat([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}])
 
 Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens <|endoftext|>,
-<|im_start|>, <|im_end|>. `out/tokenizer.json` holds the pattern, the special tokens and the merges in
+<|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` holds the pattern, the special tokens and the merges in
 order; `to_dict()` is the same content, stored inside every checkpoint.
 
 Implementation details:
@@ -44,8 +44,14 @@ Implementation details:
 7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
    "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
 8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
-   `<|im_start|>assistant\\n`. Each part is encoded on its own (contents as plain text), so the mask is
-   exact: 1 on the assistant contents and their closing <|im_end|>, 0 elsewhere.
+   `<|im_start|>assistant\\n`. Each part is encoded on its own, so the mask is exact: 1 on the assistant
+   contents and their closing <|im_end|>, 0 elsewhere. Contents are plain text, except that in an
+   assistant's content <think> and </think> are the think tokens (as Qwen3 has them): a user who types
+   "<think>" gets ordinary text.
+9. Thinking and the final answer (`final_answer`, the one rule every stage scores a reply with): a
+   reply thinks when it starts with <think>; its final answer is then the text after the first
+   </think>, and a reply whose think block never closes has no answer (None). A reply that does not
+   think is its own final answer. Stripped of white space either way.
 """
 import argparse
 import ast
@@ -64,7 +70,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # every tokenizer has these
+THINK_TOKENS = ("<think>", "</think>")  # and, when trained here, these (an imported one may lack them)
 CHAT_ROLES = ("system", "user", "assistant")
 
 # detail 1: Qwen2's (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|
@@ -113,7 +120,7 @@ class _Cache(dict):
 
 
 class Tokenizer:
-    def __init__(self, merges, special_tokens=SPECIAL_TOKENS, pattern=SPLIT_PATTERN):
+    def __init__(self, merges, special_tokens=SPECIAL_TOKENS + THINK_TOKENS, pattern=SPLIT_PATTERN):
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.pattern = pattern
         self.vocab = list(_BYTES)  # id -> bytes
@@ -130,6 +137,8 @@ class Tokenizer:
         self.vocab += [s.encode("utf-8") for s in special_tokens]
         self.vocab_size = len(self.vocab)
         self.eot_id, self.im_start_id, self.im_end_id = (self.special_tokens[s] for s in SPECIAL_TOKENS)
+        self.think_tokens = tuple(s for s in THINK_TOKENS if s in self.special_tokens)  # special in assistant text
+        self.think_id = self.special_tokens.get("<think>")  # None when the tokenizer has no think tokens
         self.pad_id = self.eot_id  # padding is always masked out, any id will do
         try:
             compiled = re.compile(pattern)
@@ -218,12 +227,13 @@ class Tokenizer:
                   for i, p in enumerate(parts)]
         return array(self._typecode, b"".join(packed)).tolist()
 
-    def encode_array(self, text) -> np.ndarray:
-        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>."""
+    def encode_array(self, text, allowed_special=()) -> np.ndarray:
+        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>; `allowed_special` as encode's."""
         documents = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(doc, str) for doc in documents):
             raise ValueError("encode_array takes a str or a list of str")
-        packed = bytearray(self._pack([self.eot_id])).join(map(self._encode_ordinary, documents))
+        encode = (lambda doc: array(self._typecode, self.encode(doc, allowed_special)).tobytes()) if allowed_special else self._encode_ordinary
+        packed = bytearray(self._pack([self.eot_id])).join(map(encode, documents))
         return np.frombuffer(packed, dtype=self.dtype)  # a writable array over the bytearray, no copy
 
     def decode(self, ids) -> str:
@@ -251,13 +261,17 @@ class Tokenizer:
         newline = self.encode("\n")
         for m in _check_messages(messages):
             header = [self.im_start_id] + self.encode(m["role"] + "\n")
-            body = self.encode(m["content"]) + [self.im_end_id]  # contents stay plain text
+            body = self.encode_reply(m["content"]) if m["role"] == "assistant" else self.encode(m["content"]) + [self.im_end_id]
             ids += header + body + newline
             mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body) + [0] * len(newline)
         if add_generation_prompt:
             header = [self.im_start_id] + self.encode("assistant\n")
             ids, mask = ids + header, mask + [0] * len(header)
         return ids, mask
+
+    def encode_reply(self, content: str) -> list:
+        """An assistant's reply as the model writes it: <think> / </think> are the think tokens (detail 8), then <|im_end|>."""
+        return self.encode(content, self.think_tokens) + [self.im_end_id]
 
     def encode_prompt(self, prompt) -> list:
         """A prompt (a str is one user message, or a messages list) and then `<|im_start|>assistant\\n`."""
@@ -297,7 +311,7 @@ class Tokenizer:
 
     # --------------------------------------------------------------------------------- training
     @classmethod
-    def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS, processes: int = 1,
+    def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS + THINK_TOKENS, processes: int = 1,
               verbose: bool = False) -> "Tokenizer":
         """Learn vocab_size - 256 - len(special_tokens) merges from `text`, a str or a list of documents."""
         n_merges = vocab_size - 256 - len(special_tokens)
@@ -319,6 +333,21 @@ class Tokenizer:
             print(f"pre-tokenized: {len(word_counts):,} unique pieces in {time.time() - t0:.1f}s")
         merges = _learn_merges({w.encode("utf-8"): n for w, n in word_counts.items()}, n_merges, verbose)
         return cls(merges, special_tokens)
+
+
+# detail 9: the one rule for the final answer of a reply
+def final_answer(reply: str) -> str | None:
+    """The text after </think> if the reply starts with <think>, else the whole reply; stripped.
+    None when the think block never closes."""
+    if not reply.lstrip().startswith("<think>"):
+        return reply.strip()
+    _, closed, answer = reply.partition("</think>")
+    return answer.strip() if closed else None
+
+
+def thinks(reply: str) -> bool:
+    """Whether a reply thinks first (starts with <think>)."""
+    return reply.lstrip().startswith("<think>")
 
 
 def _special_regex(specials) -> str:
@@ -422,7 +451,7 @@ class Args:
     data: list = field(default_factory=lambda: ["data/pretrain.txt"])
     """training text: .txt files (one document each) or .jsonl files ({"text": ...} per line); repeatable"""
     vocab_size: int = 4096
-    """vocab size: 256 bytes + merges + 3 special tokens"""
+    """vocab size: 256 bytes + merges + 5 special tokens (the chat three and <think>, </think>)"""
     out: str = "out/tokenizer.json"
     """where to write the tokenizer"""
     processes: int = 1
