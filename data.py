@@ -7,8 +7,8 @@ data.py: the built-in "thinking world", deterministic procedurally generated dat
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
-The story the world tells, stage by stage: a small model can add and subtract two-digit numbers
-when it works digit by digit, but rarely gets them right answering straight away. Pretraining shows
+The story the world tells, stage by stage: a small model can add and subtract three-digit numbers
+when it works column by column, but rarely gets them right answering straight away. Pretraining shows
 both ways; SFT teaches the chat format with a minority of demos that think first; reinforcement
 learning (GRPO's verifiable reward, PPO's learned one) and DPO teach the model to think where that
 is what gets problems right, and what the labeler prefers; distillation hands that to a smaller model.
@@ -28,12 +28,12 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
   add   "What is 385 + 48?"  direct "433", thinking "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
   sub   "Compute 305 - 148." direct "157", thinking "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
-A three-digit number and one of 1, 2 or 3 digits (the level). A reply thinks when it starts with <think>; its final answer is the text after </think>
-(tokenizer.final_answer, the one rule every stage scores with); it is correct iff the final answer,
-stripped, equals the record's answer.
+A three-digit number and one of 1, 2 or 3 digits (the level). A reply thinks when it starts with
+<think>; its final answer is then the text after </think>, else the whole reply (tokenizer.final_answer,
+the one rule every stage scores with); it is correct iff the final answer, stripped, is the answer.
 
 Implementation details
-1. Traces a tiny model can execute: the operands are restated first, zero-padded to two digits, so
+1. Traces a tiny model can execute: the operands are restated first, zero-padded to three digits, so
    every digit sits at a fixed place ("385+048:"); then one column per step, ones first, each step
    using only digits it can copy from a fixed place and the carry (borrow) of the step before:
    "5+8=13" (ones), "8+4+1=13" (tens, + carry). A borrow reads "15-8=7" then "10-4-1=5" (the column
@@ -41,7 +41,8 @@ Implementation details
    digit of each result before it, leading zeros dropped. Measured in a two-digit prototype (0.9M
    parameters): without the restating, forced-think accuracy was 32 % instead of 61 %.
    Three digits, because a small model answers two-digit problems directly well enough (~60 %)
-   that thinking has little to add; with three, answering straight away is mostly wrong.
+   that thinking has little to add; with three, answering straight away is mostly wrong (the SFT
+   model: ~2 % when it may not think, ~86 % when it must).
 2. Why only add and sub: the budget of a 2-core CPU trains one or two skills to the point where
    thinking clearly beats answering. A prototype with six families spread it too thin (GRPO found no
    signal), and a counting trace the model could copy but not execute (it did not increment).
@@ -56,12 +57,15 @@ Implementation details
    lines included) redraws them.
 5. The labeler `prefer(record, reply_a, reply_b)` stands for the careful human who labels
    comparisons (it labels every preference pair and judges win rates in eval.py). It ranks a reply
-   by, in order: its final answer is right; its work: right steps (2) > no think block (1) > a think
-   block with a wrong step (0); it has a final answer (a reply cut off inside its think block has
-   none). Equal ranks are a tie (half a win). Each pair is the right worked reply against a
+   by, in order: its final answer is right; between right answers, the work: right steps (2) > no
+   think block (1) > a think block with a wrong step (0); it has a final answer (a reply cut off
+   inside its think block has none). Equal ranks are a tie (half a win): two wrong answers tie,
+   shown work or not, unless one is cut off. (A first version also ranked a bare wrong answer
+   above a worked wrong one; it judged a policy that always thinks by its mistakes' form, not by
+   how often it is right: at seed 2, 26 points more accuracy than sft gave a 45 % win rate.) Each pair is the right worked reply against a
    plausible failure (REJECT_KINDS): the bare answer, right or wrong by a slip; a trace cut off
    before </think>; a trace with one wrong step (10 %: the subtle kind, which needs the arithmetic
-   checked; a reward model at the CPU default judges it ~60 % right). Two bare answers, one right
+   checked; a reward model at the CPU default judges it ~45-60 % right). Two bare answers, one right
    and one wrong, are not asked: telling them apart needs the three-digit sum done in one's head,
    which no model here can do (a reward model judged such pairs at chance, 46-60 %).
 """
@@ -225,10 +229,9 @@ def rank(record, reply: str) -> tuple[int, int, int]:
     family, a, b = operands(record)
     answer = final_answer(reply)
     right = int(answer == str(a + b if family == "add" else a - b))
-    if not thinks(reply):
-        work = 1  # no work shown
-    else:
-        work = 2 if reply.strip().startswith(f"<think>{trace(family, a, b)}</think>") else 0
+    work = 0  # the work counts between right answers only: two wrong answers are equally wrong
+    if right:
+        work = 1 if not thinks(reply) else 2 if reply.strip().startswith(f"<think>{trace(family, a, b)}</think>") else 0
     return right, work, int(answer is not None)
 
 

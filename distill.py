@@ -10,7 +10,7 @@ the baseline.
 Run (after `python grpo.py`, and a student pretrained at a quarter of the size, as pipeline.sh does):
 
     python pretrain.py --hidden-size 64 --num-layers 4 --out out/student.pt    # the student's start
-    python distill.py                                     # CPU defaults, ~1.5 minutes on 2 cores
+    python distill.py                                     # CPU defaults, ~1 minute on 2 cores
     python distill.py --no-keep-correct                   # every teacher reply, right or wrong
     python distill.py --alpha 0.5 --temperature 2         # + Hinton's soft targets on the teacher's replies
     python distill.py --alpha 1 --beta 0.5 --on-policy 0.5          # GKD: JSD, half the steps on student replies
@@ -99,7 +99,7 @@ class Args:
     """share of the steps trained on the student's own sampled replies, scored by the teacher (GKD)"""
     baseline: bool = True
     """also train the same student on --baseline-data without the teacher, for comparison"""
-    steps: int = 300
+    steps: int = 200
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""

@@ -7,7 +7,7 @@ Run:
 
     python eval.py                                        # every out/*.pt, ~5 seconds per checkpoint on 2 cores
     python eval.py --checkpoints "out/sft.pt out/grpo.pt" # some checkpoints (paths or globs)
-    python eval.py --plot                                 # also out/curves.png from the out/*.jsonl logs
+    python eval.py --plot                                 # also out/eval.png: accuracy and think rate, RL curves
     python eval.py --device cuda                          # one GPU
 
 Columns (one row per checkpoint):
@@ -72,14 +72,14 @@ class Args:
     """where the table is written as JSON (the plot goes next to it)"""
     max_new_tokens: int = 48
     """reply length limit"""
-    samples: int = 200
+    samples: int = 100
     """prompts (evenly spread over --eval-data) whose sampled replies give the reward, KL and length columns (0 = all)"""
     val_tokens: int = 8192
     """tokens of --val-data used for bits per byte"""
     batch_size: int = 128
     """prompts or windows per forward pass"""
     plot: bool = False
-    """also plot loss, reward and KL curves from the checkpoints' .jsonl logs (needs matplotlib)"""
+    """also plot accuracy and think rate per checkpoint and the RL curves to eval.png (needs matplotlib)"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
     seed: int = 0
@@ -182,8 +182,9 @@ def markdown_table(rows: list[dict], families: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(log_paths: list[str], path: str):
-    """Loss, reward and KL against step from each stage's .jsonl log, one panel each."""
+def plot(rows: list[dict], log_paths: list[str], path: str):
+    """Left: held-out accuracy and think rate of every checkpoint. Right: the RL stages' training curves
+    from their .jsonl logs (reward / score, accuracy, think rate, KL against step)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -191,21 +192,34 @@ def plot_curves(log_paths: list[str], path: str):
     except ImportError:
         print("eval | --plot needs matplotlib: pip install matplotlib")
         return
-    # the keys the stages log: ppo's reward is "score", dpo's is its implicit reward margin, distill's
-    # divergence to the teacher is "kd"
-    panels = {"loss": ("loss",), "reward": ("reward", "score", "rewards/margin"), "KL": ("kl", "kd")}
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (title, wanted), ax in zip(panels.items(), axes):
-        for log_path in log_paths:
-            records = [json.loads(line) for line in open(log_path) if line.strip()]
-            for key in wanted:
-                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
-                if points:
-                    ax.plot(*zip(*points), label=f"{os.path.splitext(os.path.basename(log_path))[0]} {key}")
-        ax.set_title(title)
+    figure, (bars, curves, kls) = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    rows = [r for r in rows if r["think_rate"] is not None]
+    names = [os.path.splitext(os.path.basename(r["checkpoint"]))[0] for r in rows]
+    x = range(len(rows))
+    bars.bar([i - 0.2 for i in x], [100 * r["accuracy"] for r in rows], 0.4, label="held-out accuracy")
+    bars.bar([i + 0.2 for i in x], [100 * r["think_rate"] for r in rows], 0.4, label="think rate")
+    bars.set_xticks(list(x), names, rotation=30, ha="right")
+    bars.set_ylabel("%")
+    bars.set_ylim(0, 100)
+    bars.set_title("every checkpoint on the held-out problems (greedy)")
+    bars.legend(fontsize=8)
+    # the keys the stages log: ppo's reward is its reward-model "score"
+    for log_path in log_paths:
+        stage = os.path.splitext(os.path.basename(log_path))[0]
+        records = [json.loads(line) for line in open(log_path) if line.strip()]
+        for key, style in (("reward", "-"), ("score", "-"), ("think", ":")):
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+            if points and stage in ("ppo", "grpo"):
+                curves.plot(*zip(*points), style, label=f"{stage} {key}")
+        points = [(r["step"], r["kl"]) for r in records if isinstance(r.get("kl"), (int, float))]
+        if points and stage in ("ppo", "grpo"):
+            kls.plot(*zip(*points), label=f"{stage} KL to sft (per reply)")
+    curves.set_title("RL training: reward and think rate of the samples")
+    kls.set_title("RL training: KL to the reference")
+    for ax in (curves, kls):
         ax.set_xlabel("step")
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
@@ -289,7 +303,7 @@ def main(args: Args):
     print(f"eval | {len(rows)} checkpoints in {time.time() - start_time:.0f}s | wrote {args.out}")
     if args.plot:
         logs = [os.path.splitext(paths[i])[0] + ".jsonl" for i in indices]
-        plot_curves([log for log in logs if os.path.exists(log)], os.path.join(os.path.dirname(args.out), "curves.png"))
+        plot(rows, [log for log in logs if os.path.exists(log)], os.path.join(os.path.dirname(args.out), "eval.png"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv:2402.03300) wit
 
 Run (after `python sft.py`):
 
-    python grpo.py                                        # CPU defaults, ~1.5 minutes on 2 cores
+    python grpo.py                                        # CPU defaults, ~1 minute on 2 cores
     python grpo.py --device cuda --prompts-per-step 64 --group-size 16 --steps 500    # one GPU
     torchrun --nproc_per_node 8 grpo.py --prompts-per-step 256                       # many GPUs
     python grpo.py --loss-type dr_grpo --beta 0 --eps-high 0.28     # Dr. GRPO / DAPO variants
@@ -94,7 +94,7 @@ class Args:
     """weight of the normalised learned reward"""
     length_penalty: float = 0.0
     """subtracted from the reward times the reply length / max_new_tokens"""
-    steps: int = 32
+    steps: int = 20
     """optimizer steps = steps x iterations; one batch of samples per step"""
     prompts_per_step: int = 16
     """prompts sampled per step, summed over ranks"""

@@ -722,6 +722,15 @@ def check_resumable(path, checkpoint, args, same):
 
 # ----------------------------------------------------------------------------- command line
 
+def show_reply(reply: str) -> str:
+    """A reply as the chat shows it: the steps of a think block on a line of their own, then the final answer."""
+    if not thinks(reply):
+        return reply
+    steps = reply.lstrip()[len("<think>"):].partition("</think>")[0]
+    answer = final_answer(reply)
+    return f"[thinking] {steps.strip()}\n" + (answer if answer is not None else "[no answer: the think block never closed]")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Sample from, chat with, export or import llm-stages checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -791,7 +800,7 @@ def main(argv=None):
         completion, _, mask = generate(model, [prompt], max_new, eos_id=tokenizer.im_end_id, **settings)
         reply = [t for t in completion[0][mask[0].bool()].tolist() if t != tokenizer.im_end_id]
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
-        print(messages[-1]["content"], flush=True)
+        print(show_reply(messages[-1]["content"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ if [ "$QUICK" = 1 ]; then
   Q_EVAL=(--max-new-tokens 4 --val-tokens 2048)
 else
   Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=() Q_DPO=() Q_DISTILL=() Q_EVAL=()
-  Q_STUDENT=(--hidden-size 64 --num-layers 4 --steps 600)  # a quarter of the default model's parameters
+  Q_STUDENT=(--hidden-size 64 --num-layers 4)  # a quarter of the default model's parameters
 fi
 
 STAGES_RUN=() TIMES=()

@@ -5,7 +5,7 @@ ppo.py: RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT, a
 
 Run (after `python sft.py` and `python reward.py`):
 
-    python ppo.py                                         # CPU defaults, ~1.5 minutes on 2 cores
+    python ppo.py                                         # CPU defaults, ~1 minute on 2 cores
     python ppo.py --device cuda --prompts-per-step 256 --minibatches 4 --steps 500   # one GPU
     torchrun --nproc_per_node 8 ppo.py --prompts-per-step 1024                      # many GPUs
     python ppo.py --adaptive-kl --kl-target 0.5           # Ziegler et al.'s adaptive KL controller
@@ -29,6 +29,12 @@ Implementation details:
    (proportional controller, error clipped to +-0.2, horizon 10000 replies).
    Nothing past the last real token is trained (TRL's former PPOTrainer put the score one token
    after the EOS and trained a value there).
+   The default kl_coef 0.2 is four times TRL's 0.05: the built-in reward model learned that worked
+   replies beat bare ones but cannot check the arithmetic in them (a trace with one wrong step: ~45 %
+   of pairs right), so away from the SFT model's own traces its score stops meaning "right".
+   Measured at seed 0 (an sft.pt of 600 steps at 36.3 %): kl_coef 0.05 gave 65.7 % held-out accuracy,
+   0.2 gave 79.7 %; kl_coef 0 (lr 3e-4, 60 steps) raised the score 0.84 -> 0.93 while accuracy fell to
+   1 %: tidy traces with wrong sums (README, "Reward hacking, shown").
 5. GAE (gamma 1, lambda 0.95, TRL's defaults) computed backwards over the reply; rewards and
    values are 0 past the last real token, so the bootstrap stops there. returns = advantages +
    values, before the advantages are whitened (mean 0, std 1 over the real tokens of the rank's
@@ -41,7 +47,7 @@ Implementation details:
    averaged over ranks after every minibatch, so every rank takes the same decision; above
    `target_kl` the step's remaining updates are skipped.
 8. Logged at every step: score, accuracy of the rollouts against the true answers (never shown to
-   the reward model), KL to the reference (summed log-ratio of a reply, averaged over replies, as
+   the reward model), think rate (replies that start with <think>), KL to the reference (summed log-ratio of a reply, averaged over replies, as
    grpo.py logs it), clip fraction, approximate KL, value loss, explained variance of the values,
    entropy, reply length, kl_coef.
 9. Bad input: prompts that leave no room for `max_new_tokens` in the context are skipped and
@@ -69,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (completion_logprobs, completion_values, format_accuracy, generate, heldout_accuracy, left_pad,
                    load_checkpoint, reply_texts, save_checkpoint, sequence_scores)
-from tokenizer import final_answer
+from tokenizer import final_answer, thinks
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Args:
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
     families: str = ""
     """comma-separated task families to train on (empty = all)"""
-    steps: int = 40
+    steps: int = 30
     """rollout steps; each does ppo_epochs x minibatches optimizer steps"""
     prompts_per_step: int = 32
     """prompts sampled per step (one reply each), summed over ranks"""
@@ -106,8 +112,8 @@ class Args:
     """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
     """clip each model's global gradient norm at this value (0 = off)"""
-    kl_coef: float = 0.05
-    """weight of the per-token KL penalty in the reward"""
+    kl_coef: float = 0.2
+    """weight of the per-token KL penalty in the reward (see detail 4 for why not TRL's 0.05)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (Ziegler et al. 2019)"""
     kl_target: float = 1.0
@@ -265,7 +271,7 @@ def heldout_score(policy, reward_model, tokenizer, records, max_new_tokens, mean
     return total / len(records)
 
 
-METRICS = ("loss", "score", "accuracy", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy", "length", "updates")
+METRICS = ("loss", "score", "accuracy", "think", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy", "length", "updates")
 
 
 def main(args: Args):
@@ -430,7 +436,7 @@ def main(args: Args):
             ((returns - masked_mean(returns, completion_mask)) ** 2 * completion_mask).sum().clamp(min=1e-8)
         loss_mean, clip_frac, approx_kl_mean, value_loss_mean, entropy_mean, _ = (sums / sums[-1]).tolist()
         totals += torch.tensor([loss_mean, scores.mean().item(), (correct.sum() / has_answer.sum().clamp(min=1)).item(),
-                                kl.item(), clip_frac, approx_kl_mean, value_loss_mean, explained_var.item(), entropy_mean,
+                                sum(map(thinks, texts)) / len(texts), kl.item(), clip_frac, approx_kl_mean, value_loss_mean, explained_var.item(), entropy_mean,
                                 completion_mask.sum(dim=1).mean().item(), updates], device=args.device)
         steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
@@ -444,7 +450,7 @@ def main(args: Args):
                 elapsed, rate = now - start_time, step / (now - start_time)
                 tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
                 print(f"ppo | step {step}/{args.steps} | loss {metrics['loss']:.4f} | score {metrics['score']:.3f} | "
-                      f"acc {metrics['accuracy']:.1%} | kl {metrics['kl']:.4f} | clip {metrics['clip']:.3f} | "
+                      f"acc {metrics['accuracy']:.1%} | think {metrics['think']:.1%} | kl {metrics['kl']:.4f} | clip {metrics['clip']:.3f} | "
                       f"approx_kl {metrics['approx_kl']:.4f} | vf_loss {metrics['value_loss']:.4f} | "
                       f"expl_var {metrics['explained_var']:.2f} | entropy {metrics['entropy']:.3f} | len {metrics['length']:.1f} | "
                       f"lr {lr:.1e} | {tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")

@@ -5,7 +5,7 @@ pretrain.py: next-token pretraining of a small Qwen2-style Transformer on packed
 
 Run (after `python data.py` and `python tokenizer.py`):
 
-    python pretrain.py                                    # CPU defaults, ~3 minutes on 2 cores
+    python pretrain.py                                    # CPU defaults, ~2-2.5 minutes on 2 cores
     python pretrain.py --preset 30m --device cuda --compile          # one GPU
     torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
     python pretrain.py --resume                           # continue after a crash / kill -9

@@ -5,7 +5,7 @@ sft.py: supervised fine-tuning on conversations, with the loss on assistant toke
 
 Run:
 
-    python sft.py                                         # CPU defaults, ~1 minute on 2 cores
+    python sft.py                                         # CPU defaults, ~1.5 minutes on 2 cores
     python sft.py --device cuda --batch-size 64 --steps 2000          # one GPU
     torchrun --nproc_per_node 8 sft.py --batch-size 256               # many GPUs, no code change
     python sft.py --resume                                # continue after a crash / kill -9
@@ -24,6 +24,9 @@ Implementation details:
    all-think or all-direct (a thinking reply is ~35 tokens, a bare answer ~4), and the model then
    learned to start with <think> far less often than its demos do (measured on a two-digit version
    of the built-in world, 30 % of the demos thinking: P(<think> first) 0.03, 0.29 with random batches).
+   To pad little all the same, the rows of a step are sorted by length and cut into --grad-accum
+   micro-batches: each is padded to its own longest row, and the step's gradient is the same
+   (detail 5). With the built-in data: 52 tokens per row instead of 97 (41 are real).
 5. The loss of a step is the sum over the assistant tokens of the whole global batch divided by a
    constant, batch size x the mean assistant tokens per conversation of the data set, so every
    token weighs the same whatever batch, micro-batch or rank it lands on (N ranks give the same
@@ -65,12 +68,12 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 600
+    steps: int = 500
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step (per rank)"""
+    grad_accum: int = 4
+    """micro-batches per optimizer step (per rank); a step's rows are sorted by length first, so each pads little"""
     lr: float = 3e-3
     """peak learning rate"""
     warmup: int = 50
@@ -251,7 +254,7 @@ def main(args: Args):
             group["lr"] = lr
         batch = [examples[i] for i in batch_indices(len(examples), args.batch_size, args.seed, step)]
         n_targets = args.batch_size * tokens_per_conversation  # detail 5: a constant, not this batch's count
-        batch = batch[rank::world]
+        batch = sorted(batch[rank::world], key=lambda example: len(example[0]))  # detail 4: micro-batches of like length
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
             rows = batch[micro * micro_batch : (micro + 1) * micro_batch]
