@@ -69,7 +69,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import batch_indices, format_accuracy, generate, heldout_accuracy, load_checkpoint, reply_texts, save_checkpoint
+from model import batch_indices, format_accuracy, generate, heldout_accuracy, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, final_answer
 
 
@@ -252,18 +252,13 @@ def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_
     """({"messages": prompt + the teacher's greedy reply} per kept record, replies that were right). Without
     keep_correct every reply is kept, one cut off at max_new_tokens as if it ended there."""
     conversations, right = [], 0
-    for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
-        prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch]
-        completions, _, mask = generate(teacher, prompts, max_new_tokens, temperature=0, eos_id=tokenizer.im_end_id,
-                                        pad_id=tokenizer.pad_id)
-        texts, _ = reply_texts(tokenizer, completions, mask)
-        for record, text in zip(batch, texts):
-            correct = record.get("answer") is not None and final_answer(text) == str(record["answer"]).strip()
-            right += correct
-            if correct or not keep_correct:
-                messages = [{"role": "user", "content": record["prompt"]}] if isinstance(record["prompt"], str) else list(record["prompt"])
-                conversations.append({"messages": messages + [{"role": "assistant", "content": text}]})
+    texts = heldout_accuracy(teacher, tokenizer, records, max_new_tokens, batch_size)["replies"]  # greedy, eval mode
+    for record, text in zip(records, texts):
+        correct = record.get("answer") is not None and final_answer(text) == str(record["answer"]).strip()
+        right += correct
+        if correct or not keep_correct:
+            messages = [{"role": "user", "content": record["prompt"]}] if isinstance(record["prompt"], str) else list(record["prompt"])
+            conversations.append({"messages": messages + [{"role": "assistant", "content": text}]})
     return conversations, right
 
 

@@ -647,7 +647,7 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
         texts, ended = reply_texts(tokenizer, completions, mask)
         for record, text in zip(batch, texts):
             replies.append(text)
-            correct.append(final_answer(text) == str(record["answer"]).strip())
+            correct.append(final_answer(text) == str(record.get("answer", "")).strip())
             families.append(record.get("family"))
         closed += ended.tolist()
     model.train(was_training)

@@ -2130,7 +2130,7 @@ def test_distill_student_data_are_the_teachers_replies(monkeypatch):
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
         return ids, torch.zeros_like(mask), mask
 
-    monkeypatch.setattr(distill, "generate", fixed_generate)
+    monkeypatch.setattr(M, "generate", fixed_generate)  # the teacher answers through model.heldout_accuracy
     records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 5 - 1?", "answer": "4"},
                {"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]
     teacher = tiny_model(vocab_size=261).eval()
