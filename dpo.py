@@ -49,6 +49,9 @@ Implementation details:
    whether DPO helped the task, not only the pairs.
 8. The schedule, optimizer, clipping, DDP and progress line are sft.py's; the loss of a step is
    the sum over the pairs of the global batch divided by their count.
+9. `--lora-rank r` trains a LoRA adapter instead of every weight (sft.py detail 8), and the
+   reference is then the policy itself with its adapter switched off (model.lora_disabled): the
+   frozen base, with no second copy of the model in memory, as TRL does with a PEFT model.
 """
 
 import argparse
@@ -68,8 +71,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (batch_indices, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint,
-                   shared_prompt_logprobs)
+from model import (add_lora, batch_indices, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, lora_disabled,
+                   right_pad, save_checkpoint, shared_prompt_logprobs)
 from tokenizer import Tokenizer
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -125,6 +128,14 @@ class Args:
     """torch.compile the model"""
     seed: int = 0
     """random seed (data order)"""
+    lora_rank: int = 0
+    """LoRA: rank of the trained update of each target layer (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA: the update is scaled by alpha / rank"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
 
 def parse_args(cls):
@@ -319,6 +330,8 @@ def main(args: Args):
 
     # -------------------------------------------------------------- data and models
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
+    if args.lora_rank:  # detail 9: only the adapter trains
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     context = policy.config.max_position_embeddings
     pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, ("prompt", "chosen", "rejected")), context, args.data)
     if len(pairs) < args.batch_size:
@@ -337,6 +350,8 @@ def main(args: Args):
         ref_rejected = torch.full((len(pairs),), float("nan"), device=args.device)
         ref_chosen[mine], ref_rejected[mine] = all_pair_logps(policy, [pairs[i] for i in mine], pad_id, args.device,
                                                              args.eval_batch_size, autocast)
+    elif args.lora_rank:  # detail 9: the reference is the policy with its adapter off
+        reference = policy
     else:
         reference, _, _ = load_checkpoint(args.init, device=args.device, head="lm")
         reference.eval().requires_grad_(False)
@@ -351,7 +366,7 @@ def main(args: Args):
                   "task": heldout_accuracy(policy, tokenizer, task_records, args.max_new_tokens)}
         print(f"dpo | {len(pairs)} pairs ({format_skipped(skipped)} skipped), {len(eval_pairs)} held out "
               f"({format_skipped(eval_skipped)} skipped), {world} process(es) on {args.device} in {args.dtype}, "
-              f"{args.loss_type} loss, beta {args.beta}, reference {'precomputed' if args.precompute_ref else 'model'}")
+              f"{args.loss_type} loss, beta {args.beta}, reference {'precomputed' if args.precompute_ref else 'the policy, adapter off' if args.lora_rank else 'model'}")
         print(f"dpo | before: {format_pairs(before['pairs'])}")
         print(f"dpo | before: task {format_accuracy(before['task'])}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -371,7 +386,7 @@ def main(args: Args):
             if reference is None:
                 ref_logp_chosen, ref_logp_rejected = ref_chosen[indices], ref_rejected[indices]  # (b,), (b,)
             else:
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), autocast, lora_disabled(reference):
                     ref_logp_chosen, ref_logp_rejected = pair_logps(reference, rows, pad_id, args.device)
             no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
             tokens = ([torch.tensor([len(p[side]) for p in rows], device=args.device) for side in ("chosen", "rejected")]

@@ -53,6 +53,9 @@ Implementation details:
 9. Bad input: prompts that leave no room for `max_new_tokens` in the context are skipped and
    counted; a missing answer without a learned reward and a group below 2 are one-line errors.
 10. Before and after: greedy held-out accuracy on data/eval.jsonl, as sft.py measures it.
+11. `--lora-rank r` trains a LoRA adapter instead of every weight (sft.py detail 8), and the
+   reference is the policy itself with its adapter switched off (model.lora_disabled): no second
+   copy of the model in memory, as TRL does with a PEFT model.
 """
 
 import argparse
@@ -71,8 +74,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, load_checkpoint,
-                   reply_texts, save_checkpoint, sequence_scores)
+from model import (add_lora, completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, load_checkpoint,
+                   lora_disabled, reply_texts, save_checkpoint, sequence_scores)
 from tokenizer import final_answer, thinks
 
 
@@ -136,6 +139,14 @@ class Args:
     """torch.compile the model"""
     seed: int = 0
     """random seed (prompt order and sampling)"""
+    lora_rank: int = 0
+    """LoRA: rank of the trained update of each target layer (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA: the update is scaled by alpha / rank"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 def parse_args(cls):
     """argparse from a dataclass: each field is an option, the string under it is its help."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
@@ -276,7 +287,10 @@ def main(args: Args):
     # -------------------------------------------------------------- data and models
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
     reference = reward_model = None
-    if args.beta > 0:  # detail 5: the frozen reference, only when the KL term is on
+    if args.lora_rank:  # detail 11: only the adapter trains, and the reference is the policy with it off
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        reference = policy if args.beta > 0 else None
+    elif args.beta > 0:  # detail 5: the frozen reference, only when the KL term is on
         reference = load_checkpoint(args.init, device=args.device, head="lm")[0].eval().requires_grad_(False)
     if args.reward_model:  # detail 3: an optional learned reward on top of the verifiable one
         reward_model, reward_tokenizer, reward_checkpoint = load_checkpoint(args.reward_model, device=args.device, head="score")
@@ -342,8 +356,9 @@ def main(args: Args):
             if args.iterations > 1:
                 old_logp = completion_logprobs(raw_policy, *rollout, temperature=args.temperature,
                                                group_size=args.group_size)                             # (B, N)
-            ref_logp = (completion_logprobs(reference, *rollout, temperature=args.temperature, group_size=args.group_size)
-                        if reference else None)                                                  # (B, N)
+            with lora_disabled(reference):  # detail 11: a no-op unless the reference is the LoRA policy
+                ref_logp = (completion_logprobs(reference, *rollout, temperature=args.temperature, group_size=args.group_size)
+                            if reference else None)                                              # (B, N)
             scores = (sequence_scores(reward_model, *rollout) - reward_mean) / reward_std if reward_model else None
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
 

@@ -5,6 +5,7 @@ and import a local Qwen2 / Llama directory as a checkpoint that every stage star
     python hf.py export out/sft.pt hf/sft               # config.json, model.safetensors, tokenizer.json, ...
     python hf.py import ~/models/Qwen2.5-0.5B-Instruct --out out/qwen.pt
     python sft.py --init out/qwen.pt                    # then every later stage, as usual
+    python hf.py export-adapter out/sft.pt hf/sft-lora  # after `sft.py --lora-rank 8`: a PEFT adapter
 
 `python model.py export ...` / `python model.py import ...` do the same. The exported directory
 loads with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`,
@@ -49,6 +50,12 @@ Implementation details (tagged `# detail N` in the code):
     data_offsets}}, then the raw little-endian tensor bytes.
 10. Nothing is half-written: the files are prepared in a temporary directory next to the output
     and moved in at the end; the imported checkpoint is written atomically by save_checkpoint.
+11. `export-adapter`: the LoRA adapter a stage keeps beside its merged weights (model.py detail 12)
+    as PEFT writes one: adapter_config.json (r, lora_alpha, target_modules) and the A and B
+    matrices under PEFT's names, ours with `base_model.model.` in front. `PeftModel.from_pretrained(
+    base, dir)` puts it on the exported parent checkpoint (the model the run started from). It
+    touches only the attention / MLP projections, whose rows import never reorders, so it also fits
+    the original Hugging Face directory a checkpoint was imported from.
 """
 import argparse
 import json
@@ -213,11 +220,12 @@ def hf_weights(state, config):
     return weights
 
 
-def write_directory(out_dir, files, weights):
+def write_directory(out_dir, files, weights, weights_file="model.safetensors"):
     """Prepare every file in a temporary directory, then move them into out_dir (detail 10)."""
+    names = [*files, weights_file]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} is a file: export writes a directory")
-    others = sorted(set(os.listdir(out_dir)) - set(FILES)) if os.path.isdir(out_dir) else []
+    others = sorted(set(os.listdir(out_dir)) - set(names)) if os.path.isdir(out_dir) else []
     if others:
         raise ValueError(f"{out_dir} already holds other files ({', '.join(others[:3])}): export into a new directory")
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -226,9 +234,9 @@ def write_directory(out_dir, files, weights):
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2, ensure_ascii=False)
-        write_safetensors(weights, os.path.join(tmp, "model.safetensors"))
+        write_safetensors(weights, os.path.join(tmp, weights_file))
         os.makedirs(out_dir, exist_ok=True)
-        for name in FILES:
+        for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
@@ -256,6 +264,25 @@ def export_hf(checkpoint_path, out_dir):
     }
     write_directory(out_dir, files, hf_weights(state, config))
     print(f"exported {checkpoint_path} ({files['config.json']['architectures'][0]}) to {out_dir}")
+
+
+# detail 11: a PEFT LoRA adapter directory
+def export_adapter(checkpoint_path, out_dir):
+    """Write the LoRA adapter of a checkpoint as adapter_config.json + adapter_model.safetensors."""
+    _, _, checkpoint = load_checkpoint(checkpoint_path)
+    lora = checkpoint.get("lora")
+    if not lora:
+        raise ValueError(f"{checkpoint_path} holds no LoRA adapter: it comes from a run without --lora-rank")
+    if checkpoint["config"].get("head") != "lm":
+        raise ValueError(f"{checkpoint_path} has a score head: export-adapter writes causal-LM adapters only")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": checkpoint.get("parent"),
+              "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+              "target_modules": lora["targets"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False}
+    weights = {"base_model.model." + name: tensor.contiguous() for name, tensor in lora["weights"].items()}
+    write_directory(out_dir, {"adapter_config.json": config}, weights, "adapter_model.safetensors")
+    print(f"exported the rank-{lora['rank']} LoRA adapter of {checkpoint_path} ({', '.join(lora['targets'])}) to {out_dir}; "
+          f"its base is {checkpoint.get('parent')} (`python hf.py export {checkpoint.get('parent')} DIR`)")
 
 
 # ----------------------------------------------------------------------------- import
@@ -448,12 +475,17 @@ def main(argv=None):
     p = commands.add_parser("export", help="checkpoint -> transformers directory")
     p.add_argument("checkpoint", help="e.g. out/sft.pt")
     p.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer.json, ...)")
+    p = commands.add_parser("export-adapter", help="the LoRA adapter of a checkpoint -> PEFT directory")
+    p.add_argument("checkpoint", help="a checkpoint written by a stage run with --lora-rank, e.g. out/sft.pt")
+    p.add_argument("out_dir", help="directory to write (adapter_config.json, adapter_model.safetensors)")
     p = commands.add_parser("import", help="local Qwen2 / Llama directory -> checkpoint")
     p.add_argument("model_dir", help="a directory with config.json, *.safetensors and tokenizer.json")
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. out/qwen.pt")
     args = parser.parse_args(argv)
     if args.command == "export":
         export_hf(args.checkpoint, args.out_dir)
+    elif args.command == "export-adapter":
+        export_adapter(args.checkpoint, args.out_dir)
     else:
         import_hf(args.model_dir, args.out)
 

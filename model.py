@@ -41,10 +41,20 @@ Implementation details (tagged `# detail N` in the code):
     once (with dropout > 0 the replies of a prompt would share its dropout mask; the default is 0).
 11. Checkpoints are plain dicts read with `torch.load(weights_only=True)` (no code runs on load)
     and written atomically (`path.tmp`, then `os.replace`).
+12. LoRA (Hu et al. 2021, arXiv:2106.09685): `add_lora` freezes the model and gives each chosen
+    linear layer a trainable update, y = W x + b + (alpha / r) B A dropout(x), A (r, in) initialised
+    as PEFT does (Kaiming-uniform), B (out, r) at zero, so a fresh adapter changes nothing. Only A
+    and B train: AdamW holds two moments for them alone. The names are PEFT's
+    (`...q_proj.lora_A.weight`), W and b keep theirs. `lora_disabled` switches the adapters off,
+    which gives the frozen base model (DPO's, GRPO's and PPO's reference) without a second copy.
+    A checkpoint of a LoRA model holds the merged weights W + (alpha / r) B A under "model", so every
+    later stage reads it as any other, and the adapter under "lora" (hf.py export-adapter writes it
+    for PEFT).
 """
 import argparse
 import functools
 import math
+from contextlib import contextmanager
 import os
 import sys
 import time
@@ -425,6 +435,108 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
+# ----------------------------------------------------------------------------- LoRA (detail 12)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x)."""
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors, not copies
+        kwargs = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, **kwargs)   # (r, in)
+        self.lora_B = nn.Linear(rank, base.out_features, **kwargs)  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init of A
+        nn.init.zeros_(self.lora_B.weight)                            # B = 0: the update starts at zero
+        self.lora_dropout = nn.Dropout(dropout)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.merged, self.enabled = False, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or not self.enabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta(self):
+        """The update as a matrix (out, in): (alpha / r) B A."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):  # W <- W + (alpha / r) B A: one matmul per layer again, as fast as the base model
+        if not self.merged:
+            self.weight += self.delta().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta().to(self.weight.dtype)
+            self.merged = False
+
+
+def add_lora(model, rank, alpha=16.0, dropout=0.0, targets="q_proj,k_proj,v_proj,o_proj"):
+    """Freeze `model` and put a LoRA adapter on every linear layer named in `targets` (comma-separated), in place."""
+    names = [name.strip() for name in targets.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if rank < 1:
+        raise ValueError(f"--lora-rank {rank}: the rank of a LoRA update is at least 1 (0 = no LoRA)")
+    if alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"--lora-alpha {alpha} must be > 0 and --lora-dropout {dropout} in [0, 1)")
+    if unknown or not names:
+        raise ValueError(f"--lora-targets {targets!r}: {'unknown layer ' + repr(unknown[0]) if unknown else 'empty'} "
+                         f"(choose among {', '.join(LORA_TARGETS)})")
+    model.requires_grad_(False)
+    adapted = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                adapted += 1
+    if not adapted:  # a mixture of experts has no gate_proj / up_proj / down_proj layers, only fused experts
+        raise ValueError(f"--lora-targets {targets!r}: this model has no linear layer of that name")
+    return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """Run `model` as its frozen base (a reference model): adapters off, eval mode. No-op without adapters."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)] if model is not None else []
+    if any(layer.merged for layer in layers):
+        raise ValueError("lora_disabled needs the adapters unmerged")
+    training = model is not None and model.training
+    for layer in layers:
+        layer.enabled = False
+    if layers:
+        model.eval()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+        if layers:
+            model.train(training)
+
+
+def merged_state_dict(model):
+    """(state_dict with every adapter merged into its weight, the adapter {"rank", "alpha", "dropout", "targets",
+    "weights"} or None without one): what save_checkpoint writes (detail 12)."""
+    state = model.state_dict()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        return state, None
+    weights = {key: state.pop(key) for key in list(state) if ".lora_" in key}
+    for name, layer in layers.items():
+        if not layer.merged:
+            state[name + ".weight"] = (layer.weight + layer.delta().to(layer.weight.dtype)).detach()
+    first = next(iter(layers.values()))
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers}, key=LORA_TARGETS.index)
+    return state, {"rank": first.rank, "alpha": first.alpha, "dropout": first.lora_dropout.p, "targets": targets,
+                   "weights": weights}
+
+
 # ----------------------------------------------------------------------------- batches and generation
 
 def unwrap(model):
@@ -671,12 +783,14 @@ def format_accuracy(result):
 # ----------------------------------------------------------------------------- checkpoints (detail 11)
 
 def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=None, metrics=None, **extra):
-    """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable."""
+    """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable. A LoRA model is
+    written merged, with its adapter under "lora" (detail 12)."""
     model = unwrap(model)
-    checkpoint = {"model": model.state_dict(), "config": asdict(model.config),
+    state, lora = merged_state_dict(model)
+    checkpoint = {"model": state, "config": asdict(model.config),
                   "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
                   "stage": stage, "parent": parent, "step": step, "args": args or {}, "metrics": metrics or {},
-                  **extra}
+                  **({"lora": lora} if lora else {}), **extra}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)

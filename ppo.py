@@ -55,6 +55,10 @@ Implementation details:
 10. Before and after: greedy held-out accuracy on data/eval.jsonl (the true answers: did the policy
    learn the task, or learn to please the reward model?) and the mean reward-model score of those
    greedy replies.
+11. `--lora-rank r` trains a LoRA adapter on the policy instead of every weight (sft.py detail 8),
+   and the reference is the policy itself with its adapter switched off (model.lora_disabled): no
+   second copy of the policy in memory. The critic still trains in full, as TRL's PPOTrainer
+   (now trl.experimental) trains it beside a PEFT policy: a separate model with a new score head.
 """
 
 import argparse
@@ -73,8 +77,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (completion_logprobs, completion_values, format_accuracy, generate, heldout_accuracy, left_pad,
-                   load_checkpoint, reply_texts, save_checkpoint, sequence_scores)
+from model import (add_lora, completion_logprobs, completion_values, format_accuracy, generate, heldout_accuracy, left_pad,
+                   load_checkpoint, lora_disabled, reply_texts, save_checkpoint, sequence_scores)
 from tokenizer import final_answer, thinks
 
 
@@ -144,6 +148,14 @@ class Args:
     """torch.compile the models"""
     seed: int = 0
     """random seed (prompt order, sampling, minibatches)"""
+    lora_rank: int = 0
+    """LoRA: rank of the trained update of each target layer (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA: the update is scaled by alpha / rank"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
 
 def parse_args(cls):
@@ -305,7 +317,11 @@ def main(args: Args):
 
     # -------------------------------------------------------------- data and models (detail 2)
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    reference = load_checkpoint(args.init, device=args.device, head="lm")[0].eval().requires_grad_(False)
+    if args.lora_rank:  # detail 11: only the adapter trains, and the reference is the policy with it off
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        reference = policy
+    else:
+        reference = load_checkpoint(args.init, device=args.device, head="lm")[0].eval().requires_grad_(False)
     reward_model, reward_tokenizer, reward_checkpoint = load_checkpoint(args.reward_model, device=args.device, head="score")
     if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
         raise ValueError(f"{args.reward_model} was trained with another tokenizer than {args.init}")
@@ -370,7 +386,8 @@ def main(args: Args):
             prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, args.device)   # (B, P), as generate padded them
             rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             old_logp = completion_logprobs(raw_policy, *rollout, temperature=args.temperature)   # (B, N)
-            ref_logp = completion_logprobs(reference, *rollout, temperature=args.temperature)    # (B, N)
+            with lora_disabled(reference):  # detail 11: a no-op unless the reference is the LoRA policy
+                ref_logp = completion_logprobs(reference, *rollout, temperature=args.temperature)  # (B, N)
             old_values = completion_values(raw_value_model, *rollout)                            # (B, N) V(s_t)
             scores = (sequence_scores(reward_model, *rollout) - reward_mean) / reward_std        # (B,)
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world

@@ -36,6 +36,11 @@ Implementation details:
 7. Before and after training: greedy replies to the held-out prompts of data/eval.jsonl, exact
    match after stripping whitespace, per task family, and the share of replies that end with
    <|im_end|>.
+8. `--lora-rank r` trains a LoRA adapter on the frozen model instead of every weight (model.py
+   detail 12): AdamW then holds state for the adapter only, which is what lets a laptop fine-tune
+   a model imported with hf.py. out/sft.pt holds the merged weights (later stages read it as
+   usual) and the adapter (`python hf.py export-adapter out/sft.pt DIR` writes it for PEFT). A
+   resumed LoRA run reloads its frozen base from --init and its adapter from --out.
 """
 
 import argparse
@@ -54,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import batch_indices, check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
+from model import add_lora, batch_indices, check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -98,6 +103,14 @@ class Args:
     """torch.compile the model"""
     seed: int = 0
     """random seed (data order)"""
+    lora_rank: int = 0
+    """LoRA: rank of the trained update of each target layer (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA: the update is scaled by alpha / rank"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
 
 def parse_args(cls):
@@ -197,7 +210,10 @@ def main(args: Args):
     micro_batch = args.batch_size // (world * args.grad_accum)
 
     # -------------------------------------------------------------- data and model
-    model, tokenizer, _ = load_checkpoint(args.resume and args.out or args.init, device=args.device, head="lm")
+    resume_whole_model = args.resume and not args.lora_rank  # detail 8: a LoRA run's base is --init, frozen
+    model, tokenizer, _ = load_checkpoint(args.out if resume_whole_model else args.init, device=args.device, head="lm")
+    if args.lora_rank:  # detail 8: only the adapter trains
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     context = model.config.max_position_embeddings
     examples, truncated = [], 0
     for line_no, record in enumerate(read_jsonl(args.data, required=("messages",)), 1):
@@ -222,7 +238,10 @@ def main(args: Args):
     step = 0
     if args.resume:  # the model came from --out above; now the optimizer, RNG and step
         checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
-        check_resumable(args.out, checkpoint, args, ("init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed"))
+        check_resumable(args.out, checkpoint, args, ("init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed",
+                                                     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
+        if args.lora_rank:
+            model.load_state_dict(checkpoint["lora"]["weights"], strict=False)  # the adapter; the base came from --init
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)

@@ -1455,11 +1455,13 @@ def test_sft_ddp_equals_single_process(world, tmp_path):
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-lora"])
 def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
-    """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly."""
-    script = os.path.join(ROOT, f"{stage}.py")
-    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120", "--save-every", "4"]
+    """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run: its
+    frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint)."""
+    script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
+    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120", "--save-every", "4",
+            *(["--lora-rank", "4"] if stage == "sft-lora" else [])]
     run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
     process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -3105,3 +3107,195 @@ def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
     # and more padding changes nothing
     for ours, wider in zip((rewards, advantages, returns, logp_grad, value_grad), losses(pad=3)):
         assert torch.allclose(wider[:, :4], ours, atol=1e-7) and torch.equal(wider[:, 4:], torch.zeros(2, 3))
+
+
+# =================================================================================================
+# LoRA (model.py detail 12, sft/dpo/grpo/ppo --lora-rank, hf.py export-adapter)
+# =================================================================================================
+
+ALL_TARGETS = ",".join(M.LORA_TARGETS)
+
+
+def lora_on(model, rank=4, targets=ALL_TARGETS, seed=1):
+    """model with adapters whose B is random (a trained adapter), not zero (a fresh one)."""
+    M.add_lora(model, rank, alpha=8.0, targets=targets)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, M.LoRALinear)]
+
+
+def test_lora_fresh_adapter_gives_exactly_the_base_logits_and_peft_names():
+    base, model = tiny_model(), tiny_model()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    M.add_lora(model, 4, targets=ALL_TARGETS)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
+    assert torch.equal(model(ids)[0], base(ids)[0])  # B = 0: the update is exactly zero
+    names = set(model.state_dict())
+    assert set(state_before) <= names  # the base keeps its Hugging Face names
+    layers = [f"self_attn.{x}_proj" for x in "qkvo"] + [f"mlp.{x}_proj" for x in ("gate", "up", "down")]
+    assert names - set(state_before) == {f"model.layers.{i}.{layer}.lora_{x}.weight" for i in range(2) for layer in layers for x in "AB"}
+    for layer in lora_layers(model):
+        fan_in = layer.lora_A.weight.shape[1]
+        assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(fan_in)  # Kaiming-uniform, a = sqrt(5): bound 1/sqrt(in)
+        assert layer.lora_A.weight.std() > 0.3 / math.sqrt(fan_in) and not layer.lora_B.weight.any()
+        assert layer.scaling == 16.0 / 4
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    default = tiny_model()
+    M.add_lora(default, 2)
+    assert {n.split(".")[-3] for n, p in default.named_parameters() if p.requires_grad} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_lora_merged_equals_unmerged_and_the_checkpoint_holds_the_merged_weights(tmp_path):
+    model, plain = lora_on(tiny_model()), tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
+    with torch.no_grad():
+        unmerged = model(ids)[0]
+        assert (unmerged - plain(ids)[0]).abs().max() > 1e-3  # the adapter does something
+        for layer in lora_layers(model):
+            layer.merge()
+        assert torch.allclose(model(ids)[0], unmerged, atol=1e-5)
+        for layer in lora_layers(model):
+            layer.unmerge()
+        assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in plain.state_dict().items())
+        # the checkpoint: merged weights under "model" (a plain model loads them), the adapter under "lora"
+        save_checkpoint(str(tmp_path / "lora.pt"), model, None, "sft", parent="base.pt")
+        loaded, _, checkpoint = load_checkpoint(str(tmp_path / "lora.pt"))
+        assert set(checkpoint["model"]) == set(plain.state_dict()) and not lora_layers(loaded)
+        assert torch.allclose(loaded(ids)[0], unmerged, atol=1e-5)
+        lora = checkpoint["lora"]
+        assert (lora["rank"], lora["alpha"], lora["dropout"], lora["targets"]) == (4, 8.0, 0.0, list(M.LORA_TARGETS))
+        assert set(lora["weights"]) == {k for k in model.state_dict() if ".lora_" in k}
+
+
+def test_lora_only_the_adapter_gets_gradients_and_changes():
+    model = lora_on(tiny_model())
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    adapter = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    optimizer = model.configure_optimizer(lr=1e-2, weight_decay=0.1)
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (4, 16))
+    for _ in range(3):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        assert all((p.grad is not None) == (".lora_" in n) for n, p in model.named_parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())            # the base is untouched
+    assert all(not torch.equal(state[k], v) for k, v in adapter.items())     # every A and B moved
+    assert len(optimizer.state) == len(adapter)                               # AdamW moments for the adapter only
+
+
+def test_lora_disabled_reference_equals_a_frozen_copy_of_the_base():
+    """DPO's, GRPO's and PPO's reference with --lora-rank: the policy with its adapter off."""
+    policy, frozen = lora_on(tiny_model()).train(), tiny_model().eval()
+    prompt_ids, prompt_mask, completion_ids, completion_mask = grouped_batch(group_size=1)
+    with torch.no_grad():
+        with M.lora_disabled(policy):
+            assert not policy.training
+            reference = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        assert policy.training and all(layer.enabled for layer in lora_layers(policy))
+        assert torch.equal(reference, completion_logprobs(frozen, prompt_ids, prompt_mask, completion_ids, completion_mask))
+        assert not torch.equal(reference, completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask))
+        with M.lora_disabled(frozen), M.lora_disabled(None):  # no adapters: nothing changes
+            assert not frozen.training
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention_bias=False, tie_word_embeddings=False)], ids=["qwen2", "llama"])
+def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, hf_tok, overrides):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-dev.txt)")
+    base_path, _ = hf_checkpoint(tmp_path, hf_tok, stage="sft", name="base.pt", **overrides)
+    model, tokenizer, _ = load_checkpoint(base_path)
+    lora_on(model, targets="q_proj,v_proj,o_proj,up_proj,down_proj")
+    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft", parent=base_path)
+    hf.export_hf(base_path, str(tmp_path / "hf_base"))
+    hf.main(["export-adapter", str(tmp_path / "lora.pt"), str(tmp_path / "adapter")])
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base"))
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    config = theirs.peft_config["default"]
+    assert (config.r, config.lora_alpha, set(config.target_modules)) == (4, 8.0, {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        peft_logits = theirs(torch.tensor([ids])).logits[0]
+        ours = hf_logits_of(model, ids)
+    assert (peft_logits - ours).abs().max() < 1e-5
+    assert (peft_logits - hf_logits_of(load_checkpoint(str(tmp_path / "lora.pt"))[0], ids)).abs().max() < 1e-4  # merged
+    line = None
+    try:
+        hf.export_adapter(base_path, str(tmp_path / "none"))
+    except ValueError as e:
+        line = str(e)
+    assert "holds no LoRA adapter" in line and not (tmp_path / "none").exists()
+
+
+def test_lora_sft_lowers_the_loss_keeps_the_base_and_ddp_equals_single_process(world, tmp_path):
+    args = [*TINY_SFT(world), "--lora-rank", "4", "--lora-targets", ALL_TARGETS, "--lr", "1e-2", "--warmup", "2"]
+    out = run_ok("sft.py", *args, "--steps", "40", "--out", str(tmp_path / "lora.pt"))
+    assert "sft | after:" in out
+    loss = losses(tmp_path / "lora.jsonl")
+    assert sum(loss[s] for s in range(36, 41)) < 0.8 * sum(loss[s] for s in range(1, 6))
+    checkpoint = torch.load(tmp_path / "lora.pt", weights_only=True)
+    init = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
+    assert set(checkpoint["model"]) == set(init)  # merged: every later stage reads it as any checkpoint
+    adapted = {k.removesuffix(".lora_A.weight") for k in checkpoint["lora"]["weights"] if k.endswith("lora_A.weight")}
+    scale = checkpoint["lora"]["alpha"] / checkpoint["lora"]["rank"]
+    for name, tensor in init.items():
+        layer = name.removesuffix(".weight")
+        if layer in adapted:  # W + (alpha / r) B A
+            a, b = (checkpoint["lora"]["weights"][f"{layer}.lora_{x}.weight"] for x in "AB")
+            assert torch.allclose(checkpoint["model"][name], tensor + scale * b @ a, atol=1e-6) and b.abs().max() > 0
+        else:
+            assert torch.equal(checkpoint["model"][name], tensor), name  # embeddings, norms, biases: frozen
+    short = [*args, "--steps", "3", "--save-every", "1000"]
+    run_ok("sft.py", *short, "--out", str(tmp_path / "single.pt"))
+    run_ddp("sft.py", *short, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
+    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    assert all(abs(single[step] - ddp[step]) < 1e-5 for step in single), (single, ddp)
+
+
+def test_lora_dpo_grpo_ppo_use_the_base_as_reference(world, tiny_sft, tiny_reward, tmp_path):
+    """With --lora-rank the reference is the policy with its adapter off: after the first update the implicit
+    rewards (DPO) and the KL (GRPO, PPO) are no longer 0, as they would stay if the reference were the policy."""
+    lora = ["--lora-rank", "4", "--lora-targets", ALL_TARGETS]
+    out = run_ok("dpo.py", *TINY_DPO(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "dpo.pt"))
+    assert "reference the policy, adapter off" in out
+    assert logged(tmp_path / "dpo.jsonl")[1] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the base
+    assert logged(tmp_path / "dpo.jsonl", "rewards/margin")[1] == 0 != logged(tmp_path / "dpo.jsonl", "rewards/margin")[3]
+    rl = [*TINY_RL(world, tiny_sft), *lora, "--reward-model", str(tiny_reward), "--lr", "1e-2"]
+    run_ok("grpo.py", *rl, "--prompts-per-step", "4", "--group-size", "3", "--out", str(tmp_path / "grpo.pt"))
+    run_ok("ppo.py", *rl, "--prompts-per-step", "8", "--out", str(tmp_path / "ppo.pt"))
+    for stage in ("dpo", "grpo", "ppo"):
+        checkpoint = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
+        assert checkpoint["stage"] == stage and checkpoint["lora"]["rank"] == 4
+    for stage in ("grpo", "ppo"):
+        log = read_log(tmp_path / f"{stage}.jsonl")
+        assert abs(log[0]["kl"]) < 1e-6 and abs(log[1]["kl"]) > 1e-6, (stage, log)
+
+
+def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
+    out = tmp_path / "x.pt"
+    for flags, expected in ((["--lora-rank", "-1"], "--lora-rank -1"),
+                            (["--lora-rank", "4", "--lora-targets", "q_proj,wq"], "unknown layer 'wq'"),
+                            (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0 must be > 0"),
+                            (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 in [0, 1)")):
+        assert expected in run_error("sft.py", *TINY_SFT(world), *flags, "--out", str(out))
+    assert "--lora-rank -2" in run_error("dpo.py", *TINY_DPO(world), "--lora-rank", "-2", "--out", str(out))
+    assert "unknown layer 'lm_head'" in run_error("grpo.py", *TINY_RL(world, tiny_sft), "--lora-rank", "2",
+                                                   "--lora-targets", "lm_head", "--out", str(out))
+    moe = tiny_model(num_experts=4, moe_intermediate_size=16)
+    with pytest.raises(ValueError, match="no linear layer of that name"):
+        M.add_lora(moe, 2, targets="gate_proj")  # experts are fused 3-D tensors, not linear layers
+    line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
+    assert "holds no LoRA adapter" in line
+    assert not out.exists() and not (tmp_path / "adapter").exists()
