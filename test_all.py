@@ -3299,3 +3299,22 @@ def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
     assert "holds no LoRA adapter" in line
     assert not out.exists() and not (tmp_path / "adapter").exists()
+
+
+def test_lora_adapter_of_an_imported_model_fits_the_original_directory(tmp_path, hf_tok):
+    """README's LoRA recipe: import a Hugging Face directory, train an adapter, load it with PEFT on the original."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-dev.txt)")
+    directory, original = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True)
+    hf.import_hf(directory, str(tmp_path / "imported.pt"))
+    model, tokenizer, _ = load_checkpoint(str(tmp_path / "imported.pt"))
+    lora_on(model)
+    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft", parent=str(tmp_path / "imported.pt"))
+    hf.export_adapter(str(tmp_path / "lora.pt"), str(tmp_path / "adapter"))
+    theirs = peft.PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        peft_logits = theirs(torch.tensor([ids])).logits[0]
+    with torch.no_grad(), theirs.disable_adapter():
+        base_logits = theirs(torch.tensor([ids])).logits[0]
+    assert (peft_logits - hf_logits_of(model.eval(), ids)).abs().max() < 1e-4
+    assert (peft_logits - base_logits).abs().max() > 1e-2  # and the adapter is not a no-op
