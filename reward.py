@@ -37,6 +37,9 @@ Implementation details:
 7. Before and after training: pairwise accuracy on the held-out pairs (data/prefs_eval.jsonl),
    overall and per rejected `kind`, so one sees which failures the reward model learned. A tie
    counts as wrong.
+8. `--lora-rank r` trains a LoRA adapter on the trunk (sft.py detail 8) and the new score head in
+   full: a fresh head has no weights to adapt (PEFT calls it a module to save). The checkpoint
+   holds the merged weights, which PPO's critic starts from; `hf.py export` exports them.
 """
 
 import argparse
@@ -56,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, batch_indices, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores
+from model import ModelConfig, Transformer, add_lora, batch_indices, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores
 from tokenizer import Tokenizer
 
 
@@ -100,6 +103,14 @@ class Args:
     """torch.compile the model"""
     seed: int = 0
     """random seed (score head and data order)"""
+    lora_rank: int = 0
+    """LoRA: rank of the trained update of each target layer (0 = train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA: the update is scaled by alpha / rank"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
 
 def parse_args(cls):
@@ -282,6 +293,9 @@ def main(args: Args):
     # -------------------------------------------------------------- data and model
     lm_model, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
     reward_model = reward_model_from(lm_model, args.seed)  # detail 1
+    if args.lora_rank:  # detail 8: an adapter on the trunk, the new score head trained in full
+        add_lora(reward_model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        reward_model.score.requires_grad_(True)
     del lm_model
     context = reward_model.config.max_position_embeddings
     pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, ("prompt", "chosen", "rejected")), context, args.data)

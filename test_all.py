@@ -3264,10 +3264,20 @@ def test_lora_sft_lowers_the_loss_keeps_the_base_and_ddp_equals_single_process(w
     assert all(abs(single[step] - ddp[step]) < 1e-5 for step in single), (single, ddp)
 
 
-def test_lora_dpo_grpo_ppo_use_the_base_as_reference(world, tiny_sft, tiny_reward, tmp_path):
+def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
     """With --lora-rank the reference is the policy with its adapter off: after the first update the implicit
-    rewards (DPO) and the KL (GRPO, PPO) are no longer 0, as they would stay if the reference were the policy."""
+    rewards (DPO) and the KL (GRPO, PPO) are no longer 0, as they would stay if the reference were the policy.
+    The reward model trains an adapter on its trunk and its new score head in full."""
+    from reward import reward_model_from
+
     lora = ["--lora-rank", "4", "--lora-targets", ALL_TARGETS]
+    run_ok("reward.py", *TINY_REWARD(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "reward.pt"))
+    checkpoint, sft = torch.load(tmp_path / "reward.pt", weights_only=True), torch.load(tiny_sft, weights_only=True)["model"]
+    start = reward_model_from(load_checkpoint(str(tiny_sft))[0], seed=0).state_dict()
+    assert not torch.equal(checkpoint["model"]["score.weight"], start["score.weight"])  # the head: trained in full
+    assert checkpoint["lora"]["rank"] == 4 and all(torch.equal(checkpoint["model"][k], sft[k]) for k in sft
+                                                   if "norm" in k or "embed" in k or k.endswith("bias"))  # frozen
+    assert "score head" in run_error("hf.py", "export-adapter", str(tmp_path / "reward.pt"), str(tmp_path / "adapter"))
     out = run_ok("dpo.py", *TINY_DPO(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "dpo.pt"))
     assert "reference the policy, adapter off" in out
     assert logged(tmp_path / "dpo.jsonl")[1] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the base
