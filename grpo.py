@@ -147,6 +147,8 @@ class Args:
     """LoRA: dropout on the adapter's input"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
+
+
 def parse_args(cls):
     """argparse from a dataclass: each field is an option, the string under it is its help."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
