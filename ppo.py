@@ -29,12 +29,10 @@ Implementation details:
    (proportional controller, error clipped to +-0.2, horizon 10000 replies).
    Nothing past the last real token is trained (TRL's former PPOTrainer put the score one token
    after the EOS and trained a value there).
-   The default kl_coef 0.2 is four times TRL's 0.05: the built-in reward model learned that worked
-   replies beat bare ones but cannot check the arithmetic in them (a trace with one wrong step: ~45 %
-   of pairs right), so away from the SFT model's own traces its score stops meaning "right".
-   Measured at seed 0 (an sft.pt of 600 steps at 36.3 %): kl_coef 0.05 gave 65.7 % held-out accuracy,
-   0.2 gave 79.7 %; kl_coef 0 (lr 3e-4, 60 steps) raised the score 0.84 -> 0.93 while accuracy fell to
-   1 %: tidy traces with wrong sums (README, "Reward hacking, shown").
+   The default kl_coef 0.2 is four times TRL's 0.05: the built-in reward model cannot check the
+   arithmetic inside a trace, so away from the SFT model's own traces its score stops meaning "right"
+   (seed 0: 0.05 gave 65.7 % held-out accuracy, 0.2 gave 79.7 %, 0 gave 1 % with a higher score:
+   README, "Reward hacking, shown").
 5. GAE (gamma 1, lambda 0.95, TRL's defaults) computed backwards over the reply; rewards and
    values are 0 past the last real token, so the bootstrap stops there. returns = advantages +
    values, before the advantages are whitened (mean 0, std 1 over the real tokens of the rank's
