@@ -520,6 +520,7 @@ def lora_disabled(model):
             model.train(training)
 
 
+@torch.no_grad()
 def merged_state_dict(model):
     """(state_dict with every adapter merged into its weight, the adapter {"rank", "alpha", "dropout", "targets",
     "weights"} or None without one): what save_checkpoint writes (detail 12)."""
@@ -530,7 +531,7 @@ def merged_state_dict(model):
     weights = {key: state.pop(key) for key in list(state) if ".lora_" in key}
     for name, layer in layers.items():
         if not layer.merged:
-            state[name + ".weight"] = (layer.weight + layer.delta().to(layer.weight.dtype)).detach()
+            state[name + ".weight"] = layer.weight + layer.delta().to(layer.weight.dtype)
     first = next(iter(layers.values()))
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers}, key=LORA_TARGETS.index)
     return state, {"rank": first.rank, "alpha": first.alpha, "dropout": first.lora_dropout.p, "targets": targets,
