@@ -22,9 +22,7 @@ Implementation details:
    --data greedily (eval mode, KV cache), and the student is fine-tuned on those conversations, the
    loss on the reply tokens as in sft.py. With --keep-correct (the default) only replies whose final
    answer is right are kept (rejection sampling, as the data of DeepSeek-R1's distilled models):
-   the student is not taught the teacher's mistakes. A two-digit prototype of the built-in world
-   (0.25M student, 0.9M teacher at 60 %): 24.7 % on the original demos, 49.7 % on all the teacher's
-   replies, 59.3 % on its right ones; Hinton's logit KD on the original demos, 16.3 %.
+   the student is not taught the teacher's mistakes (README, Results: the student against the baseline).
 2. The student starts from --init, any lm checkpoint with the teacher's tokenizer; pipeline.sh
    pretrains one at 64 wide x 4 layers (a quarter of the teacher's parameters) on the same text.
 3. The baseline: a copy of the student's starting weights trained in the same loop, for the same

@@ -92,8 +92,6 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/ppo.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    families: str = ""
-    """comma-separated task families to train on (empty = all)"""
     steps: int = 30
     """rollout steps; each does ppo_epochs x minibatches optimizer steps"""
     prompts_per_step: int = 32
@@ -328,11 +326,8 @@ def main(args: Args):
     reward_mean = reward_checkpoint["metrics"].get("reward_mean", 0.0)  # detail 3
     reward_std = reward_checkpoint["metrics"].get("reward_std", 1.0)
     context = policy.config.max_position_embeddings
-    families = {f.strip() for f in args.families.split(",") if f.strip()}
     records, too_long = [], 0
     for line_no, record in enumerate(read_jsonl(args.data, required=("prompt",)), 1):
-        if families and record.get("family") not in families:
-            continue
         try:
             prompt = tokenizer.encode_prompt(record["prompt"])
         except (ValueError, TypeError, KeyError) as e:
@@ -342,8 +337,7 @@ def main(args: Args):
             continue
         records.append((prompt, None if record.get("answer") is None else str(record["answer"]).strip()))
     if len(records) < args.prompts_per_step:
-        raise ValueError(f"{args.data}: {len(records)} usable prompts{' in --families ' + args.families if families else ''}, "
-                         f"fewer than --prompts-per-step {args.prompts_per_step}")
+        raise ValueError(f"{args.data}: {len(records)} usable prompts, fewer than --prompts-per-step {args.prompts_per_step}")
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     value_optimizer = value_model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
