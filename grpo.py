@@ -325,7 +325,8 @@ def main(args: Args):
     if master:  # detail 10: held-out accuracy before training
         before = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
         print(f"grpo | {len(records)} prompts, {args.prompts_per_step} x {args.group_size} replies per step, "
-              f"{world} process(es) on {args.device} in {args.dtype}")
+              f"{world} process(es) on {args.device} in {args.dtype}"
+              + (", reference the policy, adapter off" if reference is raw_policy else ""))
         if too_long:
             print(f"grpo | skipped {too_long} prompts that leave no room for {args.max_new_tokens} new tokens in the context ({context})")
         print(f"grpo | before: {format_accuracy(before)}")

@@ -275,7 +275,7 @@ def export_adapter(checkpoint_path, out_dir):
         raise ValueError(f"{checkpoint_path} holds no LoRA adapter: it comes from a run without --lora-rank")
     if checkpoint["config"].get("head") != "lm":
         raise ValueError(f"{checkpoint_path} has a score head: export-adapter writes causal-LM adapters only")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": checkpoint.get("parent"),
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,  # ours is a .pt file
               "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
               "target_modules": lora["targets"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False}

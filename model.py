@@ -488,15 +488,15 @@ def add_lora(model, rank, alpha=16.0, dropout=0.0, targets="q_proj,k_proj,v_proj
     if unknown or not names:
         raise ValueError(f"--lora-targets {targets!r}: {'unknown layer ' + repr(unknown[0]) if unknown else 'empty'} "
                          f"(choose among {', '.join(LORA_TARGETS)})")
+    found = {name: [(parent, child) for parent in model.modules() for child_name, child in parent.named_children()
+                    if child_name == name and isinstance(child, nn.Linear)] for name in names}
+    missing = [name for name, layers in found.items() if not layers]
+    if missing:  # the routed experts of a mixture are fused 3-D tensors, not linear layers (a shared expert is one)
+        raise ValueError(f"--lora-targets {targets!r}: this model has no linear layer named {missing[0]!r}")
     model.requires_grad_(False)
-    adapted = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in names and isinstance(child, nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
-                adapted += 1
-    if not adapted:  # a mixture of experts has no gate_proj / up_proj / down_proj layers, only fused experts
-        raise ValueError(f"--lora-targets {targets!r}: this model has no linear layer of that name")
+    for name, layers in found.items():
+        for parent, child in layers:
+            setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
     return model
 
 

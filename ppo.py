@@ -355,7 +355,8 @@ def main(args: Args):
         before = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
         before["score"] = heldout_score(raw_policy, reward_model, tokenizer, eval_records, args.max_new_tokens, reward_mean, reward_std)
         print(f"ppo | {len(records)} prompts, {args.prompts_per_step} replies per step, {args.ppo_epochs} epochs x "
-              f"{args.minibatches} minibatches, {world} process(es) on {args.device} in {args.dtype}")
+              f"{args.minibatches} minibatches, {world} process(es) on {args.device} in {args.dtype}"
+              + (", reference the policy, adapter off" if reference is raw_policy else ""))
         if too_long:
             print(f"ppo | skipped {too_long} prompts that leave no room for {args.max_new_tokens} new tokens in the context ({context})")
         print(f"ppo | before: {format_accuracy(before)} | score {before['score']:.3f}")

@@ -3277,14 +3277,16 @@ def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
     assert not torch.equal(checkpoint["model"]["score.weight"], start["score.weight"])  # the head: trained in full
     assert checkpoint["lora"]["rank"] == 4 and all(torch.equal(checkpoint["model"][k], sft[k]) for k in sft
                                                    if "norm" in k or "embed" in k or k.endswith("bias"))  # frozen
+    assert all(b.abs().max() > 0 for k, b in checkpoint["lora"]["weights"].items() if "lora_B" in k)  # the adapter trained
     assert "score head" in run_error("hf.py", "export-adapter", str(tmp_path / "reward.pt"), str(tmp_path / "adapter"))
     out = run_ok("dpo.py", *TINY_DPO(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "dpo.pt"))
     assert "reference the policy, adapter off" in out
     assert logged(tmp_path / "dpo.jsonl")[1] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the base
     assert logged(tmp_path / "dpo.jsonl", "rewards/margin")[1] == 0 != logged(tmp_path / "dpo.jsonl", "rewards/margin")[3]
     rl = [*TINY_RL(world, tiny_sft), *lora, "--reward-model", str(tiny_reward), "--lr", "1e-2"]
-    run_ok("grpo.py", *rl, "--prompts-per-step", "4", "--group-size", "3", "--out", str(tmp_path / "grpo.pt"))
-    run_ok("ppo.py", *rl, "--prompts-per-step", "8", "--out", str(tmp_path / "ppo.pt"))
+    out = run_ok("grpo.py", *rl, "--prompts-per-step", "4", "--group-size", "3", "--out", str(tmp_path / "grpo.pt"))
+    assert "reference the policy, adapter off" in out
+    assert "reference the policy, adapter off" in run_ok("ppo.py", *rl, "--prompts-per-step", "8", "--out", str(tmp_path / "ppo.pt"))
     for stage in ("dpo", "grpo", "ppo"):
         checkpoint = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
         assert checkpoint["stage"] == stage and checkpoint["lora"]["rank"] == 4
@@ -3304,8 +3306,10 @@ def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     assert "unknown layer 'lm_head'" in run_error("grpo.py", *TINY_RL(world, tiny_sft), "--lora-rank", "2",
                                                    "--lora-targets", "lm_head", "--out", str(out))
     moe = tiny_model(num_experts=4, moe_intermediate_size=16)
-    with pytest.raises(ValueError, match="no linear layer of that name"):
-        M.add_lora(moe, 2, targets="gate_proj")  # experts are fused 3-D tensors, not linear layers
+    for targets in ("gate_proj", "q_proj,gate_proj"):  # routed experts are fused 3-D tensors, not linear layers
+        with pytest.raises(ValueError, match="no linear layer named 'gate_proj'"):
+            M.add_lora(moe, 2, targets=targets)
+    assert not lora_layers(moe) and all(p.requires_grad for p in moe.parameters())  # refused whole: nothing changed
     line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
     assert "holds no LoRA adapter" in line
     assert not out.exists() and not (tmp_path / "adapter").exists()

@@ -1,6 +1,6 @@
 """
 bench/bench_lora.py: full fine-tuning against LoRA r=8 on this machine, float32, one SFT training step
-(forward, backward, gradient clipping, AdamW) of a ~110M-parameter Qwen2-style model.
+(forward, backward, gradient clipping, AdamW) of a 100M-parameter Qwen2-style model.
 
     python bench/bench_lora.py              # ~2 minutes on 2 CPU cores
     python bench/bench_lora.py --quick      # one round, 2 steps each
