@@ -55,7 +55,8 @@ Implementation details:
 10. Before and after: greedy held-out accuracy on data/eval.jsonl, as sft.py measures it.
 11. `--lora-rank r` trains a LoRA adapter instead of every weight (sft.py detail 8), and the
    reference is the policy itself with its adapter switched off (model.lora_disabled): no second
-   copy of the model in memory, as TRL does with a PEFT model.
+   copy of the model in memory, as TRL does with a PEFT model. The adapter's dropout must be 0: the
+   replies would be sampled under one dropout mask and trained on under another.
 """
 
 import argparse
@@ -142,7 +143,7 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA: the update is scaled by alpha / rank"""
     lora_dropout: float = 0.0
-    """LoRA: dropout on the adapter's input"""
+    """LoRA: dropout on the adapter's input (must be 0 here: detail 11)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
@@ -283,6 +284,8 @@ def main(args: Args):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks ({world})")
     grpo_advantages(torch.zeros(args.group_size), args.group_size, args.scale_rewards)  # check the choices now,
     aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), args.loss_type, 1)             # not after the first rollout
+    if args.lora_dropout:  # detail 11
+        raise ValueError(f"--lora-dropout {args.lora_dropout}: GRPO samples, scores and trains one network, so it must be 0")
 
     # -------------------------------------------------------------- data and models
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")

@@ -57,6 +57,8 @@ Implementation details:
    and the reference is the policy itself with its adapter switched off (model.lora_disabled): no
    second copy of the policy in memory. The critic still trains in full, as TRL's PPOTrainer
    (now trl.experimental) trains it beside a PEFT policy: a separate model with a new score head.
+   The adapter's dropout must be 0: the replies would be sampled, and their old log-probs taken,
+   under other dropout masks than the update's, and the ratio would not start at 1.
 """
 
 import argparse
@@ -149,7 +151,7 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA: the update is scaled by alpha / rank"""
     lora_dropout: float = 0.0
-    """LoRA: dropout on the adapter's input"""
+    """LoRA: dropout on the adapter's input (must be 0 here: detail 11)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
@@ -310,6 +312,8 @@ def main(args: Args):
     if args.temperature <= 0:  # the loss divides the logits by it
         raise ValueError(f"--temperature {args.temperature}: PPO samples, so it must be > 0 (1.0 is the policy itself)")
     minibatch_size = args.prompts_per_step // (world * args.minibatches)
+    if args.lora_dropout:  # detail 11
+        raise ValueError(f"--lora-dropout {args.lora_dropout}: PPO samples, scores and trains one network, so it must be 0")
 
     # -------------------------------------------------------------- data and models (detail 2)
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")

@@ -3305,6 +3305,9 @@ def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     assert "--lora-rank -2" in run_error("dpo.py", *TINY_DPO(world), "--lora-rank", "-2", "--out", str(out))
     assert "unknown layer 'lm_head'" in run_error("grpo.py", *TINY_RL(world, tiny_sft), "--lora-rank", "2",
                                                    "--lora-targets", "lm_head", "--out", str(out))
+    for stage in ("grpo.py", "ppo.py"):  # sampling and training must be one network
+        assert "--lora-dropout 0.1: " in run_error(stage, *TINY_RL(world, tiny_sft), "--lora-rank", "2",
+                                                   "--lora-dropout", "0.1", "--out", str(out))
     moe = tiny_model(num_experts=4, moe_intermediate_size=16)
     for targets in ("gate_proj", "q_proj,gate_proj"):  # routed experts are fused 3-D tensors, not linear layers
         with pytest.raises(ValueError, match="no linear layer named 'gate_proj'"):
