@@ -24,15 +24,12 @@ Implementation details:
    a reply, and the reward model may well like its first half.
 4. Rewards per token (Ziegler et al.): r_t = -kl_coef * (logp_t - ref_logp_t) at every reply
    token, plus the score once, at the last real token (the <|im_end|>, or the last token of a cut
-   reply). The KL is part of the reward here, not a loss term as in grpo.py: it flows into the
-   advantages and the value targets. `--adaptive-kl` moves kl_coef towards a target KL
-   (proportional controller, error clipped to +-0.2, horizon 10000 replies).
-   Nothing past the last real token is trained (TRL's former PPOTrainer put the score one token
-   after the EOS and trained a value there).
-   The default kl_coef 0.2 is four times TRL's 0.05: the built-in reward model cannot check the
-   arithmetic inside a trace, so away from the SFT model's own traces its score stops meaning "right"
-   (seed 0: 0.05 gave 65.7 % held-out accuracy, 0.2 gave 79.7 %, 0 gave 1 % with a higher score:
-   README, "Reward hacking, shown").
+   reply); nothing past it is trained. The KL is part of the reward here, not a loss term as in
+   grpo.py: it flows into the advantages and the value targets. `--adaptive-kl` moves kl_coef
+   towards a target KL (proportional controller, error clipped to +-0.2, horizon 10000 replies).
+   kl_coef 0.2 is four times TRL's 0.05: the built-in reward model cannot check the arithmetic of a
+   trace, so far from the SFT model's traces its score stops meaning "right" (seed 0: 0.05 gave
+   65.7 % held-out accuracy, 0.2 gave 79.7 %, 0 gave 1 %: README, "Reward hacking, shown").
 5. GAE (gamma 1, lambda 0.95, TRL's defaults) computed backwards over the reply; rewards and
    values are 0 past the last real token, so the bootstrap stops there. returns = advantages +
    values, before the advantages are whitened (mean 0, std 1 over the real tokens of the rank's
@@ -53,12 +50,11 @@ Implementation details:
 10. Before and after: greedy held-out accuracy on data/eval.jsonl (the true answers: did the policy
    learn the task, or learn to please the reward model?) and the mean reward-model score of those
    greedy replies.
-11. `--lora-rank r` trains a LoRA adapter on the policy instead of every weight (sft.py detail 8),
-   and the reference is the policy itself with its adapter switched off (model.lora_disabled): no
-   second copy of the policy in memory. The critic still trains in full, as TRL's PPOTrainer
-   (now trl.experimental) trains it beside a PEFT policy: a separate model with a new score head.
-   The adapter's dropout must be 0: the replies would be sampled, and their old log-probs taken,
-   under other dropout masks than the update's, and the ratio would not start at 1.
+11. `--lora-rank r` trains a LoRA adapter on the policy (sft.py detail 8); the reference is the
+   policy with its adapter switched off (model.lora_disabled), no second copy. The critic trains in
+   full, as beside a PEFT policy in TRL's PPOTrainer: a separate model with a new score head. The
+   adapter's dropout must be 0: the replies and their old log-probs would come from other dropout
+   masks than the update's, and the ratio would not start at 1.
 """
 
 import argparse
