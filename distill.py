@@ -67,7 +67,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import batch_indices, format_accuracy, generate, heldout_accuracy, load_checkpoint, save_checkpoint
+from engine import batch_indices, format_accuracy, generate, heldout_accuracy
+from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, final_answer
 
 

@@ -71,8 +71,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (add_lora, batch_indices, format_accuracy, heldout_accuracy, left_pad, load_checkpoint, lora_disabled,
-                   right_pad, save_checkpoint, shared_prompt_logprobs)
+from engine import batch_indices, format_accuracy, heldout_accuracy, left_pad, right_pad, shared_prompt_logprobs
+from lora import add_lora, lora_disabled
+from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from data import win_rate
-from model import STAGES, completion_logprobs, generate, heldout_accuracy, left_pad, load_checkpoint, sequence_scores
+from engine import completion_logprobs, generate, heldout_accuracy, left_pad, sequence_scores
+from model import STAGES, load_checkpoint
 
 
 @dataclass

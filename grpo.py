@@ -75,8 +75,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (add_lora, completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, load_checkpoint,
-                   lora_disabled, reply_texts, save_checkpoint, sequence_scores)
+from engine import completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, reply_texts, sequence_scores
+from lora import add_lora, lora_disabled
+from model import load_checkpoint, save_checkpoint
 from tokenizer import final_answer, thinks
 
 

@@ -7,7 +7,7 @@ and import a local Qwen2 / Llama directory as a checkpoint that every stage star
     python sft.py --init out/qwen.pt                    # then every later stage, as usual
     python hf.py export-adapter out/sft.pt hf/sft-lora  # after `sft.py --lora-rank 8`: a PEFT adapter
 
-`python model.py export ...` / `python model.py import ...` do the same. The exported directory
+The exported directory
 loads with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`,
 serves with `vllm serve dir`, and converts with llama.cpp's `convert_hf_to_gguf.py` (which may ask
 for the hash of a new pre-tokenizer: our vocabulary is not one it knows). Only numpy and torch are

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, check_resumable, generate, load_checkpoint, save_checkpoint
+from engine import check_resumable, generate
+from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)

@@ -59,7 +59,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, add_lora, batch_indices, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores
+from engine import batch_indices, left_pad, right_pad, sequence_scores
+from lora import add_lora
+from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 

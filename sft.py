@@ -59,7 +59,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import add_lora, batch_indices, check_resumable, format_accuracy, heldout_accuracy, load_checkpoint, save_checkpoint
+from engine import batch_indices, check_resumable, format_accuracy, heldout_accuracy
+from lora import add_lora
+from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
 

@@ -30,15 +30,19 @@ sys.path.insert(0, ROOT)
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: tests run side by side
 
-from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, final_answer, thinks  # noqa: E402
 import data  # noqa: E402
-import model as M  # noqa: E402
-from model import (ModelConfig, Transformer, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
-                   generate, heldout_accuracy, left_pad, load_checkpoint, right_pad, save_checkpoint, sequence_scores,
-                   shared_prompt_logprobs)
-from tokenizer import Tokenizer  # noqa: E402
 import hf  # noqa: E402
-from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint  # noqa: E402
+from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
+                    generate, heldout_accuracy, left_pad, right_pad, sample_token, sequence_scores,
+                    shared_prompt_logprobs)
+from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled  # noqa: E402
+from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy,  # noqa: E402
+                   load_balancing_loss, load_checkpoint, save_checkpoint)
+from serve import show_reply  # noqa: E402
+import engine  # noqa: E402
+import model as model_module  # noqa: E402
+import serve  # noqa: E402
+from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, final_answer, thinks  # noqa: E402
 
 
 # =================================================================================================
@@ -294,9 +298,9 @@ def test_think_tokens_are_special_in_replies_only(tok):
 
 
 def test_chat_shows_the_thinking_then_the_final_answer():
-    assert M.show_reply("433") == "433" and M.show_reply("1<think>x") == "1<think>x"
-    assert M.show_reply("<think>385+048: 5+8=13</think>433") == "[thinking] 385+048: 5+8=13\n433"
-    assert M.show_reply("<think>385+048: 5+8") == "[thinking] 385+048: 5+8\n[no answer: the think block never closed]"
+    assert show_reply("433") == "433" and show_reply("1<think>x") == "1<think>x"
+    assert show_reply("<think>385+048: 5+8=13</think>433") == "[thinking] 385+048: 5+8=13\n433"
+    assert show_reply("<think>385+048: 5+8") == "[thinking] 385+048: 5+8\n[no answer: the think block never closed]"
 
 
 def test_final_answer_rule():
@@ -788,10 +792,10 @@ def test_moe_without_shared_expert_matches_mixtral():
 
 def test_load_balancing_loss_by_hand():
     # uniform router: P_e = 1/4; top-2 of tied probs picks experts 0 and 1: f = (1, 1, 0, 0); aux = 4 * 0.5 = 2
-    assert M.load_balancing_loss([torch.zeros(6, 4)], top_k=2).item() == pytest.approx(2.0)
+    assert load_balancing_loss([torch.zeros(6, 4)], top_k=2).item() == pytest.approx(2.0)
     # padding rows (mask 0) do not count
     logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 9.0]])
-    assert M.load_balancing_loss([logits], 1, torch.tensor([1, 0])).item() == pytest.approx(
+    assert load_balancing_loss([logits], 1, torch.tensor([1, 0])).item() == pytest.approx(
         4 * torch.softmax(logits[0], -1)[0].item())
 
 
@@ -858,13 +862,13 @@ def test_param_count_flops_and_optimizer_groups():
 # ----------------------------------------------------------------------------- the chunked loss
 
 def test_chunked_cross_entropy_equals_naive(monkeypatch):
-    monkeypatch.setattr(M, "CHUNK_LOGITS", 97 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(model_module, "CHUNK_LOGITS", 97 * 7)  # 7 rows a chunk: many chunks, a ragged last one
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(97, 16, requires_grad=True)
     targets = torch.randint(0, 97, (50,))
     targets[::3] = -100
-    loss = M.chunked_cross_entropy(hidden, weight, targets)
+    loss = chunked_cross_entropy(hidden, weight, targets)
     grads = torch.autograd.grad(3 * loss, (hidden, weight))
     naive = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
     naive_grads = torch.autograd.grad(3 * naive, (hidden, weight))
@@ -872,12 +876,12 @@ def test_chunked_cross_entropy_equals_naive(monkeypatch):
     for g, n in zip(grads, naive_grads):
         torch.testing.assert_close(g, n)
     with torch.no_grad():  # no grad mode: loss only
-        torch.testing.assert_close(M.chunked_cross_entropy(hidden, weight, targets), naive)
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets), naive)
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_loss_and_gradients_equal_naive(monkeypatch, tied):
-    monkeypatch.setattr(M, "CHUNK_LOGITS", 97 * 16)
+    monkeypatch.setattr(model_module, "CHUNK_LOGITS", 97 * 16)
     model = tiny_model(tie_word_embeddings=tied).train()
     ids, targets = torch.randint(0, 97, (3, 30)), torch.randint(0, 97, (3, 30))
     targets[:, :7] = -100
@@ -934,13 +938,13 @@ def test_sample_token_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.45, {0}), (0, 0.85, {0, 1, 2}), (0, 0.0, {0})]:
         g = torch.Generator().manual_seed(0)
-        seen = {int(M.sample_token(logits, 1.0, top_k, top_p, g)[0]) for _ in range(200)}
+        seen = {int(sample_token(logits, 1.0, top_k, top_p, g)[0]) for _ in range(200)}
         assert seen == allowed
-    _, logp = M.sample_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
+    _, logp = sample_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
     assert logp.exp().item() in (pytest.approx(0.5 / 0.8), pytest.approx(0.3 / 0.8))  # renormalised over the 2
     for temperature, top_p in [(-1.0, 1.0), (1.0, 1.5), (1.0, -0.1)]:
         with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
-            M.sample_token(logits, temperature, 0, top_p)
+            sample_token(logits, temperature, 0, top_p)
 
 
 def test_generate_logprobs_equal_completion_logprobs_and_eos_handling():
@@ -1084,7 +1088,7 @@ def test_shared_prompt_logprobs_equal_one_forward_per_completion_set():
     hook.remove()
     assert shapes == [(3, 5), (3, 2), (3, 4)]
     with pytest.raises(ValueError, match="only a grow=True cache can branch"):  # it would overwrite the prompt
-        M.KVCache(model.config, 3, 16).branch()
+        KVCache(model.config, 3, 16).branch()
 
 
 def test_generate_with_groups_prefills_each_prompt_once():
@@ -1169,7 +1173,7 @@ def test_heldout_accuracy_on_fixed_replies(monkeypatch):
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in replies])
         return ids, torch.zeros(6, n), mask
 
-    monkeypatch.setattr(M, "generate", fixed_generate)
+    monkeypatch.setattr(engine, "generate", fixed_generate)
     records = [{"prompt": "a", "answer": "12", "family": "add"}, {"prompt": "b", "answer": "8", "family": "add"},
                {"prompt": "c", "answer": " 12", "family": "sub"}, {"prompt": "d", "answer": "12", "family": "sub"},
                {"prompt": "e", "answer": "12", "family": "sub"}, {"prompt": "f", "answer": "8", "family": "add"}]
@@ -1252,9 +1256,9 @@ def test_cli_sample_chat_and_errors(tmp_path):
                                                           max_position_embeddings=128), tokenizer, "sft")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = "\n".join([  # one interpreter for all three commands: starting python + torch is the slow part
-        "import sys, model",
-        "model.main(['sample', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '5', '--temperature', '0'])",
-        "model.main(['chat', sys.argv[1], '--max-new-tokens', '5'])",
+        "import sys, serve",
+        "serve.main(['sample', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '5', '--temperature', '0'])",
+        "serve.main(['chat', sys.argv[1], '--max-new-tokens', '5'])",
     ])
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.pt")], cwd=ROOT, env=env,
                          input="hello\nsecond turn\n/quit\nnever read\n", capture_output=True, text=True, timeout=120)
@@ -1278,11 +1282,11 @@ def test_cli_sample_chat_and_errors(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert run.stdout == "\n".join(expected) + "\n"  # and "never read", after /quit, got no reply
-    run = subprocess.run([sys.executable, "model.py", "sample", str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
+    run = subprocess.run([sys.executable, "serve.py", "sample", str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "python sft.py" in run.stderr
     with pytest.raises(SystemExit) as info:
-        M.main(["--help"])
+        serve.main(["--help"])
     assert info.value.code == 0
 
 
@@ -1429,16 +1433,16 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path):
 
 
 def test_batches_cover_every_example_and_are_random():
-    epochs = [[M.batch_indices(100, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]  # 4 left over each epoch
+    epochs = [[batch_indices(100, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]  # 4 left over each epoch
     for batches in epochs:
         seen = [i for batch in batches for i in batch]
         assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
     assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the remainder too
-    assert epochs[0] != epochs[1] and M.batch_indices(100, 8, 1, 0) != epochs[0][0]  # a fresh order per epoch and seed
-    assert M.batch_indices(100, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
+    assert epochs[0] != epochs[1] and batch_indices(100, 8, 1, 0) != epochs[0][0]  # a fresh order per epoch and seed
+    assert batch_indices(100, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
     # not sorted by length: with 30 % long examples (thinking replies), batches mix them as the data does
     long = set(range(0, 1000, 10)) | set(range(3, 1000, 10)) | set(range(7, 1000, 10))
-    shares = [sum(i in long for i in M.batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
+    shares = [sum(i in long for i in batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
     assert min(shares) > 0.05 and max(shares) < 0.65 and abs(sum(shares) / len(shares) - 0.3) < 0.05
 
 
@@ -1605,7 +1609,6 @@ def test_pairwise_accuracy_by_hand_and_swap():
 
 
 def test_reward_model_copies_the_body_and_reads_the_last_real_token():
-    from model import sequence_scores, left_pad, right_pad
     from reward import pair_rewards, reward_model_from
 
     lm = tiny_lm()
@@ -1958,7 +1961,8 @@ def test_whitened_advantages_mean_zero_std_one_over_the_mask():
 
 
 def test_kl_reward_is_zero_when_policy_equals_reference_and_score_lands_once(tiny_sft):
-    from model import completion_logprobs, generate, left_pad, load_checkpoint
+    from engine import completion_logprobs, generate, left_pad
+    from model import load_checkpoint
     from ppo import ppo_rewards
 
     policy, tokenizer, _ = load_checkpoint(str(tiny_sft))
@@ -2132,7 +2136,7 @@ def test_distill_student_data_are_the_teachers_replies(monkeypatch):
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
         return ids, torch.zeros_like(mask), mask
 
-    monkeypatch.setattr(M, "generate", fixed_generate)  # the teacher answers through model.heldout_accuracy
+    monkeypatch.setattr(engine, "generate", fixed_generate)  # the teacher answers through model.heldout_accuracy
     records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 5 - 1?", "answer": "4"},
                {"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]
     teacher = tiny_model(vocab_size=261).eval()
@@ -2762,25 +2766,25 @@ def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
     assert checkpoint["parent"] == str(tmp_path / "imported.pt")
 
 
-def test_model_cli_export_then_import_round_trips(tmp_path, hf_tok):
-    """`python model.py export` / `import` are the interop entry points: the weights come back exactly."""
+def test_hf_cli_export_then_import_round_trips(tmp_path, hf_tok):
+    """`python hf.py export` / `import` are the interop entry points: the weights come back exactly."""
     path, model = hf_checkpoint(tmp_path, hf_tok)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for argv in (["export", path, str(tmp_path / "hf")], ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *argv], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), *argv], capture_output=True, text=True,
                                 cwd=ROOT, env=env)
         assert result.returncode == 0, result.stderr
     back, tokenizer, _ = load_checkpoint(str(tmp_path / "back.pt"))
     assert tokenizer.merges == hf_tok.merges
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "import", str(tmp_path / "nothing"), "--out",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import", str(tmp_path / "nothing"), "--out",
                              str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "x.pt").exists()
 
 
 def test_reply_texts_cut_at_eos():
     """RL stages read replies through model.reply_texts: text before <|im_end|>, and whether it ended."""
-    from model import reply_texts
+    from engine import reply_texts
 
     tokenizer = Tokenizer(merges=[])
     ids = tokenizer.encode("12") + [tokenizer.im_end_id, tokenizer.pad_id]
@@ -3113,12 +3117,12 @@ def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
 # LoRA (model.py detail 12, sft/dpo/grpo/ppo --lora-rank, hf.py export-adapter)
 # =================================================================================================
 
-ALL_TARGETS = ",".join(M.LORA_TARGETS)
+ALL_TARGETS = ",".join(LORA_TARGETS)
 
 
 def lora_on(model, rank=4, targets=ALL_TARGETS, seed=1):
     """model with adapters whose B is random (a trained adapter), not zero (a fresh one)."""
-    M.add_lora(model, rank, alpha=8.0, targets=targets)
+    add_lora(model, rank, alpha=8.0, targets=targets)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -3128,13 +3132,13 @@ def lora_on(model, rank=4, targets=ALL_TARGETS, seed=1):
 
 
 def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, M.LoRALinear)]
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
 def test_lora_fresh_adapter_gives_exactly_the_base_logits_and_peft_names():
     base, model = tiny_model(), tiny_model()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    M.add_lora(model, 4, targets=ALL_TARGETS)
+    add_lora(model, 4, targets=ALL_TARGETS)
     ids = torch.randint(0, TINY["vocab_size"], (3, 20))
     assert torch.equal(model(ids)[0], base(ids)[0])  # B = 0: the update is exactly zero
     names = set(model.state_dict())
@@ -3149,7 +3153,7 @@ def test_lora_fresh_adapter_gives_exactly_the_base_logits_and_peft_names():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     default = tiny_model()
-    M.add_lora(default, 2)
+    add_lora(default, 2)
     assert {n.split(".")[-3] for n, p in default.named_parameters() if p.requires_grad} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
@@ -3171,7 +3175,7 @@ def test_lora_merged_equals_unmerged_and_the_checkpoint_holds_the_merged_weights
         assert set(checkpoint["model"]) == set(plain.state_dict()) and not lora_layers(loaded)
         assert torch.allclose(loaded(ids)[0], unmerged, atol=1e-5)
         lora = checkpoint["lora"]
-        assert (lora["rank"], lora["alpha"], lora["dropout"], lora["targets"]) == (4, 8.0, 0.0, list(M.LORA_TARGETS))
+        assert (lora["rank"], lora["alpha"], lora["dropout"], lora["targets"]) == (4, 8.0, 0.0, list(LORA_TARGETS))
         assert set(lora["weights"]) == {k for k in model.state_dict() if ".lora_" in k}
 
 
@@ -3199,13 +3203,13 @@ def test_lora_disabled_reference_equals_a_frozen_copy_of_the_base():
     policy, frozen = lora_on(tiny_model()).train(), tiny_model().eval()
     prompt_ids, prompt_mask, completion_ids, completion_mask = grouped_batch(group_size=1)
     with torch.no_grad():
-        with M.lora_disabled(policy):
+        with lora_disabled(policy):
             assert not policy.training
             reference = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask)
         assert policy.training and all(layer.enabled for layer in lora_layers(policy))
         assert torch.equal(reference, completion_logprobs(frozen, prompt_ids, prompt_mask, completion_ids, completion_mask))
         assert not torch.equal(reference, completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask))
-        with M.lora_disabled(frozen), M.lora_disabled(None):  # no adapters: nothing changes
+        with lora_disabled(frozen), lora_disabled(None):  # no adapters: nothing changes
             assert not frozen.training
 
 
@@ -3311,7 +3315,7 @@ def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     moe = tiny_model(num_experts=4, moe_intermediate_size=16)
     for targets in ("gate_proj", "q_proj,gate_proj"):  # routed experts are fused 3-D tensors, not linear layers
         with pytest.raises(ValueError, match="no linear layer named 'gate_proj'"):
-            M.add_lora(moe, 2, targets=targets)
+            add_lora(moe, 2, targets=targets)
     assert not lora_layers(moe) and all(p.requires_grad for p in moe.parameters())  # refused whole: nothing changed
     line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
     assert "holds no LoRA adapter" in line

@@ -25,7 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, Transformer, add_lora  # noqa: E402
+from lora import add_lora  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, Transformer, completion_logprobs, generate, left_pad, right_pad  # noqa: E402
+from engine import completion_logprobs, generate, left_pad, right_pad  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 CONFIGS = {  # name: (config, benchmark generation too)
     "tiny (default)": (ModelConfig(vocab_size=1024), True),
