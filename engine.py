@@ -17,20 +17,22 @@ Implementation details (tagged `# detail N` in the code):
    logits kept for the completion only. Replies that share a prompt run on one prompt pass whose
    KV cache keeps gradients (`group_size`, `shared_prompt_logprobs`): same numbers to rounding.
 4. Batches depend only on (seed, step): each epoch a fresh permutation cut into whole batches, so
-   resume and DDP are exact. Not length-bucketed: whatever goes with length would be taught in
-   alternation.
+   resume and DDP are exact. Not length-bucketed: what goes with length (a task family, say) would
+   come in runs of batches and be learned in alternation.
 """
 import torch
 
 from model import KVCache, unwrap
 from tokenizer import final_answer, thinks
 
+
 # detail 4: every example once an epoch, in a fresh order
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Indices of the examples in the global batch of `step`, a function of (seed, step) only: each
     epoch is a fresh permutation cut into whole batches (a random remainder waits for the next)."""
     epoch, index = divmod(step, n_examples // batch_size)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = torch.randperm(n_examples,
+                           generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[index * batch_size : (index + 1) * batch_size].tolist()
 
 
@@ -39,7 +41,8 @@ def left_pad(seqs, pad_id, device=None):
     seqs = [s.tolist() if torch.is_tensor(s) else list(s) for s in seqs]
     T = max(map(len, seqs))
     ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs],
+                        dtype=torch.long, device=device)
     return ids, mask
 
 
@@ -48,15 +51,17 @@ def right_pad(seqs, pad_id, device=None):
     seqs = [s.tolist() if torch.is_tensor(s) else list(s) for s in seqs]
     T = max(map(len, seqs))
     ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs],
+                        dtype=torch.long, device=device)
     return ids, mask
 
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B, V) -> next token (B,) and its log-prob under the distribution sampled from (B,) (detail 2).
-    temperature 0 = greedy, with the log-prob under the untempered model."""
+    """logits (B, V) -> the next token (B,) and its log-prob (B,) under the distribution sampled
+    from (detail 2). Temperature 0 = greedy, with the log-prob under the untempered model."""
     if temperature < 0 or not 0 <= top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature} and {top_p}")
+        raise ValueError("temperature must be >= 0 and top_p in [0, 1], "
+                         f"got {temperature} and {top_p}")
     if temperature == 0:
         token = logits.argmax(dim=-1)
         return token, logits.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)
@@ -67,7 +72,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p
         drop[:, 0] = False  # the most likely token always stays (top_p 0 is greedy, as HF)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     logp = logits.log_softmax(dim=-1)                                            # (B, V)
@@ -76,28 +81,31 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,
-             generator=None, group_size=1):
-    """Sample completions of a batch of token lists (detail 1). Returns completions (B, N) right-padded
-    with pad_id, log-probs of the sampled tokens (B, N) and completion_mask (B, N), 1.0 up to and
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
+             pad_id=0, generator=None, group_size=1):
+    """Sample completions of a batch of token lists (detail 1) -> completions (B, N) right-padded
+    with pad_id, log-probs of the sampled tokens (B, N), completion_mask (B, N): 1.0 up to and
     including each row's EOS. N <= max_new_tokens: it stops when every row has hit EOS.
     group_size=G: the prompts come in runs of G equal ones (GRPO), and each is prefilled once."""
     model = unwrap(model)  # no gradient sync or compilation needed to sample
     device = next(model.parameters()).device
     context = model.config.max_position_embeddings
     if not prompts or min(map(len, prompts)) == 0:
-        raise ValueError("generate needs at least one prompt and no empty prompt (start it with <|endoftext|>)")
+        raise ValueError("generate needs at least one prompt and no empty prompt "
+                         "(start it with <|endoftext|>)")
     ids, mask = left_pad(prompts, pad_id, device)                               # (B, P)
     B, P = ids.shape
     check_groups(ids, mask, group_size)
     if max_new_tokens < 1 or P + max_new_tokens > context:
-        raise ValueError(f"a prompt of {P} tokens + {max_new_tokens} new tokens is longer than the context "
-                         f"({context}): shorten the prompt or lower max_new_tokens")
+        raise ValueError(f"a prompt of {P} tokens + {max_new_tokens} new tokens is longer than "
+                         f"the context ({context}): shorten the prompt or lower max_new_tokens")
     cache = KVCache(model.config, B // group_size, P + max_new_tokens, device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits, _ = model(ids[::group_size], attention_mask=mask[::group_size], kv_cache=cache, logits_to_keep=1)  # prefill
+    # prefill: each distinct prompt once, its next-token logits only (B / G, 1, V)
+    logits, _ = model(ids[::group_size], attention_mask=mask[::group_size], kv_cache=cache,
+                      logits_to_keep=1)
     if group_size > 1:  # each prompt's keys, values and next-token logits, once per reply
         cache.repeat_rows(group_size)
         logits = logits.repeat_interleave(group_size, dim=0)                     # (B, 1, V)
@@ -105,13 +113,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         token, logp = sample_token(logits[:, -1].float(), temperature, top_k, top_p, generator)
         tokens[:, step] = token.masked_fill(done, pad_id)
         logps[:, step] = logp.masked_fill(done, 0.0)
-        was_done = done
+        was_done = done  # this step's token is real (EOS included) unless the row ended before
         if eos_id is not None:
             done = done | (token == eos_id)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        logits, _ = model(tokens[:, step:step + 1], attention_mask=~was_done[:, None], kv_cache=cache,
-                          logits_to_keep=1)
+        logits, _ = model(tokens[:, step:step + 1], attention_mask=~was_done[:, None],
+                          kv_cache=cache, logits_to_keep=1)
     n = step + 1
     completion_mask = torch.ones(B, n, device=device)
     if eos_id is not None:  # 1 up to and including the first EOS
@@ -121,7 +129,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
 
 def join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Left-padded prompts + right-padded completions -> ids, mask (B, P + N): pads only at the two ends."""
+    """Left-padded prompts + right-padded completions -> ids, mask (B, P + N), no pad in between."""
     return (torch.cat([prompt_ids, completion_ids], dim=1),
             torch.cat([prompt_mask.long(), completion_mask.long()], dim=1))
 
@@ -132,21 +140,24 @@ def check_groups(prompt_ids, prompt_mask, group_size):
     if group_size < 1 or B % group_size or (group_size > 1 and (
             (prompt_ids.reshape(-1, group_size, P) != prompt_ids[::group_size, None]).any()
             or (prompt_mask.reshape(-1, group_size, P) != prompt_mask[::group_size, None]).any())):
-        raise ValueError(f"group_size {group_size}: every {group_size} adjacent rows must share one prompt")
+        raise ValueError(f"group_size {group_size}: every {group_size} adjacent rows "
+                         "must share one prompt")
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                        return_entropy=False, group_size=1):
-    """log pi(completion token t | prompt, completion[:t]) (B, N) with logits / temperature, 0 where the mask
-    is 0 (detail 3). Prompts left-padded, completions right-padded. Optionally the entropy (B, N) too.
-    group_size=G: rows come in groups of G adjacent rows with the same prompt (GRPO), and each prompt
-    runs through the model once instead of G times."""
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                        temperature=1.0, return_entropy=False, group_size=1):
+    """log pi(completion token t | prompt, completion[:t]) (B, N) with logits / temperature, 0 where
+    the mask is 0 (detail 3). Prompts left-padded, completions right-padded. Optionally the entropy
+    (B, N) too. group_size=G: rows come in groups of G adjacent rows with the same prompt (GRPO),
+    and each prompt runs through the model once instead of G times."""
     if temperature <= 0:
-        raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 (greedy has none)")
+        raise ValueError(f"temperature {temperature}: log-probs need a temperature > 0 "
+                         "(greedy has none)")
     G, N = group_size, completion_ids.shape[1]
     check_groups(prompt_ids, prompt_mask, G)
     if G > 1:
-        [logits] = shared_prompt_logits(model, prompt_ids[::G], prompt_mask[::G], [(completion_ids, completion_mask)], G)
+        [logits] = shared_prompt_logits(model, prompt_ids[::G], prompt_mask[::G],
+                                        [(completion_ids, completion_mask)], G)  # (B, N, V)
     else:
         ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
         logits = model(ids, attention_mask=mask, logits_to_keep=N + 1)[0][:, :-1]   # (B, N, V)
@@ -154,18 +165,20 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 def shared_prompt_logprobs(model, prompt_ids, prompt_mask, completions, temperature=1.0):
-    """completion_logprobs of several completion sets [(ids (B, N_i), mask (B, N_i)), ...] of the same
-    prompts (DPO's chosen and rejected replies), each prompt run once: [(B, N_i), ...]."""
+    """completion_logprobs of several completion sets [(ids (B, N_i), mask (B, N_i)), ...] of the
+    same prompts (DPO's chosen and rejected replies), each prompt run once: [(B, N_i), ...]."""
     logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completions)
-    return [token_logprobs(set_logits, ids, mask, temperature) for set_logits, (ids, mask) in zip(logits, completions)]
+    return [token_logprobs(set_logits, ids, mask, temperature)
+            for set_logits, (ids, mask) in zip(logits, completions)]
 
 
 def token_logprobs(logits, completion_ids, completion_mask, temperature=1.0, return_entropy=False):
-    """logits (B, N, V) at the positions that predict completion tokens -> log-probs (B, N) [, entropy]."""
+    """logits (B, N, V) at the positions that predict completion tokens -> log-probs (B, N), and
+    the entropy (B, N) too with return_entropy."""
     if logits.dim() != 3:
         raise ValueError("log-probs need a model with the lm head, not the score head")
-    logits = logits.float() / temperature                            # (B, N, V): position t predicts token t
-    lse = logits.logsumexp(dim=-1)                                               # (B, N)
+    logits = logits.float() / temperature  # (B, N, V): position t predicts completion token t
+    lse = logits.logsumexp(dim=-1)         # (B, N)
     logp = (logits.gather(2, completion_ids[..., None]).squeeze(2) - lse) * completion_mask
     if not return_entropy:
         return logp
@@ -176,28 +189,31 @@ def token_logprobs(logits, completion_ids, completion_mask, temperature=1.0, ret
 
 # detail 3: each prompt once, then every completion attends to that prompt's keys and values
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completions, group_size=1):
-    """For each (completion_ids, completion_mask) of `completions`, rows i*G .. i*G+G-1 (G = group_size)
-    completing prompt i: the logits (B * G, N, V) at the positions that predict its tokens, as one
-    joined forward of prompt + completion gives them."""
+    """For each (completion_ids, completion_mask) of `completions`, rows i*G .. i*G+G-1 completing
+    prompt i (G = group_size): the logits (B * G, N, V) at the positions that predict its tokens,
+    as one joined forward of prompt + completion gives them."""
     B, P = prompt_ids.shape
     longest = max(ids.shape[1] for ids, _ in completions)
     cache = KVCache(unwrap(model).config, B, P + longest, prompt_ids.device, grow=True)
-    first, _ = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, logits_to_keep=1)  # (B, 1, V)
+    # (B, 1, V): the last prompt position predicts completion token 0
+    first, _ = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, logits_to_keep=1)
     if group_size > 1:
-        first = first.repeat_interleave(group_size, dim=0)                       # predicts completion token 0
+        first = first.repeat_interleave(group_size, dim=0)                       # (B * G, 1, V)
         cache.repeat_rows(group_size)
     out = []
     for ids, mask in completions:
         if ids.shape[1] == 1:
             out.append(first)
             continue
-        rest, _ = model(ids[:, :-1], attention_mask=mask[:, :-1], kv_cache=cache.branch())  # (B * G, N - 1, V)
+        # (B * G, N - 1, V): token t predicts token t + 1; the last token predicts nothing needed
+        rest, _ = model(ids[:, :-1], attention_mask=mask[:, :-1], kv_cache=cache.branch())
         out.append(torch.cat([first, rest], dim=1))
     return out
 
 
 def completion_values(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Score-head output V(s_t) (B, N) at the position that predicts completion token t; 0 where the mask is 0."""
+    """Score-head output V(s_t) (B, N) at the position that predicts completion token t; 0 where
+    the mask is 0."""
     ids, mask = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
     values, _ = model(ids, attention_mask=mask, logits_to_keep=completion_ids.shape[1] + 1)
     return values[:, :-1] * completion_mask
@@ -212,26 +228,29 @@ def sequence_scores(model, prompt_ids, prompt_mask, completion_ids, completion_m
 
 
 def reply_texts(tokenizer, completion_ids, completion_mask):
-    """The text of each reply (before its <|im_end|>, or all of it if it never ended) and whether it ended (B,)."""
+    """The text of each reply (before its <|im_end|>, or all of it if it never ended) and whether
+    it ended (B,)."""
     lengths = completion_mask.sum(dim=1).long()  # (B,) tokens up to and including EOS
-    ended = completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == tokenizer.im_end_id
-    texts = [tokenizer.decode(row[: n - int(end)]) for row, n, end in zip(completion_ids.tolist(), lengths.tolist(), ended.tolist())]
+    ended = (completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+             == tokenizer.im_end_id)  # (B,) the last real token is <|im_end|>
+    texts = [tokenizer.decode(row[: n - int(end)])
+             for row, n, end in zip(completion_ids.tolist(), lengths.tolist(), ended.tolist())]
     return texts, ended
 
 
 def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
-    """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage scores them:
-    "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule), "think_rate" (the reply
-    starts with <think>), "well_formed" (it closed with <|im_end|> within max_new_tokens) and
-    "accuracy/<family>" for each task family; "replies" holds the reply texts (for a win rate)."""
+    """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage
+    scores them: "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule),
+    "think_rate" (the reply starts with <think>), "well_formed" (it closed with <|im_end|> within
+    max_new_tokens), "accuracy/<family>" per task family; "replies": the texts (for a win rate)."""
     was_training = model.training
     model.eval()
     replies, correct, closed, families = [], [], [], []
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch]
-        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0, eos_id=tokenizer.im_end_id,
-                                        pad_id=tokenizer.pad_id)
+        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0,
+                                        eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
         texts, ended = reply_texts(tokenizer, completions, mask)
         for record, text in zip(batch, texts):
             replies.append(text)
@@ -240,7 +259,8 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
         closed += ended.tolist()
     model.train(was_training)
     n = max(len(correct), 1)
-    result = {"accuracy": sum(correct) / n, "think_rate": sum(map(thinks, replies)) / n, "well_formed": sum(closed) / n}
+    result = {"accuracy": sum(correct) / n, "think_rate": sum(map(thinks, replies)) / n,
+              "well_formed": sum(closed) / n}
     for family in sorted({f for f in families if f is not None}):
         hits = [c for c, f in zip(correct, families) if f == family]
         result[f"accuracy/{family}"] = sum(hits) / len(hits)
@@ -249,21 +269,24 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
 
 
 def format_accuracy(result):
-    """heldout_accuracy's dict as one line: accuracy 41.7% (add 80%, sub 25%) | think 30.0% | well-formed 97.5%."""
+    """heldout_accuracy's dict as one line, e.g.
+    accuracy 41.7% (add 80%, sub 25%) | think 30.0% | well-formed 97.5%"""
     families = ", ".join(f"{key.split('/', 1)[1]} {value:.0%}" for key, value in result.items()
                          if key.startswith("accuracy/"))
     return (f"accuracy {result['accuracy']:.1%}" + (f" ({families})" if families else "")
             + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}")
 
 
-
 def check_resumable(path, checkpoint, args, same):
-    """--resume continues a run exactly only from a mid-run checkpoint and with the settings `same` it
-    ran with (data, schedule, batch, seed...); anything else is a one-line error, not a different run."""
+    """--resume continues a run exactly only from a mid-run checkpoint and with the settings
+    `same` it ran with (data, schedule, batch, seed...); anything else is a one-line error, not a
+    different run."""
     if "optimizer" not in checkpoint:
         raise ValueError(f"{path} is a finished run (step {checkpoint['step']}): nothing to resume")
     saved = checkpoint.get("args", {})
-    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in same if saved.get(k, getattr(args, k)) != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in same
+               if saved.get(k, getattr(args, k)) != getattr(args, k)]
     if changed:
-        raise ValueError(f"{path} ran with other settings ({', '.join(changed)}): resume with the same ones")
+        raise ValueError(f"{path} ran with other settings ({', '.join(changed)}): "
+                         "resume with the same ones")
 

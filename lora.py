@@ -27,7 +27,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x)."""
+    """A frozen linear layer plus a trainable low-rank update:
+    y = W x + b + (alpha / r) B A dropout(x)."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors, not copies
@@ -35,7 +36,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, **kwargs)   # (r, in)
         self.lora_B = nn.Linear(rank, base.out_features, **kwargs)  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init of A
-        nn.init.zeros_(self.lora_B.weight)                            # B = 0: the update starts at zero
+        nn.init.zeros_(self.lora_B.weight)                            # B = 0: starts as a no-op
         self.lora_dropout = nn.Dropout(dropout)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.merged, self.enabled = False, True
@@ -51,7 +52,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     @torch.no_grad()
-    def merge(self):  # W <- W + (alpha / r) B A: one matmul per layer again, as fast as the base model
+    def merge(self):  # W <- W + (alpha / r) B A: one matmul per layer, as fast as the base model
         if not self.merged:
             self.weight += self.delta().to(self.weight.dtype)
             self.merged = True
@@ -64,21 +65,29 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha=16.0, dropout=0.0, targets="q_proj,k_proj,v_proj,o_proj"):
-    """Freeze `model` and put a LoRA adapter on every linear layer named in `targets` (comma-separated), in place."""
+    """Freeze `model` and put a LoRA adapter on every linear layer named in `targets`
+    (comma-separated), in place."""
     names = [name.strip() for name in targets.split(",") if name.strip()]
     unknown = [name for name in names if name not in LORA_TARGETS]
     if rank < 1:
-        raise ValueError(f"--lora-rank {rank}: the rank of a LoRA update is at least 1 (0 = no LoRA)")
+        raise ValueError(f"--lora-rank {rank}: the rank of a LoRA update is at least 1 "
+                         "(0 = no LoRA)")
     if alpha <= 0 or not 0 <= dropout < 1:
         raise ValueError(f"--lora-alpha {alpha} must be > 0 and --lora-dropout {dropout} in [0, 1)")
     if unknown or not names:
-        raise ValueError(f"--lora-targets {targets!r}: {'unknown layer ' + repr(unknown[0]) if unknown else 'empty'} "
+        raise ValueError(f"--lora-targets {targets!r}: "
+                         f"{'unknown layer ' + repr(unknown[0]) if unknown else 'empty'} "
                          f"(choose among {', '.join(LORA_TARGETS)})")
-    found = {name: [(parent, child) for parent in model.modules() for child_name, child in parent.named_children()
-                    if child_name == name and isinstance(child, nn.Linear)] for name in names}
+    # for each target name, every (parent module, linear layer) pair with that name
+    found = {name: [(parent, child) for parent in model.modules()
+                    for child_name, child in parent.named_children()
+                    if child_name == name and isinstance(child, nn.Linear)]
+             for name in names}
     missing = [name for name, layers in found.items() if not layers]
-    if missing:  # the routed experts of a mixture are fused 3-D tensors, not linear layers (a shared expert is one)
-        raise ValueError(f"--lora-targets {targets!r}: this model has no linear layer named {missing[0]!r}")
+    # the routed experts of a mixture are fused 3-D tensors, not linear layers (a shared expert is)
+    if missing:
+        raise ValueError(f"--lora-targets {targets!r}: this model has no linear layer named "
+                         f"{missing[0]!r}")
     model.requires_grad_(False)
     for name, layers in found.items():
         for parent, child in layers:
@@ -88,7 +97,8 @@ def add_lora(model, rank, alpha=16.0, dropout=0.0, targets="q_proj,k_proj,v_proj
 
 @contextmanager
 def lora_disabled(model):
-    """Run `model` as its frozen base (a reference model): adapters off, eval mode. No-op without adapters."""
+    """Run `model` as its frozen base (a reference model): adapters off, eval mode. A no-op for a
+    model without adapters, or None."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)] if model is not None else []
     if any(layer.merged for layer in layers):
         raise ValueError("lora_disabled needs the adapters unmerged")
@@ -108,8 +118,8 @@ def lora_disabled(model):
 
 @torch.no_grad()
 def merged_state_dict(model):
-    """(state_dict with every adapter merged into its weight, the adapter {"rank", "alpha", "dropout", "targets",
-    "weights"} or None without one): what save_checkpoint writes (detail 3)."""
+    """(state_dict with every adapter merged into its weight, the adapter {"rank", "alpha",
+    "dropout", "targets", "weights"} or None if none): what save_checkpoint writes (detail 3)."""
     state = model.state_dict()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
@@ -120,5 +130,5 @@ def merged_state_dict(model):
             state[name + ".weight"] = layer.weight + layer.delta().to(layer.weight.dtype)
     first = next(iter(layers.values()))
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers}, key=LORA_TARGETS.index)
-    return state, {"rank": first.rank, "alpha": first.alpha, "dropout": first.lora_dropout.p, "targets": targets,
-                   "weights": weights}
+    return state, {"rank": first.rank, "alpha": first.alpha, "dropout": first.lora_dropout.p,
+                   "targets": targets, "weights": weights}

@@ -11,8 +11,9 @@ Implementation details (tagged `# detail N` in the code):
 1. RMSNorm is computed in float32 and cast back, as Hugging Face does, so bf16 runs stay stable.
 2. RoPE rotates the two halves of each head (`rotate_half`, HF layout); YaRN (arXiv:2309.00071)
    blends interpolated and original frequencies per dimension and scales cos/sin.
-3. Padding: causal AND the key is a real token, and a query always sees itself; positions count
-   real tokens, so a left-padded prompt gets the unpadded positions. No mask: SDPA's is_causal path.
+3. Padding: a query sees causal keys that are real tokens, and always itself (no empty softmax
+   row); positions count real tokens only, so left padding does not shift them. Without padding or
+   cache, no mask: SDPA's is_causal path.
 4. GQA: SDPA's `enable_gqa` shares each key/value head across its query heads without a copy.
 5. Init N(0, 0.02); the projections into the residual stream (o_proj, down_proj) scaled by
    1/sqrt(2 * layers), as GPT-2 / nanoGPT.
@@ -41,7 +42,7 @@ CHUNK_LOGITS = 2 ** 23  # logits held at once by the chunked loss (32 MB in floa
 
 @dataclass
 class ModelConfig:
-    """Field names as Hugging Face's Qwen2Config / Qwen2MoeConfig. The default is a tiny CPU model."""
+    """Field names as in HF's Qwen2Config / Qwen2MoeConfig. The default is a tiny CPU model."""
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -50,17 +51,18 @@ class ModelConfig:
     num_key_value_heads: int = 2              # < num_attention_heads = grouped-query attention
     max_position_embeddings: int = 256        # the context length
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None          # {"type": "yarn", "factor": f, "original_max_position_embeddings": n}
+    # YaRN (detail 2): {"type": "yarn", "factor": f, "original_max_position_embeddings": n}
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     attention_bias: bool = True               # bias on q/k/v projections (Qwen2)
     tie_word_embeddings: bool = True          # lm_head shares the embedding matrix
     num_experts: int = 0                      # 0 = dense SwiGLU MLP; > 0 = mixture of experts
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 256
-    shared_expert_intermediate_size: int = 0  # > 0 adds an always-on expert with a sigmoid gate (Qwen2-MoE)
+    shared_expert_intermediate_size: int = 0  # > 0: an always-on, sigmoid-gated expert (Qwen2-MoE)
     norm_topk_prob: bool = True               # renormalise the top-k router weights to sum to 1
-    router_aux_loss_coef: float = 0.001       # weight of the load-balancing loss (Qwen2-MoE default)
-    head: str = "lm"                          # "lm": next-token logits; "score": a scalar per position
+    router_aux_loss_coef: float = 0.001       # load-balancing loss weight (Qwen2-MoE's default)
+    head: str = "lm"                          # "lm": next-token logits; "score": a scalar per token
     dropout: float = 0.0
 
 
@@ -76,18 +78,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(config):
-    """Inverse frequencies (head_dim/2,) and cos/sin scale; YaRN per arXiv:2309.00071, as HF (detail 2)."""
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale; YaRN as HF has it (detail 2)."""
     dim = config.hidden_size // config.num_attention_heads
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
     if not config.rope_scaling:
         return inv_freq, 1.0
     if config.rope_scaling.get("type", config.rope_scaling.get("rope_type")) != "yarn":
         raise ValueError(f"rope_scaling {config.rope_scaling} is not supported: only YaRN")
-    factor, original = config.rope_scaling["factor"], config.rope_scaling["original_max_position_embeddings"]
-    # dimensions that turn more than 32 times over the original context keep their frequency, those
-    # that turn less than once are interpolated (divided by factor), a linear ramp in between
+    factor, original = (config.rope_scaling["factor"],
+                        config.rope_scaling["original_max_position_embeddings"])
+    # frequency i, theta^(-2i/dim), is kept if it turns over 32 times in the original context,
+    # divided by factor if under once, a linear ramp between; dim_of(r): the i that turns r times
     def dim_of(rotations):
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+        return (dim * math.log(original / (rotations * 2 * math.pi))
+                / (2 * math.log(config.rope_theta)))
     low, high = max(math.floor(dim_of(32)), 0), min(math.ceil(dim_of(1)), dim - 1)
     ramp = ((torch.arange(dim // 2, dtype=torch.float) - low) / max(high - low, 0.001)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
@@ -113,16 +117,19 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        # q (B, H, T, D); k, v (B, KV, T, D): H query heads, KV key/value heads (KV divides H)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # rotate (x1, x2) by angle pos * freq: x * cos + rotate_half(x) * sin (detail 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)                                  # (B, KV, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # detail 4
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                           # (B, T, C)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = positions so far
+        # y (B, H, T, D); enable_gqa: each key/value head serves its group of query heads (detail 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -141,13 +148,15 @@ class Experts(nn.Module):
     """E SwiGLU experts as 3-D tensors, stored as transformers 5.x stores Qwen2-MoE experts."""
     def __init__(self, num_experts, hidden_size, intermediate_size):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size))  # gate, then up rows
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x, experts, weights):  # x (N, C); experts, weights (N, k)
         y = torch.zeros_like(x)
         for e in experts.unique().tolist():  # only the experts some token chose
-            token, slot = torch.where(experts == e)  # tokens routed to e, and which of their k picks it is
+            # the tokens routed to e, and which of their k picks (slot) is e
+            token, slot = torch.where(experts == e)
             gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
             out = F.linear(F.silu(gate) * up, self.down_proj[e])
             y.index_add_(0, token, out * weights[token, slot, None])
@@ -155,7 +164,7 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Top-k routed experts plus an optional shared expert (Qwen2-MoE; Mixtral without it) (detail 6)."""
+    """Top-k routed experts + an optional shared expert, as Qwen2-MoE (Mixtral: none) (detail 6)."""
     def __init__(self, config):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
@@ -181,11 +190,13 @@ class SparseMoeBlock(nn.Module):
 
 
 def load_balancing_loss(router_logits, top_k, mask=None):
-    """Switch Transformer eq. 4-6, pooled over layers as HF's load_balancing_loss_func (detail 6).
-    aux = E * sum_e f_e * P_e; f_e = share of top-k picks that go to e, P_e = mean router prob of e."""
-    probs = torch.cat(router_logits).softmax(dim=-1, dtype=torch.float)       # (layers * N, E)
-    picked = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()  # (layers * N, E)
-    weight = probs.new_ones(probs.shape[0]) if mask is None else mask.reshape(-1).float().repeat(len(router_logits))
+    """Switch Transformer eq. 4-6, pooled over layers as HF's load_balancing_loss_func (detail 6):
+    aux = E * sum_e f_e * P_e; f_e = share of the top-k picks to e, P_e = mean router prob of e."""
+    probs = torch.cat(router_logits).softmax(dim=-1, dtype=torch.float)  # (L * N, E), L layers
+    # picked[i, e] = 1 if e is among row i's top-k picks, (L * N, E)
+    picked = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()
+    weight = (probs.new_ones(probs.shape[0]) if mask is None      # (L * N,), 1 = real token
+              else mask.reshape(-1).float().repeat(len(router_logits)))
     f = (picked * weight[:, None]).sum(0) / weight.sum()
     P = (probs * weight[:, None]).sum(0) / weight.sum()
     return probs.shape[-1] * (f * P).sum()
@@ -198,11 +209,13 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.num_experts > 0
-        self.mlp = SparseMoeBlock(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (SparseMoeBlock(config) if self.is_moe
+                    else MLP(config.hidden_size, config.intermediate_size))
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask, kv_cache):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+        x = x + self.resid_dropout(
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
         if self.is_moe:
             y, router_logits = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -211,13 +224,15 @@ class Block(nn.Module):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (hidden @ weight.T) over targets != -100, one chunk of rows at a time (detail 7)."""
+    """Mean cross-entropy of hidden @ weight.T over targets != -100, in row chunks (detail 7)."""
     @staticmethod
-    def forward(ctx, hidden, weight, targets, needs_grad):  # hidden (N, C), weight (V, C), targets (N,)
+    def forward(ctx, hidden, weight, targets, needs_grad):
+        # hidden (N, C), weight (V, C), targets (N,); needs_grad: grad mode at the call (off here)
         count = (targets != -100).sum().clamp(min=1)   # an all-ignored batch gives 0, not NaN
         loss = torch.zeros((), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad and ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float) if needs_grad and ctx.needs_input_grad[1] else None
+        grad_weight = (torch.zeros_like(weight, dtype=torch.float)  # summed over chunks in float32
+                       if needs_grad and ctx.needs_input_grad[1] else None)
         rows = max(1, CHUNK_LOGITS // weight.shape[0])
         for i in range(0, hidden.shape[0], rows):
             h, t = hidden[i:i + rows], targets[i:i + rows]
@@ -242,12 +257,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss
-        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
+        grad_weight = (None if grad_weight is None
+                       else (grad_weight * grad_loss).to(ctx.weight_dtype))
         return grad_hidden, grad_weight, None, None
 
 
 def chunked_cross_entropy(hidden, weight, targets):
-    """= F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100), without storing the logits."""
+    """F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) without storing the logits."""
     return ChunkedCrossEntropy.apply(hidden, weight, targets, torch.is_grad_enabled())
 
 
@@ -257,16 +273,18 @@ class KVCache:
     but no write in place, so gradients flow through the cache (detail 8)."""
     def __init__(self, config, batch_size, max_len, device=None, grow=False):
         self.shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
-                      config.hidden_size // config.num_attention_heads)
+                      config.hidden_size // config.num_attention_heads)  # (L, B, KV, max_len, D)
         self.keys = self.values = None   # allocated by the first update, in the dtype of the keys
-        self.grown = [None] * config.num_hidden_layers if grow else None  # per layer (keys, values) so far
-        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # slot holds a real token
+        self.grown = [None] * config.num_hidden_layers if grow else None  # per layer (keys, values)
+        # (B, max_len): True where the slot holds a real token, False for padding and empty slots
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0                  # slots filled so far
 
     def update(self, layer, k, v):  # k, v (B, KV, T, D) -> all keys and values so far (B, KV, S, D)
         if self.grown is not None:
             past = self.grown[layer]
-            self.grown[layer] = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+            self.grown[layer] = ((k, v) if past is None
+                                 else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)))
             return self.grown[layer]
         if self.keys is None:
             self.keys = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
@@ -277,23 +295,26 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def branch(self):
-        """A cache that goes on from this one's state and leaves it as it is (grow=True only: the tensors so
-        far are shared, never written): several completions of the same prompts, one after the other."""
+        """A cache that goes on from this one's state and leaves it unchanged (grow=True only: the
+        tensors so far are shared, never written): several replies to the same prompts in turn."""
         if self.grown is None:
-            raise ValueError("only a grow=True cache can branch: a preallocated one is written in place")
+            raise ValueError("only a grow=True cache can branch: "
+                             "a preallocated one is written in place")
         other = KVCache.__new__(KVCache)
         other.__dict__.update(self.__dict__, grown=list(self.grown), mask=self.mask.clone())
         return other
 
     def repeat_rows(self, n):
-        """Each row n times in a row (row i -> rows i*n .. i*n+n-1): one prompt's cache for its n replies."""
+        """Each row n times over (row i -> rows i*n .. i*n+n-1): a prompt's cache for n replies."""
         self.mask = self.mask.repeat_interleave(n, dim=0)
         self.shape = (self.shape[0], self.shape[1] * n, *self.shape[2:])
         if self.grown is not None:
-            self.grown = [None if kv is None else (kv[0].repeat_interleave(n, 0), kv[1].repeat_interleave(n, 0))
+            self.grown = [None if kv is None
+                          else (kv[0].repeat_interleave(n, 0), kv[1].repeat_interleave(n, 0))
                           for kv in self.grown]
         elif self.keys is not None:
-            self.keys, self.values = self.keys.repeat_interleave(n, dim=1), self.values.repeat_interleave(n, dim=1)
+            self.keys, self.values = (self.keys.repeat_interleave(n, dim=1),
+                                      self.values.repeat_interleave(n, dim=1))
 
 
 class Transformer(nn.Module):
@@ -308,13 +329,14 @@ class Transformer(nn.Module):
         if config.head == "lm":
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         elif config.head == "score":
-            self.score = nn.Linear(config.hidden_size, 1, bias=False)  # as Qwen2ForSequenceClassification
+            # one scalar per position, named as in Qwen2ForSequenceClassification
+            self.score = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             raise ValueError(f"head must be 'lm' or 'score', got {config.head!r}")
         inv_freq, self.rope_scale = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # detail 5: residual projections scaled down with depth
+        for name, p in self.named_parameters():  # detail 5: residual projections, depth-scaled
             if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
         if config.head == "lm" and config.tie_word_embeddings:
@@ -328,20 +350,22 @@ class Transformer(nn.Module):
         if isinstance(module, Experts):
             nn.init.normal_(module.gate_up_proj, std=0.02)
 
-    def forward(self, input_ids, targets=None, attention_mask=None, position_ids=None, kv_cache=None,
-                logits_to_keep=0):
-        """input_ids (B, T); targets (B, T) with -100 = ignore; attention_mask (B, T) 1 = real token.
-        head "lm": (logits (B, T, V), None), or (None, loss) with targets; head "score": (values (B, T), None).
-        logits_to_keep=n computes the head only for the last n positions (as HF)."""
+    def forward(self, input_ids, targets=None, attention_mask=None, position_ids=None,
+                kv_cache=None, logits_to_keep=0):
+        """input_ids (B, T); targets (B, T), -100 = ignore; attention_mask (B, T), 1 = real token;
+        kv_cache: a KVCache that this call's keys and values go on (detail 8). Head "lm" returns
+        (logits (B, T, V), None), or (None, loss) given targets; head "score" (values (B, T), None).
+        logits_to_keep=n computes the head only for the last n positions (0 = all, as HF)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)                                   # (B, T, C)
         mask = None  # detail 3: None = the is_causal fast path
         if attention_mask is not None or kv_cache is not None:
             start = kv_cache.length if kv_cache is not None else 0
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.bool())                                  # (B, T)
             if kv_cache is not None:
                 kv_cache.mask[:, start:start + T] = real
-                real = kv_cache.mask[:, :start + T]                              # (B, S) every key so far
+                real = kv_cache.mask[:, :start + T]                              # (B, S): all keys
             if position_ids is None:
                 position_ids = (real.cumsum(-1)[:, start:] - 1).clamp(min=0)     # (B, T)
             query = torch.arange(start, start + T, device=x.device)[:, None]
@@ -351,7 +375,8 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=x.device)[None, :]
         freqs = position_ids[..., None].float() * self.inv_freq                  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                      # (B, 1, T, D)
-        cos, sin = (angles.cos() * self.rope_scale).to(x.dtype), (angles.sin() * self.rope_scale).to(x.dtype)
+        cos, sin = ((angles.cos() * self.rope_scale).to(x.dtype),
+                    (angles.sin() * self.rope_scale).to(x.dtype))
         router_logits = []
         for block in self.model.layers:
             x, logits = block(x, cos, sin, mask, kv_cache)
@@ -362,47 +387,54 @@ class Transformer(nn.Module):
             kv_cache.length += T
         if self.config.head == "score":
             if targets is not None:
-                raise ValueError("a score-head model has no next-token loss: call it without targets")
+                raise ValueError("a score-head model has no next-token loss: "
+                                 "call it without targets")
             return self.score(x[:, -logits_to_keep:]).squeeze(-1).float(), None  # (B, T)
         if targets is None:
-            # contiguous: matmul folds a strided slice one way when the weight requires grad and another when
-            # not (a frozen reference), which would differ from the policy's logits in the last bit
+            # contiguous: matmul folds a strided slice one way when the weight requires grad and
+            # another when not (a frozen reference): logits off from the policy's in the last bit
             return self.lm_head(x[:, -logits_to_keep:].contiguous()).float(), None  # (B, T, V)
         loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if router_logits:
-            aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+            aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                      attention_mask)
             loss = loss + self.config.router_aux_loss_coef * aux
         return None, loss
 
     def num_params(self, non_embedding=True):
-        """Parameters; non_embedding drops the input embedding (a lookup, no FLOPs) unless it is also the lm head."""
+        """Parameter count; non_embedding drops the input embedding (a lookup, no FLOPs) unless it
+        is also the lm head (tied)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not (self.config.tie_word_embeddings and self.config.head == "lm"):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per active weight + 12 * L * C * T (attention)."""
+        """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per active weight, plus
+        12 * L * C * T for attention (L layers, C hidden size, T = seq_len)."""
         cfg, active = self.config, self.num_params(non_embedding=True)
         if cfg.num_experts:  # a token runs only k of the E routed experts
-            routed = sum(block.mlp.experts.gate_up_proj.numel() + block.mlp.experts.down_proj.numel()
-                         for block in self.model.layers)
+            routed = sum(block.mlp.experts.gate_up_proj.numel()
+                         + block.mlp.experts.down_proj.numel() for block in self.model.layers)
             active -= routed * (1 - cfg.num_experts_per_tok / cfg.num_experts)
         return 6 * active + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak (e.g. 989e12 for H100 bf16)."""
-        return self.flops_per_token(self.config.max_position_embeddings) * tokens_per_second / peak_flops
+        """Model FLOPs utilisation: training FLOP/s achieved at the full context length over the
+        hardware's peak (e.g. 989e12 for an H100 in bf16)."""
+        return (self.flops_per_token(self.config.max_position_embeddings) * tokens_per_second
+                / peak_flops)
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW; weight decay on the 2-D (and 3-D expert) weight matrices only, not on norms, biases, embeddings."""
+        """AdamW; weight decay on the weight matrices only (2-D, and the 3-D expert tensors), not on
+        norms, biases or the input embedding."""
         embedding = self.model.embed_tokens.weight
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2 and p is not embedding]
         no_decay = [p for p in params if p.dim() < 2 or p is embedding]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
-
 
 
 def unwrap(model):
@@ -412,12 +444,12 @@ def unwrap(model):
     return model
 
 
+# --------------------------------------------------------------------- checkpoints (detail 9)
 
-# ----------------------------------------------------------------------------- checkpoints (detail 9)
-
-def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=None, metrics=None, **extra):
-    """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable. A LoRA model is
-    written merged, with its adapter under "lora" (lora.py)."""
+def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=None, metrics=None,
+                    **extra):
+    """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable. A LoRA
+    model is written merged, with its adapter under "lora" (lora.py)."""
     model = unwrap(model)
     state, lora = model.state_dict(), None
     if any(".lora_A." in name for name in state):  # only a LoRA run needs lora.py
@@ -425,8 +457,8 @@ def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=Non
         state, lora = merged_state_dict(model)
     checkpoint = {"model": state, "config": asdict(model.config),
                   "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-                  "stage": stage, "parent": parent, "step": step, "args": args or {}, "metrics": metrics or {},
-                  **({"lora": lora} if lora else {}), **extra}
+                  "stage": stage, "parent": parent, "step": step, "args": args or {},
+                  "metrics": metrics or {}, **({"lora": lora} if lora else {}), **extra}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -436,11 +468,13 @@ def load_checkpoint(path, device="cpu", head=None):
     """-> (model, tokenizer, checkpoint dict). head="lm"/"score" checks the kind of model."""
     if not os.path.exists(path):
         stage = os.path.splitext(os.path.basename(path))[0]
-        raise FileNotFoundError(f"{path} not found" + (f": run `python {stage}.py` first" if stage in STAGES else ""))
+        raise FileNotFoundError(f"{path} not found"
+                                + (f": run `python {stage}.py` first" if stage in STAGES else ""))
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses anything that is not tensors and plain data
-        raise ValueError(f"{path} is not a model.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except Exception as e:  # the weights-only unpickler refuses all but tensors and plain data
+        raise ValueError(f"{path} is not a model.py checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a model.py checkpoint (no 'model' and 'config' entries)")
     try:
@@ -448,13 +482,16 @@ def load_checkpoint(path, device="cpu", head=None):
     except TypeError as e:
         raise ValueError(f"{path} has a config this model.py does not know: {e}")
     if head is not None and config.head != head:
-        raise ValueError(f"{path} is a {checkpoint.get('stage')!r} checkpoint with a {config.head!r} head, "
-                         f"expected a {head!r} head: check the checkpoint path")
+        raise ValueError(f"{path} is a {checkpoint.get('stage')!r} checkpoint with a "
+                         f"{config.head!r} head, expected a {head!r} head: "
+                         "check the checkpoint path")
     model = Transformer(config)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not match its config: {' '.join(str(e).split())[:300]}")
-    tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"]) if checkpoint.get("tokenizer") else None
+        raise ValueError(f"{path}: the weights do not match its config: "
+                         f"{' '.join(str(e).split())[:300]}")
+    tokenizer = (Tokenizer.from_dict(checkpoint["tokenizer"]) if checkpoint.get("tokenizer")
+                 else None)
     return model.to(device), tokenizer, checkpoint
 
