@@ -1,73 +1,68 @@
 """
-data.py: the built-in "thinking world", deterministic procedurally generated datasets for every stage.
+data.py: the built-in "thinking world", deterministic procedural datasets for every stage.
 
-    python data.py                  # writes data/ at the default size (a few seconds)
-    python data.py --scale 0.02     # a tiny world for tests (well under a second)
-    python data.py --seed 1         # other training data of the same kind; the eval files stay the same
+    python data.py                  # writes data/ at the default size
+    python data.py --scale 0.02     # a tiny world for tests
+    python data.py --seed 1         # other training data of the same kind; the same eval files
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
 The story the world tells, stage by stage: a small model can add and subtract three-digit numbers
-when it works column by column, but rarely gets them right answering straight away. Pretraining shows
-both ways; SFT teaches the chat format with a minority of demos that think first; reinforcement
-learning (GRPO's verifiable reward, PPO's learned one) and DPO teach the model to think where that
-is what gets problems right, and what the labeler prefers; distillation hands that to a smaller model.
+when it works column by column, but rarely gets them right answering straight away. Pretraining
+shows both ways; SFT teaches the chat format with a minority of demos that think first;
+reinforcement learning (GRPO's verifiable reward, PPO's learned one) and DPO teach the model to
+think where that is what gets problems right, and what the labeler prefers; distillation hands
+that to a smaller model.
 
 Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, half of them
-                    in the think form, ~15 % stories and facts from a small grammar; no chat markup
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, half of
+                    them in the think form, ~15 % stories and facts from a small grammar; no chat
+                    markup
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
-  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per conversation
-                    whose reply is the answer, 30 % of them thinking first; ~4 % family "chat"
-                    (greetings, short stories) so the chat model still talks
+  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per
+                    conversation whose reply is the answer, 30 % of them thinking first; ~4 %
+                    family "chat" (greetings, short stories) so the chat model still talks
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
-  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, labelled by `prefer`
+  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, labelled by
+                    `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
-  add   "What is 385 + 48?"  direct "433", thinking "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
-  sub   "Compute 305 - 148." direct "157", thinking "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
+  add  "What is 385 + 48?"  direct "433",
+       thinking "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
+  sub  "Compute 305 - 148." direct "157",
+       thinking "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
 A three-digit number and one of 1, 2 or 3 digits (the level). A reply thinks when it starts with
-<think>; its final answer is then the text after </think>, else the whole reply (tokenizer.final_answer,
-the one rule every stage scores with); it is correct iff the final answer, stripped, is the answer.
+<think>; its final answer is then the text after </think>, else the whole reply
+(tokenizer.final_answer, the one rule every stage scores with); it is correct iff the final
+answer, stripped, is the answer.
 
 Implementation details
-1. Traces a tiny model can execute: the operands are restated first, zero-padded to three digits, so
-   every digit sits at a fixed place ("385+048:"); then one column per step, ones first, each step
-   using only digits it can copy from a fixed place and the carry (borrow) of the step before:
-   "5+8=13" (ones), "8+4+1=13" (tens, + carry). A borrow reads "15-8=7" then "10-4-1=5" (the column
-   borrowed from, minus the borrow it lent). The answer is the last result followed by the last
-   digit of each result before it, leading zeros dropped. Measured in a two-digit prototype (0.9M
-   parameters): without the restating, forced-think accuracy was 32 % instead of 61 %.
-   Three digits, because a small model answers two-digit problems directly well enough (~60 %)
-   that thinking has little to add; with three, answering straight away is mostly wrong (the SFT
-   model: ~2 % when it may not think, ~86 % when it must).
-2. Why only add and sub: the budget of a 2-core CPU trains one or two skills to the point where
-   thinking clearly beats answering. A prototype with six families spread it too thin (GRPO found no
-   signal), and a counting trace the model could copy but not execute (it did not increment).
-3. Pretraining has half of its skill lines in the think form ("What is 385 + 48? <think>...</think>433"),
-   half plain ("385 + 48 = 433"): without think lines in pretraining, SFT alone did not teach the
-   traces (forced-think accuracy 6 %). <think> and </think> in the text are the tokenizer's think
-   tokens (pretrain.py encodes them as such).
+1. Traces a tiny model can execute: the operands are restated first, zero-padded to three digits,
+   so every digit sits at a fixed place ("385+048:"); then one column per step, ones first, each
+   using only digits at fixed places and the carry (borrow) of the step before: "5+8=13" (ones),
+   "8+4+1=13" (tens, + carry). A borrow reads "15-8=7" then "10-4-1=5" (the column borrowed from,
+   minus the borrow it lent). The answer is the last result followed by the last digit of each
+   result before it, leading zeros dropped. Three digits: answering straight away is mostly wrong.
+2. Two skills (add, sub): what a 2-core CPU budget trains to where thinking beats answering.
+3. Pretraining has half of its skill lines in the think form ("What is 385 + 48?
+   <think>...</think>433"), half plain ("385 + 48 = 433"). <think> and </think> in the text are
+   the tokenizer's think tokens (pretrain.py encodes them as such).
 4. The held-out split: every problem has a canonical key, the same for trivially equal problems
    ("add:48:385" for 385 + 48 and 48 + 385). A key is held out iff sha256(key) falls in the first
-   --held-out fraction (8 %) of the hash range, so the split is a fixed slice of each family's problem
-   space whatever the seed. Eval files draw only held-out keys; every training generator (pretraining
-   lines included) redraws them.
+   --held-out fraction (8 %) of the hash range, so the split is a fixed slice of each family's
+   problem space whatever the seed. Eval files draw only held-out keys; every training generator
+   (pretraining lines included) redraws them.
 5. The labeler `prefer(record, reply_a, reply_b)` stands for the careful human who labels
    comparisons (it labels every preference pair and judges win rates in eval.py). It ranks a reply
    by, in order: its final answer is right; between right answers, the work: right steps (2) > no
    think block (1) > a think block with a wrong step (0); it has a final answer (a reply cut off
    inside its think block has none). Equal ranks are a tie (half a win): two wrong answers tie,
-   shown work or not, unless one is cut off. (A first version also ranked a bare wrong answer
-   above a worked wrong one; it judged a policy that always thinks by its mistakes' form, not by
-   how often it is right: at seed 2, 26 points more accuracy than sft gave a 45 % win rate.) Each pair is the right worked reply against a
-   plausible failure (REJECT_KINDS): the bare answer, right or wrong by a slip; a trace cut off
-   before </think>; a trace with one wrong step (10 %: the subtle kind, which needs the arithmetic
-   checked; a reward model at the CPU default judges it ~45-60 % right). Two bare answers, one right
-   and one wrong, are not asked: telling them apart needs the three-digit sum done in one's head,
-   which no model here can do (a reward model judged such pairs at chance, 46-60 %).
+   shown work or not, unless one is cut off.
+6. Each preference pair is the right worked reply against a plausible failure (REJECT_KINDS): the
+   bare answer, right or wrong by a slip; a trace cut off before </think>; a trace with one wrong
+   step (10 %). Two bare answers, one right and one wrong, are not asked (no model here can tell).
 """
 
 import argparse
@@ -82,7 +77,9 @@ import random
 import re
 import sys
 import time
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 from tokenizer import final_answer, thinks
 
@@ -92,7 +89,7 @@ class Args:
     out: str = "data"
     """directory the files are written to"""
     scale: float = 1.0
-    """multiplies every training-set size (0.02 is a tiny world for tests); eval sizes do not scale"""
+    """multiplies every training-set size (0.02 is a tiny world for tests), not the eval sizes"""
     seed: int = 0
     """seed of the generators (the held-out split does not depend on it)"""
     pretrain_bytes: int = 4_000_000
@@ -154,7 +151,8 @@ SIGN = {"add": "+", "sub": "-"}
 
 # detail 1: restate the operands at fixed places, then one column per step, ones first
 def trace(family: str, a: int, b: int) -> str:
-    """The worked steps of a problem: trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
+    """The worked steps of a problem:
+    trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
     top, bottom = f"{a:03d}", f"{b:03d}"
     steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into the next column
     for column, (x, y) in enumerate(zip(map(int, reversed(top)), map(int, reversed(bottom)))):
@@ -165,13 +163,16 @@ def trace(family: str, a: int, b: int) -> str:
         else:
             borrow = int(x - y - carry < 0)
             result = x + 10 * borrow - y - carry
-            steps.append(f"{x + 10 * borrow}-{y}={result}" if column == 0 else f"{x + 10 * borrow}-{y}-{carry}={result}")
+            top_digit = x + 10 * borrow
+            steps.append(f"{top_digit}-{y}={result}" if column == 0
+                         else f"{top_digit}-{y}-{carry}={result}")
             carry = borrow
     return f"{top}{SIGN[family]}{bottom}: " + " ".join(steps)
 
 
 def answer_from_steps(results: list[int]) -> str:
-    """The answer the step results spell: the last (hundreds) result whole, then the last digit of the others."""
+    """The answer the step results spell: the last (hundreds) result whole, then the last digit
+    of the others."""
     return str(int(str(results[-1]) + "".join(str(r % 10) for r in reversed(results[:-1]))))
 
 
@@ -218,7 +219,9 @@ def training_problems(rng, count, fraction):
 
 def operands(record) -> tuple[str, int, int]:
     """(family, a, b) of a task record, read from its prompt."""
-    prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):  # messages: the last one asks
+        prompt = prompt[-1]["content"]
     a, b = map(int, re.findall(r"\d+", prompt))
     return record["family"], a, b
 
@@ -231,12 +234,14 @@ def rank(record, reply: str) -> tuple[int, int, int]:
     right = int(answer == str(a + b if family == "add" else a - b))
     work = 0  # the work counts between right answers only: two wrong answers are equally wrong
     if right:
-        work = 1 if not thinks(reply) else 2 if reply.strip().startswith(f"<think>{trace(family, a, b)}</think>") else 0
+        right_steps = reply.strip().startswith(f"<think>{trace(family, a, b)}</think>")
+        work = 1 if not thinks(reply) else 2 if right_steps else 0
     return right, work, int(answer is not None)
 
 
 def prefer(record, reply_a: str, reply_b: str) -> float:
-    """The labeler: 1.0 if reply_a is the better reply to `record`'s task, 0.0 if reply_b is, 0.5 for a tie."""
+    """The labeler: 1.0 if reply_a is the better reply to `record`'s task, 0.0 if reply_b is, 0.5
+    for a tie."""
     rank_a, rank_b = rank(record, reply_a), rank(record, reply_b)
     return 0.5 if rank_a == rank_b else float(rank_a > rank_b)
 
@@ -248,7 +253,7 @@ def win_rate(records, replies, reference_replies) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# PREFERENCE PAIRS: the right worked reply against a plausible failure, labelled by prefer
+# PREFERENCE PAIRS (detail 6): the right worked reply against a plausible failure, by prefer
 
 REJECT_KINDS = {"bare_right": 0.4, "bare_wrong": 0.3, "cut_off": 0.2, "wrong_step": 0.1}
 
@@ -261,7 +266,8 @@ def slip(rng, value: int) -> int:
 
 def wrong_step_reply(rng, p: Problem) -> str:
     """A trace with one wrong step result, and the answer the steps then spell."""
-    head, *steps = trace(p.family, p.a, p.b).split(" ")  # "385+048:", "5+8=13", "8+4+1=13", "3+0+1=4"
+    # "385+048:", "5+8=13", "8+4+1=13", "3+0+1=4"
+    head, *steps = trace(p.family, p.a, p.b).split(" ")
     results = [int(step.split("=")[1]) for step in steps]
     column = rng.randrange(len(steps))
     results[column] = slip(rng, results[column])
@@ -312,7 +318,8 @@ COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "ni
           "sea": "blue", "leaf": "green", "fire": "hot", "ice": "cold", "milk": "white"}
 LESSONS = {  # the words of the task prompts, in prose, so the base model has seen them
     "add": "{name} practices addition: add the two numbers, ones first, then tens with the carry.",
-    "sub": "{name} practices subtraction: take the second number away, ones first, then tens with the borrow."}
+    "sub": "{name} practices subtraction: take the second number away, ones first, then tens with "
+           "the borrow."}
 
 
 def a(word):
@@ -331,7 +338,8 @@ def story(rng, animal=None):
         f"The {thing} was {rng.choice(ADJECTIVES)}, and {name} felt {feeling}.",
         f"Then {name} lost the {thing} and was {rng.choice(FEELINGS)}.",
         f"{friend} helped {name} look for it in the {other_place}.",
-        f"{name} and {friend} {rng.choice(ACTIONS)} until the {rng.choice(['sun', 'moon'])} came up.",
+        f"{name} and {friend} {rng.choice(ACTIONS)} until the {rng.choice(['sun', 'moon'])} "
+        "came up.",
     ]
     picked = [middle[i] for i in sorted(rng.sample(range(len(middle)), rng.randint(3, 5)))]
     return " ".join([f"Once upon a time, there was {a(adj)} {animal} named {name}.",
@@ -343,7 +351,8 @@ def facts(rng):
     def fact():
         kind = rng.randrange(5)
         if kind == 4:  # the words of the chat roles, so the tokenizer learns them as tokens
-            return rng.choice(["The user asks and the assistant answers.", "The system tells the assistant what to do.",
+            return rng.choice(["The user asks and the assistant answers.",
+                               "The system tells the assistant what to do.",
                                "An assistant helps a user."])
         if kind == 0:
             animal = rng.choice(list(ANIMALS))
@@ -360,7 +369,8 @@ def facts(rng):
 def skill_document(rng, fraction):
     """A drill (skill lines only) or a lesson (a sentence of prose around skill lines)."""
     family = rng.choice(FAMILIES)
-    lines = [skill_line(rng, sample_problem(rng, family, fraction)) for _ in range(rng.randint(4, 16))]
+    lines = [skill_line(rng, sample_problem(rng, family, fraction))
+             for _ in range(rng.randint(4, 16))]
     if rng.random() < 0.5:
         return "\n".join(lines)
     name = rng.choice(NAMES)
@@ -371,7 +381,8 @@ def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
         r = rng.random()
-        document = story(rng) if r < 0.1 else facts(rng) if r < 0.15 else skill_document(rng, fraction)
+        document = (story(rng) if r < 0.1 else facts(rng) if r < 0.15
+                    else skill_document(rng, fraction))
         documents.append(document)
         size += len(document) + 2
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line
@@ -380,9 +391,11 @@ def pretrain_text(rng, n_bytes, fraction):
 # ----------------------------------------------------------------------------------------------
 # CONVERSATIONS AND RECORDS
 
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.", "Answer the question."]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.",
+                  "Answer the question."]
 GREETINGS = ["Hello!", "Hi.", "Good morning!", "Hey there."]
-GREETING_REPLIES = ["Hello! How can I help you?", "Hi! Ask me a question.", "Hello! What shall we do today?"]
+GREETING_REPLIES = ["Hello! How can I help you?", "Hi! Ask me a question.",
+                    "Hello! What shall we do today?"]
 ABILITIES = "I can add and subtract numbers, step by step if you like, and tell short stories."
 
 
@@ -394,7 +407,8 @@ def chat_conversation(rng):
         user, reply = rng.choice(["What can you do?", "How can you help me?"]), ABILITIES
     else:
         animal = rng.choice(list(ANIMALS))
-        user = rng.choice(["Tell me a story.", f"Tell me a story about {a(animal)}.", "Write a short story."])
+        user = rng.choice(["Tell me a story.", f"Tell me a story about {a(animal)}.",
+                           "Write a short story."])
         reply = story(rng, animal)
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
@@ -409,17 +423,20 @@ def sft_records(rng, n, fraction, think_share):
         thinks = rng.random() < think_share  # a minority of demos think first
         if rng.random() < 0.1:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        for _turn in range(2 if rng.random() < 0.05 else 1):  # a second user turn, same family and style
+        for _turn in range(2 if rng.random() < 0.05 else 1):  # a second turn: same family, style
             p = sample_problem(rng, family, fraction)
             messages += [{"role": "user", "content": render_prompt(rng, p)},
-                         {"role": "assistant", "content": thinking_reply(p) if thinks else p.answer}]
+                         {"role": "assistant",
+                          "content": thinking_reply(p) if thinks else p.answer}]
             levels.append(p.level)
-        records.append({"messages": messages, "family": family, "level": max(levels), "thinks": thinks})
+        records.append({"messages": messages, "family": family, "level": max(levels),
+                        "thinks": thinks})
     return records
 
 
 def prompt_record(rng, p):
-    return {"prompt": render_prompt(rng, p), "answer": p.answer, "family": p.family, "level": p.level}
+    return {"prompt": render_prompt(rng, p), "answer": p.answer, "family": p.family,
+            "level": p.level}
 
 
 def held_out_problems(rng, per_family, fraction):
@@ -429,7 +446,8 @@ def held_out_problems(rng, per_family, fraction):
         chosen = {}
         for level in (1, 2, 3):
             quota, found = (per_family - len(chosen)) // (4 - level), 0
-            for _ in range(100 * quota):  # levels 1 and 2 run out of held-out keys: level 3 takes the rest
+            # levels 1 and 2 run out of held-out keys: level 3 takes the rest
+            for _ in range(100 * quota):
                 if found == quota:
                     break
                 p = GENERATORS[family](rng, level)
@@ -452,7 +470,8 @@ def jsonl(records):
 def main(args: Args):
     t0 = time.time()
     if not 0 < args.held_out < 1 or not 0 <= args.think_share <= 1:
-        raise ValueError(f"--held-out must be between 0 and 1 (got {args.held_out}), --think-share in [0, 1] (got {args.think_share})")
+        raise ValueError(f"--held-out must be between 0 and 1 (got {args.held_out}), "
+                         f"--think-share in [0, 1] (got {args.think_share})")
     os.makedirs(args.out, exist_ok=True)
     frac = args.held_out
 
@@ -463,21 +482,25 @@ def main(args: Args):
         return max(1, round(count * args.scale))
 
     prefs_rng, prompts_rng = rng("prefs"), rng("prompts")
-    eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # the same at every seed
+    # the eval generators are the same at every seed
+    eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
     files = {
         "pretrain.txt": pretrain_text(rng("pretrain"), n(args.pretrain_bytes), frac),
         "pretrain_val.txt": pretrain_text(rng("pretrain_val"), n(args.pretrain_bytes * 0.05), frac),
         "sft.jsonl": jsonl(sft_records(rng("sft"), n(args.sft), frac, args.think_share)),
-        "prefs.jsonl": jsonl(preference_record(prefs_rng, p) for p in training_problems(prefs_rng, n(args.prefs), frac)),
-        "prompts.jsonl": jsonl(prompt_record(prompts_rng, p) for p in training_problems(prompts_rng, n(args.prompts), frac)),
+        "prefs.jsonl": jsonl(preference_record(prefs_rng, p)
+                             for p in training_problems(prefs_rng, n(args.prefs), frac)),
+        "prompts.jsonl": jsonl(prompt_record(prompts_rng, p)
+                               for p in training_problems(prompts_rng, n(args.prompts), frac)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
     }
     for name, text in files.items():
         path = os.path.join(args.out, name)
         write_file(path, text)
-        count = f"{text.count(chr(10)):>7,} lines" if name.endswith(".jsonl") else f"{text.count(chr(10) * 2) + 1:>7,} docs "
+        count = (f"{text.count(chr(10)):>7,} lines" if name.endswith(".jsonl")
+                 else f"{text.count(chr(10) * 2) + 1:>7,} docs ")
         print(f"{path:<28} {count} {len(text.encode()) / 1e6:8.3f} MB")
     levels = collections.Counter((p.family, p.level) for p in evals)
     print("eval problems per family, levels 1/2/3: " + ", ".join(
@@ -486,16 +509,23 @@ def main(args: Args):
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
 
 
@@ -503,4 +533,5 @@ if __name__ == "__main__":
     try:
         main(parse_args(Args))
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -5,31 +5,26 @@ pretrain.py: next-token pretraining of a small Qwen2-style Transformer on packed
 
 Run (after `python data.py` and `python tokenizer.py`):
 
-    python pretrain.py                                    # CPU defaults, ~2-2.5 minutes on 2 cores
+    python pretrain.py                                    # the CPU defaults
     python pretrain.py --preset 30m --device cuda --compile          # one GPU
     torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
     python pretrain.py --resume                           # continue after a crash / kill -9
 
 Implementation details:
 1. The corpus is tokenized once and cached as a numpy memmap next to the data
-   (`data/pretrain.txt.<hash>.bin`, uint16 when the vocab fits). The hash covers the tokenizer
-   and the data bytes, so a new tokenizer or new data re-tokenizes, nothing else does.
-2. Documents are joined with <|endoftext|>, and <think> / </think> in the text are the think tokens
-   (the built-in text has thinking lines). Training reads random windows of `context + 1`
-   tokens from the stream (packed: no compute is spent on padding). The last `val_fraction` of
-   the stream is held out for validation.
+   (`data/pretrain.txt.<hash>.bin`); the hash covers the tokenizer and the data bytes.
+2. Documents (tokenizer.read_documents) are joined with <|endoftext|>; <think> / </think> in the
+   text are the think tokens. Training reads random windows of `context + 1` tokens from the
+   stream (packed: no padding). The last `val_fraction` of the stream is held out.
 3. The windows of step s come from a generator seeded with (seed, s): the data position is the
    step, so `--resume` replays exactly the batches an uninterrupted run would have seen.
-4. DDP: every rank draws the same global batch and takes its own rows (rank::world), so N
-   processes see the same data as one process with the same global batch. Only rank 0 prints
-   and saves.
-5. AdamW with weight decay on matrices only (norms, biases, embeddings are not decayed), linear
-   warmup then cosine decay to 10 % (nanoGPT), gradient accumulation, gradient clipping at 1.0.
-6. bf16 autocast on CUDA (float32 elsewhere); `--compile` wraps the model in torch.compile.
-7. Validation loss is also reported in bits per byte, loss / ln 2 * tokens / bytes (the UTF-8 bytes
-   the tokens encode; <|endoftext|> between documents is 0 bytes), which does not depend on the tokenizer, next to the unigram entropy of the data (what a model that ignores
-   context would reach).
-8. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
+4. DDP: every rank draws the same global batch and takes its rows (rank::world), so N processes
+   see the data of one process with the same global batch. Only rank 0 prints and saves.
+5. AdamW with weight decay on matrices only, linear warmup then cosine decay to 10 % (nanoGPT),
+   gradient accumulation, gradient clipping at 1.0. bf16 autocast on CUDA; `--compile`.
+6. Bits per byte = loss / ln 2 * tokens / bytes of the validation text (<|endoftext|> is 0 bytes):
+   it does not depend on the tokenizer. Next to it, the unigram entropy H = -sum_t p_t log p_t.
+7. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
    one does not. Writes are atomic, so a kill -9 during a save leaves the previous checkpoint.
 """
 
@@ -43,8 +38,10 @@ import math
 import os
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,12 +50,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import check_resumable, generate
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_documents
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)
     "tiny": (128, 4, 4, 2, 384, 128),  # ~0.9M params + embeddings: the CPU default
-    "30m": (384, 12, 6, 2, 1024, 1024),  # 25M with a 16k vocab, 31M with 32k: one GPU in minutes
-    "125m": (768, 12, 12, 4, 2048, 1024),  # 100M with a 32k vocab (tied embeddings), GPT-2 small scale
+    "30m": (384, 12, 6, 2, 1024, 1024),  # 25M with a 16k vocab, 31M with 32k: one GPU
+    "125m": (768, 12, 12, 4, 2048, 1024),  # 100M with a 32k vocab (tied), GPT-2 small scale
 }
 
 
@@ -70,7 +67,7 @@ class Args:
     """tokenizer file written by tokenizer.py"""
     out: str = "out/pretrain.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    preset: str = "tiny"
+    preset: Literal["tiny", "30m", "125m"] = "tiny"
     """model size: tiny (CPU), 30m or 125m (one GPU); the size flags below override it"""
     hidden_size: int = 0
     """width of the residual stream (0 = from the preset)"""
@@ -106,7 +103,7 @@ class Args:
     """continue from the resumable checkpoint at --out"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
@@ -115,17 +112,50 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
+    ddp = "RANK" in os.environ
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if bf16 else "float32"
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    return ddp, rank, world, device_type, autocast
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -136,44 +166,42 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 
     return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def read_documents(path: str) -> list[str]:
-    """Documents of a .txt file (separated by blank lines) or a .jsonl file ({"text": ...})."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass --data")
-    documents = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f'{path}:{line_no}: expected an object with a string "text"')
-                documents.append(record["text"])
-        else:
-            documents = [d.strip("\n") for d in f.read().split("\n\n")]
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise ValueError(f"{path}: the corpus is empty")
-    return documents
+def format_time(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
+    """Each summed metric averaged over `count` steps and over every rank."""
+    values = torch.tensor(list(sums.values()), device=device)
+    if ddp:
+        dist.all_reduce(values)
+        count *= dist.get_world_size()
+    return dict(zip(sums, (values / count).tolist()))
+
+
+def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
+    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
+    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    shown = [f"{name} {value:.4f}" for name, value in metrics.items()
+             if name not in ("lr", "tok_per_s")]
+    left = format_time(elapsed / step * (steps - step))
+    speed = f"{metrics['tok_per_s'] / 1e3:.1f}k tok/s"
+    return " | ".join([f"{stage} | step {step}/{steps}", *shown, f"lr {metrics['lr']:.1e}", speed,
+                       f"{format_time(elapsed)} elapsed, {left} left"])
 
 
 # detail 1: tokenize once, cache as a memmap keyed by the tokenizer and the data
 def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
-    """The corpus as one token stream (documents joined by <|endoftext|>), cached next to the data."""
-    if not os.path.exists(path):
+    """The corpus as one token stream (documents joined by <|endoftext|>), cached by the data."""
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py` first, or pass --data")
     key = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
     with open(path, "rb") as f:
         key.update(f.read())
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     cache = f"{path}.{key.hexdigest()[:12]}.bin"
-    if not os.path.exists(cache):
-        documents = read_documents(path)
-        tokens = tokenizer.encode_array(documents, tokenizer.think_tokens)  # joined by <|endoftext|>; <think> is the token
+    if not os.path.exists(cache):  # detail 2: <think> in the text is the think token
+        tokens = tokenizer.encode_array(read_documents(path), tokenizer.think_tokens)
         with open(cache + ".tmp", "wb") as f:
             f.write(np.asarray(tokens, dtype=dtype).tobytes())
         os.replace(cache + ".tmp", cache)
@@ -182,73 +210,79 @@ def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
 
 # detail 3: the windows of a step depend only on (seed, step)
 def get_batch(tokens: np.ndarray, batch_size: int, context: int, seed: int, step: int):
-    """batch_size random windows of context + 1 tokens: inputs and next-token targets, (B, T) each."""
+    """batch_size random windows of context + 1 tokens: inputs and next-token targets."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator).tolist()
-    windows = torch.from_numpy(np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts]))
+    starts = torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator)
+    windows = np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts.tolist()])
+    windows = torch.from_numpy(windows)
     return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
 
-def format_time(seconds: float) -> str:
-    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+# detail 6: H = -sum_t p_t log p_t over the token frequencies p_t (nats per token)
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())
+
+
+def model_config(args: Args, vocab_size: int) -> ModelConfig:
+    """The preset's shape, with --hidden-size, --num-layers, --context overriding it."""
+    preset_hidden, layers, heads, kv_heads, intermediate, context = PRESETS[args.preset]
+    hidden = args.hidden_size or preset_hidden
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=args.num_layers or layers,
+        intermediate_size=intermediate * hidden // preset_hidden,  # the preset's width ratio
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=args.context or context)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, val_tokens, args, batch_size, context, autocast):
+    """Validation loss over --eval-batches fixed windows, and a sampled text (48 tokens)."""
+    model.eval()
+    losses = []
+    for i in range(args.eval_batches):
+        inputs, targets = get_batch(val_tokens, batch_size, context, 10_000 + args.seed, step=i)
+        with autocast:
+            losses.append(model(inputs.to(args.device), targets.to(args.device))[1].item())
+    generator = torch.Generator(args.device).manual_seed(0)
+    sample = generate(model, [[tokenizer.eot_id]], 48, temperature=0.8, top_k=50,
+                      generator=generator)[0]
+    model.train()
+    return sum(losses) / len(losses), tokenizer.decode(sample[0].tolist())
 
 
 def main(args: Args):
-    # -------------------------------------------------------------- distributed, device, dtype
-    ddp = "RANK" in os.environ  # set by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else args.device
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
+                         f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
 
     # -------------------------------------------------------------- data and model
-    if not os.path.exists(args.tokenizer):
-        raise FileNotFoundError(f"{args.tokenizer} not found: run `python tokenizer.py` first")
-    tokenizer = Tokenizer.load(args.tokenizer)
+    tokenizer = Tokenizer.load(args.tokenizer)  # a missing file: "run `python tokenizer.py`"
     if ddp and not master:
         dist.barrier()  # rank 0 writes the token cache first
     tokens = load_tokens(args.data, tokenizer)
     if ddp and master:
         dist.barrier()
-    if args.preset not in PRESETS:
-        raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-    preset_hidden, layers, heads, kv_heads, intermediate, context = PRESETS[args.preset]
-    hidden, layers, context = args.hidden_size or preset_hidden, args.num_layers or layers, args.context or context
-    intermediate = intermediate * hidden // preset_hidden  # the MLP keeps the preset's width ratio
+    config = model_config(args, tokenizer.vocab_size)
+    context = config.max_position_embeddings
     n_val = max(int(len(tokens) * args.val_fraction), context + 2)
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
     if len(train_tokens) < context + 2:
         raise ValueError(f"{args.data}: {len(tokens)} tokens is too few for a context of {context}")
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
-    )
     model, step = Transformer(config).to(args.device), 0
-    if args.resume:  # detail 8: the model, optimizer, RNG and step of the last resumable checkpoint
+    if args.resume:  # detail 7: the model, optimizer, RNG and step of the last resumable checkpoint
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
-        check_resumable(args.out, checkpoint, args, ("data", "tokenizer", "preset", "hidden_size", "num_layers", "context",
-                                                     "steps", "batch_size", "lr", "warmup", "weight_decay", "val_fraction", "seed"))
+        check_resumable(args.out, checkpoint, args, (
+            "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps",
+            "batch_size", "lr", "warmup", "weight_decay", "val_fraction", "seed"))
         if checkpoint["tokenizer"] != tokenizer.to_dict():
-            raise ValueError(f"{args.out} was trained with another tokenizer than {args.tokenizer}: resume with its own")
+            raise ValueError(f"{args.out} was trained with another tokenizer than "
+                             f"{args.tokenizer}: resume with its own")
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
@@ -258,36 +292,23 @@ def main(args: Args):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
-
-    # detail 7: bits per byte needs bytes per token on the validation text; unigram entropy for scale
-    tokens_per_byte = len(val_tokens) / tokenizer.count_bytes(val_tokens)  # <|endoftext|> is 0 bytes
-    counts = np.bincount(train_tokens, minlength=tokenizer.vocab_size).astype(np.float64)
-    probs = counts[counts > 0] / counts.sum()
-    unigram_entropy = float(-(probs * np.log(probs)).sum())
-
-    @torch.no_grad()
-    def evaluate():
-        raw_model.eval()
-        losses = []
-        for i in range(args.eval_batches):
-            inputs, targets = get_batch(val_tokens, micro_batch, context, seed=10_000 + args.seed, step=i)
-            with autocast:
-                losses.append(raw_model(inputs.to(args.device), targets.to(args.device))[1].item())
-        prompt = [tokenizer.eot_id]
-        sample = generate(raw_model, [prompt], 48, temperature=0.8, top_k=50, generator=torch.Generator(args.device).manual_seed(0))[0]
-        raw_model.train()
-        loss = sum(losses) / len(losses)
-        return loss, loss / math.log(2) * tokens_per_byte, tokenizer.decode(sample[0].tolist())
+        device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+        model = DDP(model, device_ids=device_ids)
+    # detail 6: bits per byte needs the bytes per token of the validation text
+    tokens_per_byte = len(val_tokens) / tokenizer.count_bytes(val_tokens)
+    entropy = unigram_entropy(train_tokens, tokenizer.vocab_size)
 
     # -------------------------------------------------------------- the training loop
     tokens_per_step = args.batch_size * context
     if master:
-        print(f"pretrain | {raw_model.num_params() / 1e6:.2f}M params (non-embedding), context {context}, "
-              f"{len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on {args.device} in {args.dtype}")
-        print(f"pretrain | {args.steps * tokens_per_step / 1e6:.1f}M tokens to see: "
-              f"{args.steps * tokens_per_step / raw_model.num_params(non_embedding=False):.1f} tokens per parameter "
-              f"(Chinchilla-optimal is ~20) | unigram entropy {unigram_entropy:.3f} nats/token")
+        n_params = raw_model.num_params()
+        print(f"pretrain | {n_params / 1e6:.2f}M params (non-embedding), context {context}, "
+              f"{len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on "
+              f"{args.device} in {args.dtype}")
+        n_tokens = args.steps * tokens_per_step
+        print(f"pretrain | {n_tokens / 1e6:.1f}M tokens to see: "
+              f"{n_tokens / raw_model.num_params(non_embedding=False):.1f} tokens per parameter "
+              f"(Chinchilla-optimal is ~20) | unigram entropy {entropy:.3f} nats/token")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_path = os.path.splitext(args.out)[0] + ".jsonl"
         kept = []  # on resume, keep only the log lines of the steps that are not replayed
@@ -295,7 +316,8 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
-    start_time, start_step, last_time, last_step = time.time(), step, time.time(), step
+    start_time = last_time = time.time()
+    sums, steps_since_log, tokens_seen = {}, 0, 0
     model.train()
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
@@ -307,7 +329,8 @@ def main(args: Args):
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
             rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            last = micro == args.grad_accum - 1
+            no_sync = model.no_sync if ddp and not last else nullcontext  # sync on the last
             with no_sync(), autocast:
                 _, loss = model(inputs[rows], targets[rows])
             with no_sync():
@@ -318,35 +341,43 @@ def main(args: Args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        tokens_seen += tokens_per_step
 
+        metrics = {"loss": loss_sum.item()}
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
+        steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
+            logged = mean_metrics(sums, steps_since_log, ddp, args.device)
+            sums, steps_since_log = {}, 0
             if master:
                 now = time.time()
-                elapsed, rate = now - start_time, (step - start_step) / (now - start_time)
-                tok_per_s = tokens_per_step * (step - last_step) / (now - last_time)  # since the last line
-                last_time, last_step = now, step
-                print(f"pretrain | step {step}/{args.steps} | loss {loss_sum.item():.4f} | lr {lr:.1e} | "
-                      f"{tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
-                log_file.write(json.dumps({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                logged.update(lr=lr, tok_per_s=tokens_seen / (now - last_time))
+                tokens_seen, last_time = 0, now
+                print(progress_line("pretrain", step, args.steps, logged, now - start_time))
+                log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
         if master and (step % args.eval_every == 0 or step == args.steps):
-            val_loss, val_bpb, sample = evaluate()
-            print(f"pretrain | step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f} | sample: {sample[:120]!r}")
-            log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb}) + "\n")
+            val_loss, sample = evaluate(raw_model, tokenizer, val_tokens, args, micro_batch,
+                                        context, autocast)
+            val_bpb = val_loss / math.log(2) * tokens_per_byte
+            print(f"pretrain | step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f} | "
+                  f"sample: {sample[:120]!r}")
+            log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+                           + "\n")
             log_file.flush()
-        # detail 8: resumable checkpoints carry the optimizer and the RNG state
+        # detail 7: resumable checkpoints carry the optimizer and the RNG state
         if master and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step, args=dataclasses.asdict(args),
-                            optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+            save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,
+                            args=dataclasses.asdict(args), optimizer=optimizer.state_dict(),
+                            rng={"torch": torch.get_rng_state()})
 
     if master:
-        metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": unigram_entropy}
-        save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step, args=dataclasses.asdict(args), metrics=metrics)
-        print(f"pretrain | done in {format_time(time.time() - start_time)} | val loss {val_loss:.4f} nats/token "
-              f"(unigram entropy {unigram_entropy:.4f}) | val bpb {val_bpb:.4f} | wrote {args.out}")
+        metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": entropy}
+        save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,
+                        args=dataclasses.asdict(args), metrics=metrics)
+        print(f"pretrain | done in {format_time(time.time() - start_time)} | val loss "
+              f"{val_loss:.4f} nats/token (unigram entropy {entropy:.4f}) | val bpb "
+              f"{val_bpb:.4f} | wrote {args.out}")
         log_file.close()
     if ddp:
         dist.destroy_process_group()

@@ -1,57 +1,55 @@
 """
-Byte-level BPE tokenizer (the GPT-2 / Qwen2 kind): train, encode, decode, special tokens, chat template.
-numpy and the standard library only.
+Byte-level BPE tokenizer (the GPT-2 / Qwen2 kind): train, encode, decode, chat template.
+Special tokens, the pretraining text format; numpy and the standard library only.
 
     python tokenizer.py --data data/pretrain.txt --vocab-size 4096 --out out/tokenizer.json
 
     tok = Tokenizer.load("out/tokenizer.json")
-    ids = tok.encode("Hello world!")            # list[int]; tok.decode(ids) == "Hello world!"
-    arr = tok.encode_array(documents)           # np.uint16 array, documents joined by <|endoftext|>
-    ids, mask = tok.encode_chat([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}])
+    ids = tok.encode("Hello world!")     # list[int]; tok.decode(ids) == "Hello world!"
+    arr = tok.encode_array(documents)    # np.uint16 array, documents joined by <|endoftext|>
+    ids, mask = tok.encode_chat([{"role": "user", "content": "2+3?"},
+                                 {"role": "assistant", "content": "5"}])
 
-Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens <|endoftext|>,
-<|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` holds the pattern, the special tokens and the merges in
-order; `to_dict()` is the same content, stored inside every checkpoint.
+Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens
+<|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` holds the pattern,
+the special tokens and the merges in order; `to_dict()` is the same content, stored inside every
+checkpoint.
 
 Implementation details:
-1. Pre-tokenization cuts text into pieces with Qwen2's pattern before any merge: tokens never cross a
-   word / space / punctuation boundary, and numbers are single digits (arithmetic is learned digit by
-   digit). Stdlib `re` has no \\p{L} or \\p{N}, but its \\w is exactly letters + numbers + "_" and its \\d
-   the decimal digits, so a letter is `[^\\W\\d_]` minus the other numbers ('²', '½', 'Ⅻ', ...), which
-   we list; \\s is spelled out as Unicode White_Space (`re`'s \\s also takes \\x1c-\\x1f). Differences left
-   from the original pattern (tiktoken, Hugging Face): the rare numbers outside the BMP (Aegean
-   numerals, counting rods, '🄁') count as letters, and characters newer than Python's Unicode
-   database (14.0 in Python 3.11) count as punctuation.
-2. Training (Sennrich et al. 2016) counts the unique pieces once; a word is a list of ids with a count.
-   A merge updates pair counts only in the words that contain the pair (a pair -> words index), and
-   the best pair comes from a lazy max-heap: a popped entry whose count is stale is pushed back with
-   its current count, so the first up-to-date entry is the true maximum.
+1. Pre-tokenization cuts text into pieces with Qwen2's pattern before any merge: tokens never cross
+   a word / space / punctuation boundary, and numbers are single digits. Stdlib `re` has no \\p{L}
+   or \\p{N}, but its \\w is exactly letters + numbers + "_" and its \\d the decimal digits, so a
+   letter is `[^\\W\\d_]` minus the other numbers ('²', '½', 'Ⅻ', ...), which we list; \\s is
+   spelled out as Unicode White_Space (`re`'s \\s also takes \\x1c-\\x1f). Left from the original
+   pattern (tiktoken, Hugging Face): the rare numbers outside the BMP (Aegean numerals, counting
+   rods, '🄁') count as letters, characters newer than Python's Unicode database as punctuation.
+2. Training (Sennrich et al. 2016) counts the unique pieces once; a word is a list of ids with a
+   count. A merge updates pair counts only in the words that contain the pair (a pair -> words
+   index); the best pair comes from a lazy max-heap: a stale entry is pushed back with its count.
 3. Tie rule: the highest count wins; ties go to the smallest pair (left, right), with the 256 bytes
-   ordered by their printable GPT-2 character and merged tokens after them in creation order. That is
-   Hugging Face's ByteLevel id order, so the merges are the ones `tokenizers` learns (identical on 5 MB
-   of code at vocab 4096 and 16384: bench/bench_tokenizer.py).
+   ordered by their printable GPT-2 character and merged tokens after them in creation order:
+   Hugging Face's ByteLevel id order, so the merges are the ones `tokenizers` learns.
 4. If a pair spells bytes that are already a token (two paths to one string), the words get that
    token and no merge is recorded, as Hugging Face does: tokens have distinct bytes.
-5. Special tokens never take part in merges: training text is cut at them; `encode` treats text that
-   looks like one as plain text unless `allowed_special` allows it.
-6. Encoding merges, inside each piece, the adjacent pair whose merged bytes have the lowest id until no
-   pair is a token (tiktoken's rule; same ids as tiktoken loaded with our merges). Results are cached
-   per piece and per chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`):
-   most chunks repeat, and a repeated chunk costs one dict lookup instead of a regex pass. Ids are
-   kept packed as uint16 bytes, so joining them and making the list / array are C loops. A piece over
-   256 bytes (a long run of letters or marks) is merged with a heap instead, in O(n log n): the
-   simple loop is quadratic and would take minutes on one 64 KB line.
+5. Special tokens never take part in merges: training text is cut at them; `encode` treats text
+   that looks like one as plain text unless `allowed_special` allows it.
+6. Encoding merges, inside each piece, the adjacent pair whose merged bytes have the lowest id
+   until no pair is a token (tiktoken's rule, and its ids). Results are cached per piece and per
+   chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`), so a repeated
+   chunk costs one dict lookup. Ids are kept packed as uint16 bytes. A piece over 256 bytes is
+   merged with a heap instead, in O(n log n) (the simple loop is quadratic).
 7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
    "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
 8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
-   `<|im_start|>assistant\\n`. Each part is encoded on its own, so the mask is exact: 1 on the assistant
-   contents and their closing <|im_end|>, 0 elsewhere. Contents are plain text, except that in an
-   assistant's content <think> and </think> are the think tokens (as Qwen3 has them): a user who types
-   "<think>" gets ordinary text.
+   `<|im_start|>assistant\\n`. Each part is encoded on its own, so the mask is exact: 1 on the
+   assistant contents and their closing <|im_end|>, 0 elsewhere. Contents are plain text, except
+   that in an assistant's content <think> and </think> are the think tokens (as Qwen3 has them).
 9. Thinking and the final answer (`final_answer`, the one rule every stage scores a reply with): a
    reply thinks when it starts with <think>; its final answer is then the text after the first
-   </think>, and a reply whose think block never closes has no answer (None). A reply that does not
-   think is its own final answer. Stripped of white space either way.
+   </think> (None if the block never closes), else the whole reply; stripped either way.
+10. Pretraining text (`read_documents`, the one reader every stage uses): .txt files, documents
+   separated by a blank line, or .jsonl files, one {"text": ...} per line; documents are joined
+   with <|endoftext|>. The tokenizer trains on each .txt file whole, blank lines included.
 """
 import argparse
 import ast
@@ -66,37 +64,39 @@ import sys
 import time
 from array import array
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # every tokenizer has these
-THINK_TOKENS = ("<think>", "</think>")  # and, when trained here, these (an imported one may lack them)
+THINK_TOKENS = ("<think>", "</think>")  # and, when trained here, these (an imported one may not)
 CHAT_ROLES = ("system", "user", "assistant")
 
-# detail 1: Qwen2's (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|
-# \s*[\r\n]+|\s+(?!\S)|\s+   for stdlib `re`
+# detail 1: Qwen2's pattern for stdlib `re`:
+# (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|
+# \s+(?!\S)|\s+
 _OTHER_NUMBERS = "".join(c for c in filter(str.isnumeric, map(chr, range(0x10000)))
-                         if not c.isdecimal() and not c.isalpha())  # ²³¹¼½¾ Ⅰ-ↈ ①-⑳ ... in the BMP
-_SPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # White_Space but \r\n
+                         if not c.isdecimal() and not c.isalpha())  # ²³¹¼½¾ Ⅰ-ↈ ①-⑳ ... (BMP)
+_SPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # but \r\n
 _WS = _SPACE + r"\r\n"
 _LETTER = rf"[^\W\d_{_OTHER_NUMBERS}]"
 SPLIT_PATTERN = "|".join([
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",            # English contractions
-    rf"[^\r\n\w]?{_LETTER}+|_{_LETTER}+",       # a word, after one space or mark ("_" is a mark too)
+    rf"[^\r\n\w]?{_LETTER}+|_{_LETTER}+",       # a word, after one space or mark ("_" is a mark)
     rf"[\d{_OTHER_NUMBERS}]",                   # one digit
     rf" ?(?:_|[^\w{_WS}])+[\r\n]*",             # punctuation, with the newlines after it
     rf"[{_WS}]*[\r\n]+",                        # newlines, with the spaces before them
     rf"[{_WS}]+(?![^{_WS}])",                   # spaces, leaving the last one to the next word
     rf"[{_WS}]+",
 ])
-# detail 6: every piece ends (a) between a non-space and a following space (any whitespace but \r \n)
-# and (b) after the last newline of a whitespace run: no branch runs on from a non-space into spaces, or
-# from a newline into spaces and then a non-space, and none looks behind. So text cut at these points
-# splits chunk by chunk into the same pieces. A chunk: [spaces] non-spaces [whitespace to its last newline].
+# detail 6: every piece ends (a) between a non-space and a following space (any whitespace but
+# \r \n) and (b) after the last newline of a whitespace run: no branch runs on from a non-space
+# into spaces, or from a newline into spaces and then a non-space, and none looks behind. So text
+# cut at these points splits chunk by chunk into the same pieces.
+# A chunk: [spaces] non-spaces [whitespace to its last newline].
 _CHUNK_PATTERN = rf"[{_SPACE}]*[^{_WS}]+(?:[{_WS}]*[\r\n])?|[{_WS}]*[\r\n]|[{_WS}]+"
 
-# detail 3: GPT-2's printable stand-ins for bytes; Hugging Face's ByteLevel alphabet is sorted by them
+# detail 3: GPT-2's printable stand-ins for bytes; Hugging Face's ByteLevel alphabet is sorted so
 _PRINTABLE_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]
 _HF_BYTE_ORDER = _PRINTABLE_BYTES + [b for b in range(256) if b not in _PRINTABLE_BYTES]
 _BYTE_SORT_KEY = [_HF_BYTE_ORDER.index(b) for b in range(256)]
@@ -104,16 +104,17 @@ _BYTES = [bytes([b]) for b in range(256)]
 
 
 class _Cache(dict):
-    """A dict that computes a missing value with `fn`; hits stay C lookups in map(cache.__getitem__, keys)."""
+    """A dict that computes a missing value with `fn`; hits stay C lookups in
+    map(cache.__getitem__, keys)."""
 
     def __init__(self, fn, max_size=1 << 19):
         super().__init__()
         self.fn, self.max_size = fn, max_size
 
     def __missing__(self, key):
-        if len(key) > 1024:  # a long chunk rarely repeats: computing it again is cheaper than keeping it
+        if len(key) > 1024:  # a long chunk rarely repeats: computing it again is cheaper
             return self.fn(key)
-        if len(self) >= self.max_size:  # bound the memory on huge corpora: at most max_size x 1 KB keys
+        if len(self) >= self.max_size:  # bound the memory: at most max_size x 1 KB keys
             self.clear()
         value = self[key] = self.fn(key)
         return value
@@ -131,14 +132,17 @@ class Tokenizer:
         self.ranks = {token: i for i, token in enumerate(self.vocab)}  # bytes -> id, the BPE rank
         if len(self.ranks) != len(self.vocab):
             raise ValueError("two merges make the same token, which training never does")
-        if not set(SPECIAL_TOKENS) <= set(special_tokens) or len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
-            raise ValueError(f"special tokens must be distinct, non-empty and include {SPECIAL_TOKENS}, got {special_tokens}")
+        if (not set(SPECIAL_TOKENS) <= set(special_tokens) or "" in special_tokens
+                or len(set(special_tokens)) != len(special_tokens)):
+            raise ValueError(f"special tokens must be distinct, non-empty and include "
+                             f"{SPECIAL_TOKENS}, got {special_tokens}")
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
         self.vocab += [s.encode("utf-8") for s in special_tokens]
         self.vocab_size = len(self.vocab)
-        self.eot_id, self.im_start_id, self.im_end_id = (self.special_tokens[s] for s in SPECIAL_TOKENS)
-        self.think_tokens = tuple(s for s in THINK_TOKENS if s in self.special_tokens)  # special in assistant text
-        self.think_id = self.special_tokens.get("<think>")  # None when the tokenizer has no think tokens
+        self.eot_id, self.im_start_id, self.im_end_id = map(self.special_tokens.get, SPECIAL_TOKENS)
+        # special in assistant text; think_id is None when the tokenizer has no think tokens
+        self.think_tokens = tuple(s for s in THINK_TOKENS if s in self.special_tokens)
+        self.think_id = self.special_tokens.get("<think>")
         self.pad_id = self.eot_id  # padding is always masked out, any id will do
         try:
             compiled = re.compile(pattern)
@@ -147,7 +151,7 @@ class Tokenizer:
         if compiled.groups:  # findall would return the groups, not the pieces
             raise ValueError("the split pattern must have no capturing groups: use (?:...)")
         self._split = compiled.findall
-        # the chunk cut points are proven for SPLIT_PATTERN only; another pattern splits the whole text
+        # the chunk cut points hold for SPLIT_PATTERN only; another pattern splits the whole text
         self._chunks = re.compile(_CHUNK_PATTERN).findall if pattern == SPLIT_PATTERN else None
         self.dtype = np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
         self._typecode = "H" if self.dtype == np.uint16 else "i"  # array module code of self.dtype
@@ -156,15 +160,17 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------- encoding
     def _bpe(self, piece: str) -> bytes:
-        """detail 6: merge the adjacent pair with the lowest-id merged token until no pair is a token."""
+        """detail 6: merge the adjacent pair whose merged token has the lowest id, until none is a
+        token."""
         data = piece.encode("utf-8")
         if data in self.ranks:  # frequent pieces are one token
             return self._pack([self.ranks[data]])
-        if len(data) > 256:  # a long run of letters or marks (DNA, "=====...") would take quadratic time here
+        if len(data) > 256:  # a long run of letters or marks (DNA, "=====..."): quadratic here
             return self._pack(self._bpe_long(data))
         ranks, none = self.ranks, 1 << 30
         parts = list(map(_BYTES.__getitem__, data))
-        pair_ranks = [ranks.get(a + b, none) for a, b in zip(parts, parts[1:])] + [none]  # of parts[i:i+2]
+        # pair_ranks[i]: the rank of parts[i] + parts[i + 1]
+        pair_ranks = [ranks.get(a + b, none) for a, b in zip(parts, parts[1:])] + [none]
         while (best := min(pair_ranks)) != none:
             i = pair_ranks.index(best)  # the leftmost of equal ranks, as tiktoken
             parts[i] += parts.pop(i + 1)
@@ -176,12 +182,14 @@ class Tokenizer:
         return self._pack(map(ranks.__getitem__, parts))
 
     def _bpe_long(self, data: bytes) -> list:
-        """The same merges in O(n log n): a heap of (rank, start of the left part, start of the right part);
-        the parts are a linked list of byte ranges; an entry whose parts have changed since is skipped."""
+        """The same merges in O(n log n): a heap of (rank, start of the left part, start of the
+        right part); the parts are a linked list of byte ranges; an entry whose parts have changed
+        since is skipped."""
         ranks, n = self.ranks, len(data)
-        end, after, before = list(range(1, n + 1)), list(range(1, n + 1)), list(range(-1, n - 1))  # per part start
+        # per part start: where it ends, the next part's start, the previous part's start
+        end, after, before = list(range(1, n + 1)), list(range(1, n + 1)), list(range(-1, n - 1))
         heap = [(ranks[data[i:i + 2]], i, i + 1) for i in range(n - 1) if data[i:i + 2] in ranks]
-        heapq.heapify(heap)  # (rank, left) order: the lowest rank, then the leftmost, as the loop in _bpe
+        heapq.heapify(heap)  # (rank, left) order: the lowest rank, then the leftmost, as in _bpe
         while heap:
             rank, left, right = heapq.heappop(heap)
             if end[left] < 0 or after[left] != right or ranks.get(data[left:end[right]]) != rank:
@@ -191,7 +199,7 @@ class Tokenizer:
             end[right] = -1  # dead
             if after[left] < n:
                 before[after[left]] = left
-            for a, b in ((before[left], left), (left, after[left])):  # the two new neighbouring pairs
+            for a, b in ((before[left], left), (left, after[left])):  # the two new neighbour pairs
                 if a >= 0 and b < n and (merged := ranks.get(data[a:end[b]])) is not None:
                     heapq.heappush(heap, (merged, a, b))
         parts, i = [], 0
@@ -205,8 +213,9 @@ class Tokenizer:
 
     def _encode_chunk(self, text: str) -> bytes:
         pieces = self._split(text)
-        if self._chunks is None and sum(map(len, pieces)) != len(text):  # a pattern of our own covers all text
-            raise ValueError(f"the split pattern {self.pattern!r} skips characters of {text[:40]!r}: text would be lost")
+        if self._chunks is None and sum(map(len, pieces)) != len(text):  # another pattern: check
+            raise ValueError(f"the split pattern {self.pattern!r} skips characters of "
+                             f"{text[:40]!r}: text would be lost")
         return b"".join(map(self._piece_ids.__getitem__, pieces))
 
     def _encode_ordinary(self, text: str) -> bytes:
@@ -216,65 +225,77 @@ class Tokenizer:
         return b"".join(map(self._chunk_ids.__getitem__, self._chunks(text)))
 
     def encode(self, text: str, allowed_special=()) -> list:
-        """Ids of `text`. Special-token text is plain text unless in `allowed_special` ("all" or a set)."""
+        """Ids of `text`. Special-token text is plain text unless in `allowed_special` ("all" or a
+        set)."""
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         if allowed - set(self.special_tokens):
             raise ValueError(f"unknown special tokens {sorted(allowed - set(self.special_tokens))}")
-        parts = re.split(_special_regex(allowed), text) if allowed else [text]  # text, special, text, ...
+        parts = re.split(_special_regex(allowed), text) if allowed else [text]  # text, special, ...
         packed = [self._pack([self.special_tokens[p]]) if i % 2 else self._encode_ordinary(p)
                   for i, p in enumerate(parts)]
         return array(self._typecode, b"".join(packed)).tolist()
 
     def encode_array(self, text, allowed_special=()) -> np.ndarray:
-        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>; `allowed_special` as encode's."""
+        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>;
+        `allowed_special` as encode's."""
         documents = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(doc, str) for doc in documents):
             raise ValueError("encode_array takes a str or a list of str")
-        encode = (lambda doc: array(self._typecode, self.encode(doc, allowed_special)).tobytes()) if allowed_special else self._encode_ordinary
-        packed = bytearray(self._pack([self.eot_id])).join(map(encode, documents))
-        return np.frombuffer(packed, dtype=self.dtype)  # a writable array over the bytearray, no copy
+
+        def encode(doc):
+            return array(self._typecode, self.encode(doc, allowed_special)).tobytes()
+        packed = bytearray(self._pack([self.eot_id])).join(
+            map(encode if allowed_special else self._encode_ordinary, documents))
+        return np.frombuffer(packed, dtype=self.dtype)  # a writable array over the bytearray
 
     def decode(self, ids) -> str:
-        """Text of `ids`; ids that cut a UTF-8 character decode to U+FFFD instead of raising (detail 7)."""
+        """Text of `ids`; ids that cut a UTF-8 character decode to U+FFFD (detail 7)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), "
+                             f"got {min(ids)}..{max(ids)}")
         return b"".join([self.vocab[i] for i in ids]).decode("utf-8", errors="replace")
 
     def count_bytes(self, ids) -> int:
-        """UTF-8 bytes of the text that `ids` encode; special tokens stand for no text and count 0 (the
-        denominator of bits per byte: <|endoftext|> marks a document boundary, not 13 bytes of text)."""
+        """UTF-8 bytes of the text that `ids` encode; special tokens stand for no text and count 0
+        (the denominator of bits per byte: <|endoftext|> is a document boundary, not 13 bytes)."""
         ordinary = 256 + len(self.merges)
         return sum(len(self.vocab[i]) for i in np.asarray(ids).tolist() if i < ordinary)
 
     # ------------------------------------------------------------------------------------- chat
     def render_chat(self, messages, add_generation_prompt=False) -> str:
         """ChatML text of `messages` (detail 8)."""
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in _check_messages(messages))
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                       for m in _check_messages(messages))
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
     def encode_chat(self, messages, add_generation_prompt=False) -> tuple:
-        """(ids, mask) of `messages`; mask is 1 exactly on assistant contents and their closing <|im_end|>."""
+        """(ids, mask) of `messages`; mask is 1 exactly on assistant contents and their closing
+        <|im_end|>."""
         ids, mask = [], []
         newline = self.encode("\n")
         for m in _check_messages(messages):
             header = [self.im_start_id] + self.encode(m["role"] + "\n")
-            body = self.encode_reply(m["content"]) if m["role"] == "assistant" else self.encode(m["content"]) + [self.im_end_id]
+            assistant = m["role"] == "assistant"
+            body = (self.encode_reply(m["content"]) if assistant
+                    else self.encode(m["content"]) + [self.im_end_id])
             ids += header + body + newline
-            mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body) + [0] * len(newline)
+            mask += [0] * len(header) + [int(assistant)] * len(body) + [0] * len(newline)
         if add_generation_prompt:
             header = [self.im_start_id] + self.encode("assistant\n")
             ids, mask = ids + header, mask + [0] * len(header)
         return ids, mask
 
     def encode_reply(self, content: str) -> list:
-        """An assistant's reply as the model writes it: <think> / </think> are the think tokens (detail 8), then <|im_end|>."""
+        """An assistant's reply as the model writes it: <think> / </think> are the think tokens
+        (detail 8), then <|im_end|>."""
         return self.encode(content, self.think_tokens) + [self.im_end_id]
 
     def encode_prompt(self, prompt) -> list:
-        """A prompt (a str is one user message, or a messages list) and then `<|im_start|>assistant\\n`."""
+        """A prompt (a str is one user message, or a messages list), then
+        `<|im_start|>assistant\\n`."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         return self.encode_chat(prompt, add_generation_prompt=True)[0]
@@ -282,15 +303,19 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------- storage
     def to_dict(self) -> dict:
         return {"type": "byte-level-bpe", "pattern": self.pattern,
-                "special_tokens": list(self.special_tokens), "merges": [list(m) for m in self.merges]}
+                "special_tokens": list(self.special_tokens),
+                "merges": [list(m) for m in self.merges]}
 
     @classmethod
     def from_dict(cls, d) -> "Tokenizer":
-        if not (isinstance(d, dict) and d.get("type") == "byte-level-bpe" and isinstance(d.get("pattern"), str)
-                and isinstance(d.get("special_tokens"), list) and all(isinstance(s, str) for s in d["special_tokens"])
+        if not (isinstance(d, dict) and d.get("type") == "byte-level-bpe"
+                and isinstance(d.get("pattern"), str) and isinstance(d.get("special_tokens"), list)
+                and all(isinstance(s, str) for s in d["special_tokens"])
                 and isinstance(d.get("merges"), list)
-                and all(isinstance(m, list) and len(m) == 2 and all(type(i) is int for i in m) for m in d["merges"])):
-            raise ValueError("not a tokenizer: expected {type: byte-level-bpe, pattern, special_tokens, merges}")
+                and all(isinstance(m, list) and len(m) == 2 and all(type(i) is int for i in m)
+                        for m in d["merges"])):
+            raise ValueError("not a tokenizer: expected "
+                             "{type: byte-level-bpe, pattern, special_tokens, merges}")
         return cls(d["merges"], tuple(d["special_tokens"]), d["pattern"])
 
     def save(self, path):
@@ -302,7 +327,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> "Tokenizer":
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: run `python tokenizer.py --out {path}` first")
+            raise FileNotFoundError(
+                f"{path} not found: run `python tokenizer.py --out {path}` first")
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_dict(json.load(f))
@@ -311,27 +337,30 @@ class Tokenizer:
 
     # --------------------------------------------------------------------------------- training
     @classmethod
-    def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS + THINK_TOKENS, processes: int = 1,
-              verbose: bool = False) -> "Tokenizer":
-        """Learn vocab_size - 256 - len(special_tokens) merges from `text`, a str or a list of documents."""
+    def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS + THINK_TOKENS,
+              processes: int = 1, verbose: bool = False) -> "Tokenizer":
+        """Learn vocab_size - 256 - len(special_tokens) merges from `text`, a str or a list of
+        documents."""
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
-            raise ValueError(f"vocab size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens")
-        cut = re.compile(_special_regex(special_tokens))  # detail 5: special-token text is never merged
+            raise ValueError(f"vocab size {vocab_size} is below 256 bytes + "
+                             f"{len(special_tokens)} special tokens")
+        cut = re.compile(_special_regex(special_tokens))  # detail 5: special tokens never merge
         documents = [part for doc in ([text] if isinstance(text, str) else text)
                      for part in cut.split(doc)[::2] if part]
         if not documents:
             raise ValueError("empty corpus: no text to train on")
         t0 = time.time()
         groups = [documents[i::processes] for i in range(min(processes, len(documents)))]
-        if len(groups) > 1:  # counts are sums over documents, so any split of the documents is exact
+        if len(groups) > 1:  # counts are sums over documents: any split of them is exact
             with multiprocessing.Pool(len(groups)) as pool:
                 word_counts = sum(pool.map(_count_pieces, groups), Counter())
         else:
             word_counts = _count_pieces(documents)
         if verbose:
             print(f"pre-tokenized: {len(word_counts):,} unique pieces in {time.time() - t0:.1f}s")
-        merges = _learn_merges({w.encode("utf-8"): n for w, n in word_counts.items()}, n_merges, verbose)
+        word_counts = {w.encode("utf-8"): n for w, n in word_counts.items()}
+        merges = _learn_merges(word_counts, n_merges, verbose)
         return cls(merges, special_tokens)
 
 
@@ -357,18 +386,21 @@ def _special_regex(specials) -> str:
 
 def _check_messages(messages) -> list:
     if not isinstance(messages, list):
-        raise ValueError(f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
+        raise ValueError(f"messages must be a list of {{role, content}} dicts, "
+                         f"got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             role = m.get("role") if isinstance(m, dict) else m
-            raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: content must be a str, got {type(m.get('content')).__name__}")
+            raise ValueError(f"message {i}: content must be a str, "
+                             f"got {type(m.get('content')).__name__}")
     return messages
 
 
 def _count_pieces(documents) -> Counter:
-    """Counts of the pre-tokenized pieces; each unique chunk (detail 6) is split once, with its count."""
+    """Counts of the pre-tokenized pieces; each unique chunk (detail 6) is split once."""
     chunk_counts = Counter()
     for doc in documents:
         chunk_counts.update(re.findall(_CHUNK_PATTERN, doc))
@@ -380,7 +412,8 @@ def _count_pieces(documents) -> Counter:
 
 
 def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
-    """detail 2: the classic incremental BPE trainer. word_counts: {bytes: count} of the unique pieces."""
+    """detail 2: the classic incremental BPE trainer. word_counts: {bytes: count} of the unique
+    pieces."""
     words = [list(w) for w in word_counts]  # each word as a list of token ids, merged in place
     counts = list(word_counts.values())
     pair_counts = defaultdict(int)  # (left, right) -> occurrences, weighted by word counts
@@ -414,16 +447,19 @@ def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
             if a in words[i] and b in words[i]:  # C-speed skip of most words where the pair is gone
                 _merge_word(words[i], a, b, new, counts[i], i, pair_counts, where, grown)
         del pair_counts[a, b]
-        for pair in grown:  # only pairs with the new token gain occurrences; old entries are fixed on pop
-            if pair_counts[pair] > 0:
-                heapq.heappush(heap, (-pair_counts[pair], sort_key[pair[0]], sort_key[pair[1]], *pair))
+        for left, right in grown:  # only pairs with the new token gain; stale ones are fixed on pop
+            if pair_counts[left, right] > 0:
+                heapq.heappush(heap, (-pair_counts[left, right], sort_key[left], sort_key[right],
+                                      left, right))
         if verbose and new == len(tokens) - 1 and len(merges) % 1000 == 0:
-            print(f"merge {len(merges)}/{n_merges}: {tokens[a]!r} + {tokens[b]!r} (count {-count:,})")
+            print(f"merge {len(merges)}/{n_merges}: {tokens[a]!r} + {tokens[b]!r} "
+                  f"(count {-count:,})")
     return merges
 
 
 def _merge_word(word, a, b, new, n, i, pair_counts, where, grown):
-    """Replace each (a, b) in word i (count n), left to right, by `new`; update the neighbor pairs."""
+    """Replace each (a, b) in word i (count n), left to right, by `new`; update the neighbor
+    pairs."""
     j = 0
     while j < len(word) - 1:
         if word[j] != a or word[j + 1] != b:
@@ -445,11 +481,46 @@ def _merge_word(word, a, b, new, n, i, pair_counts, where, grown):
         j += 1
 
 
+# detail 10: the one reader of pretraining text
+def read_documents(paths, whole_files: bool = False) -> list[str]:
+    """The documents of .txt files (separated by a blank line; whole_files: a file is one
+    document) and .jsonl files ({"text": ...} per line). Documents of white space only are dropped;
+    a missing file, non-UTF-8 text or a malformed line is an error naming the file (and line)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    documents = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found or not a file: run `python data.py` first, "
+                                    "or pass the path")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not path.endswith(".jsonl"):
+            documents += [text] if whole_files else [d.strip("\n") for d in text.split("\n\n")]
+            continue
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}:{line_no}: expected an object with a string "text"')
+            documents.append(record["text"])
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise ValueError(f"{', '.join(paths)}: the corpus is empty")
+    return documents
+
+
 # ------------------------------------------------------------------------------------------- CLI
 @dataclass
 class Args:
-    data: list = field(default_factory=lambda: ["data/pretrain.txt"])
-    """training text: .txt files (one document each) or .jsonl files ({"text": ...} per line); repeatable"""
+    data: list = dataclasses.field(default_factory=lambda: ["data/pretrain.txt"])
+    """training text: .txt files (each trained on whole) or .jsonl files ({"text": ...} per line)"""
     vocab_size: int = 4096
     """vocab size: 256 bytes + merges + 5 special tokens (the chat three and <think>, </think>)"""
     out: str = "out/tokenizer.json"
@@ -461,62 +532,41 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: one --flag per field, its help is the docstring under the field."""
+    """argparse from a dataclass: each field an option, the string under it its help, a list field
+    repeatable (`--data a --data b` or `--data a b`)."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    helps = {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
-             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-        elif isinstance(default, list):  # `--data a --data b` and `--data a b` both work
-            parser.add_argument(flag, nargs="+", action="extend", default=None, help=help)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(cls):
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif field.type is list:  # no default here, where "extend" would add to it
+            parser.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS,
+                                help=f"{help} (default: {field.default_factory()})")
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=help)
-    return cls(**{k: v for k, v in vars(parser.parse_args()).items() if v is not None})
-
-
-def read_documents(paths) -> list:
-    """Documents of .txt files (a file is a document) and .jsonl files ({"text": ...} per line)."""
-    documents = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found or not a file (`python data.py` makes the built-in data)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not path.endswith(".jsonl"):
-            documents.append(text)
-            continue
-        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                text = None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with a \"text\" string")
-            documents.append(text)
-    return documents
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+    return cls(**vars(parser.parse_args()))
 
 
 def main(args: Args):
     if os.path.isdir(args.out) or args.out.endswith(os.sep):
-        raise ValueError(f"--out {args.out} is a directory: give a file name, e.g. {os.path.join(args.out, 'tokenizer.json')}")
-    documents = read_documents(args.data)
-    t0 = time.time()
-    tok = Tokenizer.train(documents, args.vocab_size, processes=args.processes, verbose=args.verbose)
-    train_time = time.time() - t0
+        raise ValueError(f"--out {args.out} is a directory: give a file name, e.g. "
+                         f"{os.path.join(args.out, 'tokenizer.json')}")
+    documents = read_documents(args.data, whole_files=True)
+    start_time = time.time()
+    tok = Tokenizer.train(documents, args.vocab_size, processes=args.processes,
+                          verbose=args.verbose)
+    train_time = time.time() - start_time
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
-    n_tokens = len(tok.encode_array(documents)) - (len(documents) - 1)  # without the <|endoftext|>s
+    n_tokens = len(tok.encode_array(documents)) - (len(documents) - 1)  # without <|endoftext|>s
     tok.save(args.out)
     print(f"trained in {train_time:.1f}s | vocab {tok.vocab_size} ({len(tok.merges)} merges) | "
-          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {n_bytes / 1e6:.2f} MB | wrote {args.out}")
+          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {n_bytes / 1e6:.2f} MB | "
+          f"wrote {args.out}")
 
 
 if __name__ == "__main__":
