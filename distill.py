@@ -1,57 +1,35 @@
 """
-distill.py: distillation of a teacher into a student a quarter its size. The student learns the
-teacher's own replies to the training prompts (sequence-level KD), by default only the right ones;
-the same student trained on the original SFT demos, from the same weights for the same steps, is
-the baseline.
+distill.py: knowledge distillation of a teacher into a student a quarter its size.
+The student learns the teacher's own replies to the training prompts, by default the right ones.
 
-    out/grpo.pt (teacher) + out/student.pt (the student's start) + data/prompts.jsonl + data/sft.jsonl
-        ->  out/distill.pt, out/distill_baseline.pt
+    out/grpo.pt (the teacher) + out/student.pt (its start) + data/prompts.jsonl  ->  out/distill.pt
 
-Run (after `python grpo.py`, and a student pretrained at a quarter of the size, as pipeline.sh does):
+Run after grpo.py and the student's pretraining (pretrain.py --hidden-size 64 --num-layers 4 --out
+out/student.pt). Its baseline is sft.py on out/student.pt with the same budget (pipeline.sh).
 
-    python pretrain.py --hidden-size 64 --num-layers 4 --out out/student.pt    # the student's start
-    python distill.py                                     # CPU defaults, ~1 minute on 2 cores
-    python distill.py --no-keep-correct                   # every teacher reply, right or wrong
-    python distill.py --alpha 0.5 --temperature 2         # + Hinton's soft targets on the teacher's replies
-    python distill.py --alpha 1 --beta 0.5 --on-policy 0.5          # GKD: JSD, half the steps on student replies
+    python distill.py                                     # CPU defaults
+    python distill.py --alpha 0.5 --temperature 2         # + Hinton's soft targets
+    python distill.py --alpha 1 --beta 0.5 --on-policy 0.5    # GKD: JSD, half the steps on-policy
     python distill.py --device cuda --steps 4000          # one GPU
-    torchrun --nproc_per_node 8 distill.py --batch-size 256                  # many GPUs, no code change
+    torchrun --nproc_per_node 8 distill.py --batch-size 256       # many GPUs, no code change
 
 Implementation details:
-1. Sequence-level distillation (Kim & Rush 2016): the teacher answers every training prompt of
-   --data greedily (eval mode, KV cache), and the student is fine-tuned on those conversations, the
-   loss on the reply tokens as in sft.py. With --keep-correct (the default) only replies whose final
-   answer is right are kept (rejection sampling, as the data of DeepSeek-R1's distilled models):
-   the student is not taught the teacher's mistakes (README, Results: the student against the baseline).
-2. The student starts from --init, any lm checkpoint with the teacher's tokenizer; pipeline.sh
-   pretrains one at 64 wide x 4 layers (a quarter of the teacher's parameters) on the same text.
-3. The baseline: a copy of the student's starting weights trained in the same loop, for the same
-   steps, on the original demos (--baseline-data) with the hard labels only: what the student learns
-   without the teacher. Saved next to --out as *_baseline.pt, stage "distill-baseline".
-4. Token-level KD, optional (--alpha > 0; Hinton et al. 2015): L = (1 - alpha) CE + alpha T^2
-   KL(softmax(teacher / T) || softmax(student / T)) on the teacher's replies: soft targets carry how
-   likely the teacher finds every other token; their gradient shrinks as 1 / T^2, so the T^2 factor
-   keeps the two terms' balance independent of T.
-5. --beta (GKD, Agarwal et al. 2024): the generalized Jensen-Shannon divergence
-   JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M), M = beta P_t + (1 - beta) P_s.
-   beta = 0 is defined as the forward KL(P_t || P_s) (Hinton's, mode covering) and beta = 1 as
-   the reverse KL(P_s || P_t) (mode seeking): the KLs it tends to, up to a factor, at the two ends
-   (as TRL's GKDTrainer). JSD(0.5) is the symmetric JSD, at most log 2.
-6. --on-policy (GKD): that share of the steps trains on replies the student samples itself
-   (temperature 1) to the same prompts, every token scored by the teacher, so the student learns on
-   the states it reaches at inference, its own mistakes included. Those replies have no labels, so
-   those steps use the divergence alone (alpha = 1). Which steps are on-policy depends only on (seed, step).
-7. The teacher runs under no_grad in eval mode, and only when a step needs its logits (alpha > 0).
-   Batches, schedule, optimizer, clipping, DDP and the loss divided by batch x the mean reply tokens
-   of the data set are sft.py's. No --resume: the stage is short.
-8. Evaluation, for teacher, student and baseline: greedy held-out accuracy and think rate on
-   data/eval.jsonl (model.heldout_accuracy). No held-out loss on the reference answers: those are
-   bare answers, and a student taught to think first rightly finds them unlikely.
+1. Sequence-level KD (Kim & Rush 2016): the teacher answers every prompt greedily and the student
+   is fine-tuned on those conversations, the loss on the reply tokens. --keep-correct keeps only
+   the right replies (rejection sampling, as for DeepSeek-R1's distilled models).
+2. Token-level KD (Hinton et al. 2015), --alpha > 0: L = (1 - alpha) CE + alpha T^2 D(p_t^T, p_s^T)
+   with p^T = softmax(logits / T): the soft targets' gradient shrinks as 1 / T^2, the T^2 undoes it.
+3. --beta (GKD, Agarwal et al. 2024): D = JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M),
+   M = beta P_t + (1 - beta) P_s; beta 0 is KL(P_t || P_s), beta 1 KL(P_s || P_t), as in TRL.
+4. --on-policy (GKD): that share of the steps, drawn from (seed, step), trains on replies the
+   student samples, every token scored by the teacher, with the divergence alone (alpha = 1).
+5. The teacher runs in eval mode without gradients, only when its logits count (alpha > 0).
+   Batches, schedule, optimizer, clipping, DDP and the loss's constant denominator are sft.py's.
+6. Teacher and student: greedy held-out accuracy and think rate on --eval-data.
 """
 
 import argparse
 import ast
-import copy
 import dataclasses
 import inspect
 import json
@@ -59,15 +37,17 @@ import math
 import os
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import batch_indices, format_accuracy, generate, heldout_accuracy
+from engine import batch_indices, format_accuracy, generate, heldout_accuracy, right_pad
 from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, final_answer
 
@@ -79,25 +59,21 @@ class Args:
     init: str = "out/student.pt"
     """the student's starting weights (any lm checkpoint with the teacher's tokenizer)"""
     data: str = "data/prompts.jsonl"
-    """training prompts the teacher answers, one {"prompt", "answer"} per line (answer: for --keep-correct)"""
-    baseline_data: str = "data/sft.jsonl"
-    """what the baseline learns instead: {"messages": [...]} (assistant tokens count) or {"text": ...} (all count)"""
+    """training prompts the teacher answers, one {"prompt", "answer"} per line"""
     eval_data: str = "data/eval.jsonl"
-    """held-out prompts with answers, for the accuracy of teacher, student and baseline"""
+    """held-out prompts with answers, for the accuracy of teacher and student"""
     out: str = "out/distill.pt"
-    """checkpoint to write; the baseline goes to the same path with _baseline.pt, the metrics with .jsonl"""
+    """checkpoint to write (the metrics go to the same path with .jsonl)"""
     keep_correct: bool = True
     """keep only the teacher's replies whose final answer is right (rejection sampling)"""
     alpha: float = 0.0
-    """weight of the token-level soft (teacher logit) term; 1 - alpha goes to the teacher's reply tokens"""
+    """weight of the token-level soft (teacher logit) term; 1 - alpha goes to the hard labels"""
     temperature: float = 1.0
     """softmax temperature T of both models in the soft term"""
     beta: float = 0.0
     """generalized JSD: 0 = forward KL (Hinton), 1 = reverse KL, in between JSD(beta)"""
     on_policy: float = 0.0
-    """share of the steps trained on the student's own sampled replies, scored by the teacher (GKD)"""
-    baseline: bool = True
-    """also train the same student on --baseline-data without the teacher, for comparison"""
+    """share of the steps trained on the student's own sampled replies, scored by the teacher"""
     steps: int = 200
     """optimizer steps"""
     batch_size: int = 32
@@ -113,12 +89,12 @@ class Args:
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (0 = off)"""
     max_new_tokens: int = 48
-    """reply length limit of the teacher's replies, on-policy samples and the held-out evaluation"""
+    """reply length limit of the teacher's replies, on-policy samples and the evaluation"""
     log_every: int = 50
     """print a progress line every N steps"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the student"""
@@ -127,17 +103,50 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
+    ddp = "RANK" in os.environ
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if bf16 else "float32"
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    return ddp, rank, world, device_type, autocast
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -163,302 +172,220 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             missing = [key for key in required if not isinstance(record, dict) or key not in record]
             if missing:
-                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(map(repr, missing))}")
             records.append(record)
     if not records:
         raise ValueError(f"{path} has no records")
     return records
 
 
-# D = sum_v P(v) (log P(v) - log Q(v)) = KL(P || Q); JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M),
-# M = beta P_t + (1 - beta) P_s; the ends are the KLs JSD(beta) tends to up to a factor (GKD, section 3.1)
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """Divergence per position (...) between softmax(teacher_logits) and softmax(student_logits) (..., V):
-    beta 0 = KL(teacher || student), beta 1 = KL(student || teacher), in between JSD(beta) (detail 5)."""
-    student_logp = student_logits.float().log_softmax(dim=-1)
-    teacher_logp = teacher_logits.float().log_softmax(dim=-1)
-    if beta == 0:
-        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
-    if beta == 1:
-        return (student_logp.exp() * (student_logp - teacher_logp)).sum(dim=-1)
-    mixture_logp = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0)
-    kl_teacher = (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum(dim=-1)
-    kl_student = (student_logp.exp() * (student_logp - mixture_logp)).sum(dim=-1)
-    return beta * kl_teacher + (1 - beta) * kl_student
-
-
-# detail 4: L = (1 - alpha) CE(y, p_s) + alpha T^2 D(p_t^T, p_s^T), p^T = softmax(logits / T), mean over counted tokens
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, alpha: float,
-            temperature: float, beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd): logits (B, T, V) of the student and the teacher, targets (B, T) with -100 where a
-    token does not count; ce is the hard-label term, kd the divergence at temperature T (without T^2)."""
-    counts = targets != -100                                                   # (B, T)
-    student_logits, teacher_logits = student_logits[counts].float(), teacher_logits[counts].float()  # (N, V)
-    ce = F.cross_entropy(student_logits, targets[counts])
-    kd = generalized_jsd(student_logits / temperature, teacher_logits / temperature, beta).mean()
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kd, ce, kd
-
-
-# which tokens count; the prompt is what the student answers on on-policy steps (detail 6)
-def distill_example(tokenizer: Tokenizer, record: dict, context: int) -> tuple[list[int], list[int], list[int] | None, bool]:
-    """(inputs, targets, prompt, truncated): targets are the next token where it counts, -100 elsewhere;
-    prompt is the conversation up to its last assistant turn (None for text)."""
-    if not isinstance(record, dict):
-        raise ValueError('expected {"messages": [...]} or {"text": "..."}')
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise ValueError("a conversation needs at least one assistant turn")
-        ids, mask = tokenizer.encode_chat(messages)
-        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
-        prompt = tokenizer.encode_prompt(messages[:last])
-    elif isinstance(record.get("text"), str):
-        ids = [tokenizer.eot_id] + tokenizer.encode(record["text"]) + [tokenizer.eot_id]
-        mask, prompt = [1] * len(ids), None
-    else:
-        raise ValueError('expected {"messages": [...]} or {"text": "..."}')
-    truncated = len(ids) > context + 1
-    ids, mask = ids[: context + 1], mask[: context + 1]
-    targets = [token if keep else -100 for token, keep in zip(ids[1:], mask[1:])]
-    return ids[:-1], targets, prompt, truncated
-
-
-def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows])  # (B, T)
-
-
-# detail 6: the student writes the replies; the tokens of its replies are the ones that count
-def student_rollouts(student, tokenizer: Tokenizer, rows: list[tuple], max_new_tokens: int, generator) -> list[tuple]:
-    """(inputs, targets) of prompt + a sampled reply for each row (inputs, targets, prompt)."""
-    context = student.config.max_position_embeddings
-    prompts = [prompt[-(context - max_new_tokens):] for _, _, prompt in rows]
-    student.eval()  # sample from the model itself (no dropout), then train on
-    completions, _, completion_mask = generate(student, prompts, max_new_tokens, temperature=1.0,
-                                               eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=generator)
-    student.train()
-    rollouts = []
-    for prompt, completion, n in zip(prompts, completions.tolist(), completion_mask.sum(dim=1).long().tolist()):
-        ids = prompt + completion[:n]
-        rollouts.append((ids[:-1], [-100] * (len(prompt) - 1) + completion[:n], prompt))
-    return rollouts
-
-
-# detail 1: the teacher answers every training prompt; with keep_correct only its right replies are kept
-@torch.no_grad()
-def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int, keep_correct: bool,
-                    batch_size: int = 128) -> tuple[list[dict], int]:
-    """({"messages": prompt + the teacher's greedy reply} per kept record, replies that were right). Without
-    keep_correct every reply is kept, one cut off at max_new_tokens as if it ended there."""
-    conversations, right = [], 0
-    texts = heldout_accuracy(teacher, tokenizer, records, max_new_tokens, batch_size)["replies"]  # greedy, eval mode
-    for record, text in zip(records, texts):
-        correct = record.get("answer") is not None and final_answer(text) == str(record["answer"]).strip()
-        right += correct
-        if correct or not keep_correct:
-            messages = [{"role": "user", "content": record["prompt"]}] if isinstance(record["prompt"], str) else list(record["prompt"])
-            conversations.append({"messages": messages + [{"role": "assistant", "content": text}]})
-    return conversations, right
-
-
 def format_time(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
-def main(args: Args):
-    # -------------------------------------------------------------- distributed, device, dtype
-    ddp = "RANK" in os.environ  # set by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
+def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
+    """Each summed metric averaged over `count` steps and over every rank."""
+    values = torch.tensor(list(sums.values()), device=device)
     if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+        dist.all_reduce(values)
+        count *= dist.get_world_size()
+    return dict(zip(sums, (values / count).tolist()))
+
+
+def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
+    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
+    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    shown = [f"{name} {value:.4f}" for name, value in metrics.items()
+             if name not in ("lr", "tok_per_s")]
+    left = format_time(elapsed / step * (steps - step))
+    speed = f"{metrics['tok_per_s'] / 1e3:.1f}k tok/s"
+    return " | ".join([f"{stage} | step {step}/{steps}", *shown, f"lr {metrics['lr']:.1e}", speed,
+                       f"{format_time(elapsed)} elapsed, {left} left"])
+
+
+# detail 3: KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)); M = beta P_t + (1 - beta) P_s,
+# JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M) (GKD, section 3.1)
+def generalized_jsd(student_logits, teacher_logits, beta: float = 0.0) -> torch.Tensor:
+    """Divergence per position (...) between the softmax of logits (..., V) (detail 3)."""
+    def kl(p_logp, q_logp):  # KL(P || Q) from log-probabilities (..., V)
+        return (p_logp.exp() * (p_logp - q_logp)).sum(dim=-1)
+    student_logp = student_logits.float().log_softmax(dim=-1)
+    teacher_logp = teacher_logits.float().log_softmax(dim=-1)
+    if beta in (0, 1):
+        return kl(teacher_logp, student_logp) if beta == 0 else kl(student_logp, teacher_logp)
+    mixture_logp = torch.logsumexp(torch.stack([teacher_logp + math.log(beta),
+                                                student_logp + math.log(1 - beta)]), dim=0)
+    return beta * kl(teacher_logp, mixture_logp) + (1 - beta) * kl(student_logp, mixture_logp)
+
+
+# detail 2: L = (1 - alpha) CE(y, p_s) + alpha T^2 D(p_t^T, p_s^T), p^T = softmax(logits / T)
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+            targets: torch.Tensor, alpha: float, temperature: float, beta: float = 0.0) -> tuple:
+    """(loss, ce, kd), means over the counted tokens: logits (B, T, V), targets (B, T) -100 where
+    a token does not count; ce is the hard-label term, kd the divergence at T (without T^2)."""
+    counts = targets != -100                                                   # (B, T)
+    student_logits = student_logits[counts].float()                            # (N, V)
+    ce = F.cross_entropy(student_logits, targets[counts])
+    if teacher_logits is None:  # alpha 0: plain fine-tuning, no teacher pass (details 1, 5)
+        return ce, ce, torch.zeros((), device=ce.device)
+    teacher_logits = teacher_logits[counts].float()                            # (N, V)
+    kd = generalized_jsd(student_logits / temperature, teacher_logits / temperature, beta).mean()
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kd, ce, kd
+
+
+# detail 1: the tokens that count are the reply's; the prompt is what on-policy steps answer
+def distill_example(tokenizer: Tokenizer, record: dict, context: int) -> tuple:
+    """(inputs, targets, prompt, truncated) of {"messages": [..., reply]}: targets are the next
+    tokens where they are the assistant's, else -100; prompt is the messages before the reply."""
+    ids, mask = tokenizer.encode_chat(record["messages"])
+    prompt = tokenizer.encode_prompt(record["messages"][:-1])
+    targets = [token if keep else -100 for token, keep in zip(ids[1:], mask[1:])]
+    return ids[:-1][:context], targets[:context], prompt, len(ids) > context + 1
+
+
+# detail 4: the student writes the replies; the tokens of its replies are the ones that count
+def student_rollouts(student, tokenizer: Tokenizer, rows: list, max_new_tokens: int, generator):
+    """(inputs, targets, prompt) of each row's prompt + a reply the student samples."""
+    context = student.config.max_position_embeddings
+    prompts = [prompt[-(context - max_new_tokens):] for _, _, prompt in rows]
+    student.eval()  # sample from the model itself (no dropout), then train on
+    completions, _, mask = generate(student, prompts, max_new_tokens, eos_id=tokenizer.im_end_id,
+                                    pad_id=tokenizer.pad_id, generator=generator)  # temperature 1
+    student.train()
+    replies = [c[:n] for c, n in zip(completions.tolist(), mask.sum(dim=1).long().tolist())]
+    return [((p + r)[:-1], [-100] * (len(p) - 1) + r, p) for p, r in zip(prompts, replies)]
+
+
+# detail 1: the teacher answers every training prompt; keep_correct keeps its right replies only
+def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int,
+                    keep_correct: bool, batch_size: int = 128) -> tuple[list[dict], int]:
+    """({"messages": prompt + the teacher's greedy reply} per kept record, how many were right).
+    Without keep_correct every reply is kept, one cut at max_new_tokens as if it ended there."""
+    conversations, right = [], 0
+    texts = heldout_accuracy(teacher, tokenizer, records, max_new_tokens, batch_size)["replies"]
+    for record, text in zip(records, texts):
+        answer = record.get("answer")
+        correct = answer is not None and final_answer(text) == str(answer).strip()
+        right += correct
+        if correct or not keep_correct:
+            prompt = record["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            conversations.append({"messages": [*prompt, {"role": "assistant", "content": text}]})
+    return conversations, right
+
+
+def main(args: Args):
+    if not (0 <= args.alpha <= 1 and 0 <= args.beta <= 1 and 0 <= args.on_policy <= 1
+            and args.temperature > 0):
+        raise ValueError("--alpha, --beta and --on-policy must be in [0, 1] and --temperature > 0")
+    ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else args.device
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
+                         f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
-    if not 0 <= args.alpha <= 1 or not 0 <= args.beta <= 1 or not 0 <= args.on_policy <= 1 or args.temperature <= 0:
-        raise ValueError("--alpha, --beta and --on-policy must be in [0, 1] and --temperature > 0")
-
-    # -------------------------------------------------------------- teacher, student, baseline
-    teacher, tokenizer, teacher_checkpoint = load_checkpoint(args.teacher, device=args.device, head="lm")
-    teacher.eval().requires_grad_(False)  # detail 7
+    # -------------------------------------------------------------- teacher and student
+    teacher, tokenizer, _ = load_checkpoint(args.teacher, args.device, head="lm")
+    teacher.eval().requires_grad_(False)  # detail 5
     if not os.path.exists(args.init):
-        raise FileNotFoundError(f"{args.init} not found: pretrain the student first, e.g. `python pretrain.py "
-                                f"--hidden-size 64 --num-layers 4 --out {args.init}` (pipeline.sh does)")
-    student, student_tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")  # detail 2
+        raise FileNotFoundError(f"{args.init} not found: pretrain the student first (pipeline.sh)")
+    student, student_tokenizer, _ = load_checkpoint(args.init, args.device, head="lm")
     if student_tokenizer is None or student_tokenizer.to_dict() != tokenizer.to_dict():
-        raise ValueError(f"{args.init} has another tokenizer than the teacher {args.teacher}: the student must share it")
-    baseline = copy.deepcopy(student) if args.baseline else None  # detail 3: the same starting weights
-    context = student.config.max_position_embeddings
-
-    # -------------------------------------------------------------- the student's data: the teacher's replies (detail 1)
-    records = read_jsonl(args.data, required=("prompt", "answer") if args.keep_correct else ("prompt",))
-    if master:
-        print(f"distill | the teacher {args.teacher} ({teacher_checkpoint.get('stage')}, {teacher.num_params(False) / 1e6:.2f}M params) "
-              f"answers {len(records)} prompts of {args.data}")
-    t0 = time.time()
-    conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens, args.keep_correct)
-    if master:
-        print(f"distill | {right} of {len(records)} replies right ({right / len(records):.1%}), kept {len(conversations)} "
-              f"({'right ones only' if args.keep_correct else 'every finished reply'}) in {time.time() - t0:.0f}s")
-
-    def make_examples(conversations, path):
-        examples, truncated = [], 0
-        for line_no, record in enumerate(conversations, 1):
-            try:
-                inputs, targets, prompt, cut = distill_example(tokenizer, record, context)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: {e}") from None
-            truncated += cut
-            if any(t != -100 for t in targets):
-                examples.append((inputs, targets, prompt))
-        if len(examples) < args.batch_size:
-            raise ValueError(f"{path}: {len(examples)} usable records, fewer than --batch-size {args.batch_size}")
-        if truncated and master:
-            print(f"distill | warning: {truncated} of {len(examples)} records of {path} were longer than the context ({context}) and were cut")
-        # detail 7: the loss of a step is divided by batch x the mean counted tokens per example (sft.py detail 5)
-        return examples, args.batch_size * sum(t != -100 for _, targets, _ in examples for t in targets) / len(examples)
-
-    examples, n_targets_per_step = make_examples(conversations, f"{args.teacher}'s replies")
-    if baseline:
-        baseline_examples, baseline_n_targets = make_examples(read_jsonl(args.baseline_data, required=()), args.baseline_data)
+        raise ValueError(f"{args.init} has another tokenizer than the teacher {args.teacher}")
+    raw_student, context = student, student.config.max_position_embeddings
+    # -------------------------------------------------------------- the data: the teacher's replies
+    records = read_jsonl(args.data, ("prompt", "answer") if args.keep_correct else ("prompt",))
+    conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens,
+                                           args.keep_correct)
+    examples = [distill_example(tokenizer, c, context) for c in conversations]
+    truncated = sum(cut for *_, cut in examples)
+    examples = [example[:3] for example in examples if any(t != -100 for t in example[1])]
+    if len(examples) < args.batch_size:
+        raise ValueError(f"{args.teacher}'s replies: {len(examples)} usable, fewer than "
+                         f"--batch-size {args.batch_size}")
+    n_targets_per_step = args.batch_size * sum(t != -100 for _, targets, _ in examples
+                                               for t in targets) / len(examples)  # detail 5
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
-
-    optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
-    baseline_optimizer = baseline.configure_optimizer(args.lr, args.weight_decay, device_type=device_type) if baseline else None
-    raw_student, raw_baseline = student, baseline
-    if args.compile:
-        student = torch.compile(student)
-        baseline = baseline and torch.compile(baseline)
-    if ddp:
-        device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-        student = DDP(student, device_ids=device_ids)
-        baseline = baseline and DDP(baseline, device_ids=device_ids)
-    sample_generator = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
-
-    # -------------------------------------------------------------- the training loop
     if master:
-        print(f"distill | student {args.init}: {raw_student.num_params(False) / 1e6:.2f}M params, "
-              f"{raw_student.config.num_hidden_layers} layers x {raw_student.config.hidden_size}; {len(examples)} teacher conversations, alpha {args.alpha}, T {args.temperature}, "
-              f"beta {args.beta}, on-policy {args.on_policy}; baseline {'on ' + args.baseline_data if baseline else 'off'}; "
-              f"{world} process(es) on {args.device} in {args.dtype}")
+        print(f"distill | {right} of {len(records)} teacher replies right, {len(conversations)} "
+              f"kept, {truncated} cut at the context; {world} process(es) on {args.device}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    student = torch.compile(student) if args.compile else student
+    if ddp:
+        student = DDP(student, device_ids=[torch.device(args.device).index]
+                      if device_type == "cuda" else None)
+    sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
+    # -------------------------------------------------------------- the training loop
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
-    student.train()
-    if baseline:
-        baseline.train()
+    sums, steps_since_log = {}, 0
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
-        for group in optimizer.param_groups + (baseline_optimizer.param_groups if baseline else []):
+        for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = [examples[i] for i in batch_indices(len(examples), args.batch_size, args.seed, step)][rank::world]
-        # detail 6: the same on every rank, from (seed, step)
-        on_policy = torch.rand((), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step)).item() < args.on_policy
+        indices = batch_indices(len(examples), args.batch_size, args.seed, step)
+        rows = [examples[i] for i in indices][rank::world]
+        coin = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # detail 4: all ranks
+        on_policy = torch.rand((), generator=coin).item() < args.on_policy
         n_targets, alpha = n_targets_per_step, args.alpha
-        if on_policy:
-            rows = student_rollouts(raw_student, tokenizer, rows, args.max_new_tokens, sample_generator)
-            n_targets = torch.tensor(sum(t != -100 for _, targets, _ in rows for t in targets), device=args.device)
+        if on_policy:  # detail 4: the divergence alone (no labels on the student's replies)
+            rows = student_rollouts(raw_student, tokenizer, rows, args.max_new_tokens, sampler)
+            count = torch.tensor(sum(t != -100 for row in rows for t in row[1]), device=args.device)
             if ddp:
-                dist.all_reduce(n_targets)
-            n_targets, alpha = n_targets.item(), 1.0  # no labels on the student's own replies
-        sums = torch.zeros(4, device=args.device)  # loss, ce, kd, baseline loss
+                dist.all_reduce(count)
+            n_targets, alpha = count.item(), 1.0
+        step_sums = torch.zeros(3, device=args.device)  # loss, ce, kd
         for micro in range(args.grad_accum):
-            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            inputs = pad_batch([inputs for inputs, _, _ in rows[part]], tokenizer.pad_id).to(args.device)
-            targets = pad_batch([targets for _, targets, _ in rows[part]], -100).to(args.device)
-            share = (targets != -100).sum() / n_targets  # detail 7: this micro-batch's share of the step's loss
+            part = rows[micro * micro_batch: (micro + 1) * micro_batch]
+            inputs, _ = right_pad([row[0] for row in part], tokenizer.pad_id, args.device)  # (B, T)
+            targets, _ = right_pad([row[1] for row in part], -100, args.device)            # (B, T)
+            share = (targets != -100).sum() / n_targets  # detail 5: its share of the step's loss
             tokens_seen += inputs.numel() * world
-            no_sync = student.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            # gradients are synchronised on the last micro-step only
+            no_sync = student.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:
                 student_logits, _ = student(inputs)                            # (B, T, V)
-                if alpha > 0:
-                    with torch.no_grad():
-                        teacher_logits, _ = teacher(inputs)                    # (B, T, V)
-                    loss, ce, kd = kd_loss(student_logits, teacher_logits, targets, alpha, args.temperature, args.beta)
-                else:  # detail 1: plain fine-tuning on the teacher's replies
-                    counts = targets != -100
-                    loss = ce = F.cross_entropy(student_logits[counts].float(), targets[counts])
-                    kd = torch.zeros((), device=args.device)
+                with torch.no_grad():  # detail 5: the teacher only where its logits count
+                    teacher_logits = teacher(inputs)[0] if alpha > 0 else None  # (B, T, V)
+                loss, ce, kd = kd_loss(student_logits, teacher_logits, targets, alpha,
+                                       args.temperature, args.beta)
             with no_sync():
-                (loss * share * world).backward()  # DDP averages gradients over ranks; undo the 1/world
-            sums[:3] += torch.stack([loss, ce, kd]).detach() * share
-        if baseline:  # detail 3: the original demos, hard labels, the same steps
-            baseline_rows = [baseline_examples[i] for i in batch_indices(len(baseline_examples), args.batch_size, args.seed, step)][rank::world]
-            for micro in range(args.grad_accum):
-                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-                inputs = pad_batch([inputs for inputs, _, _ in baseline_rows[part]], tokenizer.pad_id).to(args.device)
-                targets = pad_batch([targets for _, targets, _ in baseline_rows[part]], -100).to(args.device)
-                share = (targets != -100).sum() / baseline_n_targets
-                no_sync = baseline.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
-                with no_sync(), autocast:
-                    _, baseline_loss = baseline(inputs, targets)
-                with no_sync():
-                    (baseline_loss * share * world).backward()
-                sums[3] += baseline_loss.detach() * share
-        for model, opt in ((student, optimizer), (baseline, baseline_optimizer)):
-            if model is None:
-                continue
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                (loss * share * world).backward()  # DDP averages gradients; undo the 1/world
+            step_sums += torch.stack([loss, ce, kd]).detach() * share
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
-
+        loss, ce, kd = (step_sums * world).tolist()  # this rank's share, as a whole-batch value
+        metrics = {"loss": loss, "ce": ce, "kd": kd, "on_policy": float(on_policy)}
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
+        steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(sums)
+            logged = mean_metrics(sums, steps_since_log, ddp, args.device)
+            sums, steps_since_log = {}, 0
             if master:
                 now = time.time()
-                elapsed, rate = now - start_time, step / (now - start_time)
-                tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
-                loss, ce, kd, baseline_loss = sums.tolist()
-                print(f"distill | step {step}/{args.steps} | loss {loss:.4f} | ce {ce:.4f} | kd {kd:.4f} | "
-                      + (f"baseline loss {baseline_loss:.4f} | " if baseline else "")
-                      + f"lr {lr:.1e} | {tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
-                log_file.write(json.dumps({"step": step, "loss": loss, "ce": ce, "kd": kd, "on_policy": on_policy,
-                                           **({"baseline_loss": baseline_loss} if baseline else {}),
-                                           "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                logged.update(lr=lr, tok_per_s=tokens_seen / (now - last_time))
+                tokens_seen, last_time = 0, now
+                print(progress_line("distill", step, args.steps, logged, now - start_time))
+                log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
-    if master:  # detail 8
-        results = {}
-        for name, model in (("teacher", teacher), ("student", raw_student), ("baseline", raw_baseline)):
-            if model is not None:
-                results[name] = {**heldout_accuracy(model.eval(), tokenizer, eval_records, args.max_new_tokens),
-                                 "params": model.num_params(False)}
-                results[name].pop("replies")
-        data_metrics = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}
-        save_checkpoint(args.out, raw_student, tokenizer, "distill", parent=args.teacher, step=step,
-                        args=dataclasses.asdict(args), metrics={**results, **data_metrics})
-        baseline_path = os.path.splitext(args.out)[0] + "_baseline.pt"
-        if raw_baseline is not None:
-            save_checkpoint(baseline_path, raw_baseline, tokenizer, "distill-baseline", parent=args.init, step=step,
-                            args=dataclasses.asdict(args), metrics={"baseline": results["baseline"]})
+    if master:  # detail 6
         print(f"distill | done in {format_time(time.time() - start_time)}")
-        for name, result in results.items():
-            print(f"distill | {name + ':':9s} {format_accuracy(result)} | {result['params'] / 1e6:.2f}M params")
-        if "baseline" in results:
-            print(f"distill | the same student without -> with the teacher: accuracy {results['baseline']['accuracy']:.1%} -> "
-                  f"{results['student']['accuracy']:.1%}, think {results['baseline']['think_rate']:.1%} -> "
-                  f"{results['student']['think_rate']:.1%} | wrote {args.out} and {baseline_path}")
-        else:
-            print(f"distill | wrote {args.out}")
+        results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}
+        for name, model in (("teacher", teacher), ("student", raw_student)):
+            result = heldout_accuracy(model.eval(), tokenizer, eval_records, args.max_new_tokens)
+            result.pop("replies")
+            results[name] = {**result, "params": model.num_params(False)}
+            print(f"distill | {name + ':':9s} {format_accuracy(result)} | "
+                  f"{model.num_params(False) / 1e6:.2f}M params")
+        save_checkpoint(args.out, raw_student, tokenizer, "distill", parent=args.teacher,
+                        step=step, args=dataclasses.asdict(args), metrics=results)
+        print(f"distill | wrote {args.out}")
         log_file.close()
     if ddp:
         dist.destroy_process_group()

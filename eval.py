@@ -267,8 +267,9 @@ def main(args: Args):
     sample_records = [records[i * len(records) // n] for i in range(n)]  # spread over the file
     loaded = [load_checkpoint(path, device=args.device) for path in paths]
 
-    def pipeline_order(i):
-        stage = loaded[i][2].get("stage")
+    def pipeline_order(i):  # by stage; distill_baseline.pt (an sft.py run) beside distill.pt
+        name = os.path.basename(paths[i]).split(".")[0].split("_")[0]
+        stage = name if name in STAGES else loaded[i][2].get("stage")
         return STAGES.index(stage) if stage in STAGES else len(STAGES), paths[i]
     indices = sorted(range(len(paths)), key=pipeline_order)
 

@@ -8,12 +8,12 @@
 #   PYTHON=python3.11 bash pipeline.sh
 #
 # data -> tokenizer -> pretrain -> sft -> reward -> ppo -> grpo -> dpo -> student (a quarter-size
-# pretrain) -> distill -> eval.
+# pretrain) -> distill -> baseline (sft.py on the student, with distill's budget) -> eval.
 # Each stage's output goes to the terminal and to O/logs/STAGE.log; the first failing stage stops
 # the pipeline and is named; the end prints each stage's wall time and headline (before/after).
 # Every stage runs with its own defaults (the CPU defaults); only paths and the seed are passed (and
-# a 1k vocabulary to the tokenizer, the student's size), plus tiny sizes with --quick. Flags:
-# `python STAGE.py --help`.
+# a 1k vocabulary to the tokenizer, the student's size, distill's budget to the baseline), plus tiny
+# sizes with --quick. Flags: `python STAGE.py --help`.
 set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
 PYTHON=${PYTHON:-python}
 QUICK=0 DATA="" OUT="" SEED=0
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
       shift ;;
     --data|--out)
       [ $# -ge 2 ] || { echo "pipeline: $1 needs a directory" >&2; exit 2; }
-      case "$2" in /*) dir=$2 ;; *) dir=$PWD/$2 ;; esac  # relative to where you are, not to the repo
+      case "$2" in /*) dir=$2 ;; *) dir=$PWD/$2 ;; esac  # relative to where you are, not the repo
       if [ "$1" = --data ]; then DATA=$dir; else OUT=$dir; fi
       shift ;;
     -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -34,27 +34,43 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$DATA$OUT" in *[[:space:]]*) echo "pipeline: --data and --out must not contain spaces" >&2; exit 2 ;; esac
+case "$DATA$OUT" in
+  *[[:space:]]*) echo "pipeline: --data and --out must not contain spaces" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")"
-if [ "$QUICK" = 1 ]; then DATA=${DATA:-data/quick} OUT=${OUT:-out/quick}; else DATA=${DATA:-data} OUT=${OUT:-out}; fi
+if [ "$QUICK" = 1 ]; then
+  DATA=${DATA:-data/quick} OUT=${OUT:-out/quick}
+else
+  DATA=${DATA:-data} OUT=${OUT:-out}
+fi
 mkdir -p "$OUT/logs"
 
-# --quick: a tiny world (2 % of the data, 60 held-out prompts), a 2-layer 32-wide model, a few steps per stage
+# --quick: a tiny world (2 % of the data, 60 held-out prompts), a 2-layer 32-wide model, a few steps
+# per stage. DISTILL_BUDGET is what distill and its baseline share: the same steps, batch, schedule,
+# optimizer and seed, from the same student (the comparison that shows what the teacher adds).
 if [ "$QUICK" = 1 ]; then
   Q_DATA=(--scale 0.02 --eval-per-family 10)
   Q_TOKENIZER=(--vocab-size 400)
-  Q_PRETRAIN=(--hidden-size 32 --num-layers 2 --context 64 --batch-size 8 --steps 30 --warmup 5 --log-every 10 --eval-every 30 --eval-batches 2)
+  Q_PRETRAIN=(--hidden-size 32 --num-layers 2 --context 64 --batch-size 8 --steps 30 --warmup 5
+              --log-every 10 --eval-every 30 --eval-batches 2)
   Q_SFT=(--steps 20 --batch-size 8 --warmup 5 --log-every 10 --max-new-tokens 4)
   Q_REWARD=(--steps 5 --batch-size 8 --warmup 2 --log-every 5 --stats-pairs 16)
   Q_PPO=(--steps 2 --prompts-per-step 8 --max-new-tokens 4 --warmup 1 --log-every 1)
   Q_GRPO=(--steps 2 --prompts-per-step 4 --group-size 4 --max-new-tokens 4 --warmup 1 --log-every 1)
   Q_DPO=(--steps 5 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4)
-  Q_STUDENT=(--hidden-size 16 --num-layers 2 --context 64 --batch-size 8 --steps 20 --warmup 5 --log-every 10 --eval-every 20 --eval-batches 2)
-  Q_DISTILL=(--steps 10 --batch-size 8 --warmup 2 --log-every 5 --max-new-tokens 4 --no-keep-correct)
+  Q_STUDENT=(--hidden-size 16 --num-layers 2 --context 64 --batch-size 8 --steps 20 --warmup 5
+             --log-every 10 --eval-every 20 --eval-batches 2)
+  DISTILL_BUDGET=(--steps 10 --batch-size 8 --grad-accum 1 --lr 3e-3 --warmup 2 --weight-decay 0.1
+                  --grad-clip 1.0)
+  Q_DISTILL=(--log-every 5 --max-new-tokens 4 --no-keep-correct)
+  Q_BASELINE=(--log-every 5 --max-new-tokens 4)
   Q_EVAL=(--max-new-tokens 4 --val-tokens 2048)
 else
-  Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=() Q_DPO=() Q_DISTILL=() Q_EVAL=()
+  Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=()
+  Q_DPO=() Q_DISTILL=() Q_BASELINE=() Q_EVAL=()
   Q_STUDENT=(--hidden-size 64 --num-layers 4)  # a quarter of the default model's parameters
+  DISTILL_BUDGET=(--steps 200 --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 30
+                  --weight-decay 0.1 --grad-clip 1.0)  # distill.py's defaults
 fi
 
 STAGES_RUN=() TIMES=()
@@ -67,7 +83,8 @@ run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
   local seconds
   seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   if [ "$rc" != 0 ]; then
-    echo "pipeline: stage $name failed (exit $rc) after ${seconds}s; its output is in $OUT/logs/$name.log" >&2
+    echo "pipeline: stage $name failed (exit $rc) after ${seconds}s;" \
+      "its output is in $OUT/logs/$name.log" >&2
     exit "$rc"
   fi
   echo "pipeline | $name took ${seconds}s"
@@ -77,22 +94,42 @@ run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
 T0=$(date +%s.%N)
 S=(--seed "$SEED")
 run data      $PYTHON data.py --out "$DATA" "${S[@]}" "${Q_DATA[@]}"
-run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/tokenizer.json" "${Q_TOKENIZER[@]}"
-run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/pretrain.pt" "${S[@]}" "${Q_PRETRAIN[@]}"
-run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" "${Q_SFT[@]}"
-run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
-run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${S[@]}" "${Q_PPO[@]}"
-run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${S[@]}" "${Q_GRPO[@]}"
-run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" --eval-data "$DATA/prefs_eval.jsonl" --task-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" "${S[@]}" "${Q_DPO[@]}"
-run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
-run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" --data "$DATA/prompts.jsonl" --baseline-data "$DATA/sft.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${S[@]}" "${Q_DISTILL[@]}"
-run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" --out "$OUT/eval.json" "${S[@]}" "${Q_EVAL[@]}"
+run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/tokenizer.json" \
+  "${Q_TOKENIZER[@]}"
+run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
+  --out "$OUT/pretrain.pt" "${S[@]}" "${Q_PRETRAIN[@]}"
+run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" \
+  --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" "${Q_SFT[@]}"
+run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
+  --eval-pairs "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
+run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
+  --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${S[@]}" \
+  "${Q_PPO[@]}"
+run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" \
+  --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${S[@]}" "${Q_GRPO[@]}"
+run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
+  --eval-pairs "$DATA/prefs_eval.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" \
+  "${S[@]}" "${Q_DPO[@]}"
+run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
+  --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
+run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" \
+  --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${S[@]}" \
+  "${DISTILL_BUDGET[@]}" "${Q_DISTILL[@]}"
+# the baseline: the same student, budget and seed, fine-tuned on the SFT demos, not the teacher's
+run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl" \
+  --eval-data "$DATA/eval.jsonl" --out "$OUT/distill_baseline.pt" "${S[@]}" \
+  "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
+run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" \
+  --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
+  --out "$OUT/eval.json" "${S[@]}" "${Q_EVAL[@]}"
 
 echo
-echo "pipeline | done in $(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')s$([ "$QUICK" = 1 ] && echo " (--quick)")"
+TOTAL=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+echo "pipeline | done in ${TOTAL}s$([ "$QUICK" = 1 ] && echo " (--quick)")"
 for i in "${!STAGES_RUN[@]}"; do
   name=${STAGES_RUN[$i]}
   printf "pipeline | %-9s %7ss\n" "$name" "${TIMES[$i]}"
   # the headline of each training stage: the before/after lines it ends with (eval's table is above)
-  sed -n "/^[a-z]* | done in/,\$p" "$OUT/logs/$name.log" | grep -E "before|after|teacher:|student:|baseline:|val bpb" | sed 's/^/    /' || true
+  sed -n "/^[a-z]* | done in/,\$p" "$OUT/logs/$name.log" \
+    | grep -E "before|after|teacher:|student:|val bpb" | sed 's/^/    /' || true
 done
