@@ -1,57 +1,26 @@
 """
 dpo.py: Direct Preference Optimization of the policy on preference pairs against a frozen reference.
 
-No reward model and no sampling: the policy's log-probs of the chosen and rejected replies, relative
-to the reference's, are the reward.
+Run (after `python sft.py`), out/sft.pt + data/prefs.jsonl -> out/dpo.pt:
 
-    out/sft.pt + data/prefs.jsonl  ->  out/dpo.pt
-
-Run (after `python sft.py`):
-
-    python dpo.py                                         # CPU defaults, ~1 minute on 2 cores
-    python dpo.py --loss-type ipo --beta 0.5              # IPO; also hinge, robust
-    python dpo.py --device cuda --batch-size 64 --steps 1000 --precompute-ref     # one GPU
+    python dpo.py                                                     # CPU defaults
+    python dpo.py --loss-type ipo --beta 0.5                          # IPO; also hinge, robust
+    python dpo.py --device cuda --batch-size 64 --steps 1000 --precompute-ref       # one GPU
     torchrun --nproc_per_node 8 dpo.py --batch-size 256               # many GPUs, no code change
 
 Implementation details:
-1. The policy and the reference both start as sft.pt; the reference is frozen. With
-   `--precompute-ref` the reference log-probs of every pair the run will see are computed once,
-   by the policy itself before its first step (it IS the reference then), and no second model
-   is held in memory.
-2. A reply is rendered as the assistant turn the policy writes (tokenizer.encode_reply), `reply<|im_end|>` after
-   `<|im_start|>assistant\\n`; log pi(reply | prompt) is the SUM of the per-token log-probs of
-   the reply tokens and the closing <|im_end|> (model.shared_prompt_logprobs, temperature 1):
-   prompt and padding tokens contribute nothing, and padding changes nothing.
-3. Batches: random pairs each step (model.batch_indices, as sft.py). The
-   prompts of a batch run once (left-padded) into a KV cache, and the chosen and the rejected
-   replies (right-padded) run on top of it as two passes, so a short chosen reply is not padded to
-   the length of a rambling rejected one and no prompt is computed twice (TRL concatenates them
-   into one batch of 2B rows, each prompt twice, most chosen replies padded to the rejected's length).
-4. Losses, on h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
-     sigmoid  -(1-e) log s(b h) - e log s(-b h)         DPO, Rafailov et al. 2023 (e > 0: cDPO)
-     robust   (-(1-e) log s(b h) + e log s(-b h)) / (1 - 2e)   rDPO, Chowdhury et al. 2024
-     hinge    max(0, 1 - b h)                            SLiC, Zhao et al. 2023
-     ipo      (h - 1/(2b))^2                             IPO, Azar et al. 2023, on summed log-probs
-   TRL's IPO divides each log-ratio by its reply's token count, so one beta sets another target margin
-   there; `--ipo-length-normalized` is TRL's form. e > 0 smooths the sigmoid loss as TRL did up to 0.28
-   (newer TRL's sigmoid ignores label_smoothing).
-5. The implicit rewards b (log pi - log ref) of the chosen and rejected replies are logged as
-   rewards/chosen, rewards/rejected, their difference as the margin and the share of pairs whose
-   margin is > 0 as the accuracy (TRL's names; a tie counts as wrong, so it is 0 at step 0).
-6. Bad pairs are skipped and counted as in reward.py: identical sides, an empty or
-   whitespace-only side, a prompt + reply longer than the context; a non-string side is an error
-   naming file:line, and nothing usable left is a one-line error.
-7. Before and after, on held-out data: the preference accuracy on data/prefs_eval.jsonl, the share
-   of pairs where the model finds the chosen reply more likely than the rejected one (the
-   reference before, the policy after; per rejected kind); the implicit-reward accuracy, the
-   share of pairs with a positive margin (0 before by construction: the policy is the reference,
-   every margin is 0); and the task accuracy of greedy replies on data/eval.jsonl, so one sees
-   whether DPO helped the task, not only the pairs.
-8. The schedule, optimizer, clipping, DDP and progress line are sft.py's; the loss of a step is
-   the sum over the pairs of the global batch divided by their count.
-9. `--lora-rank r` trains a LoRA adapter instead of every weight (sft.py detail 8), and the
-   reference is then the policy itself with its adapter switched off (model.lora_disabled): the
-   frozen base, with no second copy of the model in memory, as TRL does with a PEFT model.
+1. The reference is sft.pt, frozen. `--precompute-ref` computes its log-probs of the run's pairs
+   once, with the policy before its first step (it is the reference then): no second model.
+2. log π(reply | prompt) is the SUM of the log-probs of the reply tokens and the closing <|im_end|>.
+3. Batches: random pairs (engine.batch_indices). Each prompt runs once into a KV cache, and the
+   chosen and rejected replies run on it as two passes (engine.shared_prompt_logprobs).
+4. Losses of h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)): sigmoid (DPO, Rafailov et
+   al. 2023; label smoothing: cDPO), robust (rDPO, Chowdhury et al. 2024), hinge (SLiC, Zhao et al.
+   2023), ipo (IPO, Azar et al. 2023) on summed log-probs; --ipo-length-normalized is TRL's IPO.
+5. The implicit rewards β (log π - log π_ref) and their margin are logged under TRL's names.
+6. Before and after: held-out preference accuracy (log π(c) > log π(r)) and implicit-reward
+   accuracy, per rejected kind, and the task accuracy of greedy replies to data/eval.jsonl.
+7. `--lora-rank r` trains a LoRA adapter; the reference is the policy with its adapter off, as TRL.
 """
 
 import argparse
@@ -63,20 +32,23 @@ import math
 import os
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import batch_indices, format_accuracy, heldout_accuracy, left_pad, right_pad, shared_prompt_logprobs
-from lora import add_lora, lora_disabled
+from engine import (batch_indices, format_accuracy, heldout_accuracy, left_pad, right_pad,
+                    shared_prompt_logprobs)
 from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 @dataclass
@@ -85,20 +57,20 @@ class Args:
     """policy and reference to start from (from sft.py)"""
     data: str = "data/prefs.jsonl"
     """preference pairs, one {"prompt", "chosen", "rejected"} per line"""
-    eval_data: str = "data/prefs_eval.jsonl"
+    eval_pairs: str = "data/prefs_eval.jsonl"
     """held-out preference pairs, for the before/after preference accuracy"""
-    task_data: str = "data/eval.jsonl"
+    eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers, for the before/after task accuracy"""
     out: str = "out/dpo.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    loss_type: str = "sigmoid"
+    loss_type: LossType = "sigmoid"
     """sigmoid (DPO), robust (rDPO), hinge (SLiC) or ipo (IPO)"""
     beta: float = 0.1
     """strength of the pull towards the reference (higher = stay closer)"""
     label_smoothing: float = 0.0
     """assumed share of flipped labels, for sigmoid (cDPO) and robust; below 0.5"""
     ipo_length_normalized: bool = False
-    """ipo only: divide each reply's log-ratio by its token count first (TRL's IPO; beta then counts per token)"""
+    """ipo only: each reply's log-ratio per token (TRL's IPO; beta then counts per token)"""
     precompute_ref: bool = False
     """compute the reference log-probs once before training and hold no reference model"""
     steps: int = 100
@@ -123,7 +95,7 @@ class Args:
     """print a progress line every N steps"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
@@ -140,17 +112,50 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
+    ddp = "RANK" in os.environ
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if bf16 else "float32"
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    return ddp, rank, world, device_type, autocast
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -176,7 +181,7 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             missing = [key for key in required if not isinstance(record, dict) or key not in record]
             if missing:
-                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(map(repr, missing))}")
             records.append(record)
     if not records:
         raise ValueError(f"{path} has no records")
@@ -187,24 +192,46 @@ def format_time(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
-# detail 4: h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)); the loss is a function of β h
+def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
+    """Each summed metric averaged over `count` steps and over every rank."""
+    values = torch.tensor(list(sums.values()), device=device)
+    if ddp:
+        dist.all_reduce(values)
+        count *= dist.get_world_size()
+    return dict(zip(sums, (values / count).tolist()))
+
+
+def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
+    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
+    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    shown = [f"{name} {value:.4f}" for name, value in metrics.items()
+             if name not in ("lr", "tok_per_s")]
+    left = format_time(elapsed / step * (steps - step))
+    speed = f"{metrics['tok_per_s'] / 1e3:.1f}k tok/s"
+    return " | ".join([f"{stage} | step {step}/{steps}", *shown, f"lr {metrics['lr']:.1e}", speed,
+                       f"{format_time(elapsed)} elapsed, {left} left"])
+
+
+# detail 4: h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)); the loss is a function of βh
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
              ref_logp_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
-             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,) and the implicit rewards (B,), (B,) of the chosen and rejected replies; with the
-    token counts (B,) of the replies, ipo divides each log-ratio by its count (TRL's IPO)."""
-    h = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)                  # (B,)
+             rejected_tokens: torch.Tensor | None = None):
+    """Per-pair losses (B,) and the implicit rewards (B,), (B,) of the chosen and rejected replies;
+    with the replies' token counts (B,), ipo divides each log-ratio by its count (TRL's IPO)."""
+    h = (logp_chosen - ref_logp_chosen) - (logp_rejected - ref_logp_rejected)           # (B,)
     eps = label_smoothing
     if loss_type == "sigmoid":  # -(1-ε) log σ(βh) - ε log σ(-βh)
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":  # (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1 - 2ε)
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        losses = ((-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h))
+                  / (1 - 2 * eps))
     elif loss_type == "hinge":  # max(0, 1 - βh)
         losses = torch.relu(1 - beta * h)
-    elif loss_type == "ipo":  # (h - 1/(2β))²
-        if chosen_tokens is not None:  # detail 4: --ipo-length-normalized, log-ratios per token
-            h = (logp_chosen - ref_logp_chosen) / chosen_tokens - (logp_rejected - ref_logp_rejected) / rejected_tokens
+    elif loss_type == "ipo":  # (h - 1/(2β))², log-ratios per token with the token counts
+        if chosen_tokens is not None:
+            h = ((logp_chosen - ref_logp_chosen) / chosen_tokens
+                 - (logp_rejected - ref_logp_rejected) / rejected_tokens)
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -214,67 +241,60 @@ def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_ch
     return losses, chosen_rewards, rejected_rewards
 
 
-# detail 2, 3: log π(reply | prompt) summed over the reply tokens
+# detail 2, 3: log π(reply | prompt) (B,), (B,) of the chosen and rejected replies, summed
 def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (B,), (B,) of the chosen and rejected replies."""
-    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)              # (B, P)
-    chosen_ids, chosen_mask = right_pad([p["chosen"] for p in pairs], pad_id, device)             # (B, Nc)
-    rejected_ids, rejected_mask = right_pad([p["rejected"] for p in pairs], pad_id, device)       # (B, Nr)
-    chosen, rejected = shared_prompt_logprobs(model, prompt_ids, prompt_mask, [(chosen_ids, chosen_mask),
-                                                                                (rejected_ids, rejected_mask)])
+    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
+    replies = [right_pad([p[side] for p in pairs], pad_id, device)                    # (B, N)
+               for side in ("chosen", "rejected")]
+    chosen, rejected = shared_prompt_logprobs(model, prompt_ids, prompt_mask, replies)
     return chosen.sum(dim=1), rejected.sum(dim=1)
 
 
 @torch.no_grad()
-def all_pair_logps(model, pairs: list[dict], pad_id: int, device, batch_size: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """pair_logps over many pairs, in eval mode, in batches."""
-    was_training = model.training
+def all_pair_logps(model, pairs: list[dict], pad_id: int, args, autocast):
+    """pair_logps over many pairs, in eval mode, in batches of --eval-batch-size."""
+    was_training, size = model.training, args.eval_batch_size
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        with autocast:
-            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, device)
-        chosen.append(c.float())
-        rejected.append(r.float())
+    with autocast:
+        logps = [pair_logps(model, pairs[i: i + size], pad_id, args.device)
+                 for i in range(0, len(pairs), size)]
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return tuple(torch.cat([batch[side].float() for batch in logps]) for side in (0, 1))
 
 
-# detail 7: held-out preference accuracy
-def preference_metrics(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, kinds: list[str], beta: float) -> dict:
-    """accuracy: log π(c) > log π(r); implicit_accuracy: β log π/π_ref(c) > β log π/π_ref(r); both overall
-    and per kind; margin: the mean implicit reward margin."""
-    _, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, beta)
-    prefers_chosen = (logp_chosen > logp_rejected).float()                   # (B,)
-    implicit_prefers_chosen = (chosen_rewards > rejected_rewards).float()    # (B,) all 0 when policy = reference
-    result = {"accuracy": prefers_chosen.mean().item(), "implicit_accuracy": implicit_prefers_chosen.mean().item(),
-              "margin": (chosen_rewards - rejected_rewards).mean().item()}
+# detail 6: accuracy: log π(c) > log π(r); implicit_accuracy: β log π/π_ref(c) > β log π/π_ref(r);
+# both overall and per kind; margin: the mean implicit reward margin
+def preference_metrics(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected,
+                       kinds: list[str], beta: float) -> dict:
+    _, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen,
+                                                   ref_logp_rejected, beta)
+    prefers_chosen = {"accuracy": (logp_chosen > logp_rejected).float(),  # (B,)
+                      "implicit_accuracy": (chosen_rewards > rejected_rewards).float()}
+    result = {name: prefers.mean().item() for name, prefers in prefers_chosen.items()}
+    result["margin"] = (chosen_rewards - rejected_rewards).mean().item()
     for kind in sorted(set(kinds)):
-        rows = torch.tensor([k == kind for k in kinds], device=prefers_chosen.device)
-        result[f"accuracy/{kind}"] = prefers_chosen[rows].mean().item()
-        result[f"implicit_accuracy/{kind}"] = implicit_prefers_chosen[rows].mean().item()
+        rows = torch.tensor([k == kind for k in kinds], device=logp_chosen.device)
+        result.update({f"{name}/{kind}": prefers[rows].mean().item()
+                       for name, prefers in prefers_chosen.items()})
     return result
 
 
 def format_pairs(result: dict) -> str:
-    kinds = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items() if k.startswith("accuracy/"))
+    kinds = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items()
+                     if k.startswith("accuracy/"))
     return (f"preference accuracy {result['accuracy']:.1%} ({kinds}) | implicit reward accuracy "
             f"{result['implicit_accuracy']:.1%}, margin {result['margin']:.2f}")
 
 
-# detail 6: tokenize the pairs; skip and count the unusable ones
-def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, path: str) -> tuple[list[dict], dict]:
-    """Token ids of each usable pair and the number of skipped pairs per reason."""
+# the token ids of each usable pair, and the number of skipped pairs per reason
+def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, path: str):
     pairs, skipped = [], {"identical": 0, "empty side": 0, "longer than the context": 0}
     for line_no, record in enumerate(records, 1):
         chosen, rejected = record["chosen"], record["rejected"]
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             raise ValueError(f"{path}:{line_no}: 'chosen' and 'rejected' must be strings")
-        if not chosen.strip() or not rejected.strip():
-            skipped["empty side"] += 1
-            continue
-        if chosen.strip() == rejected.strip():
-            skipped["identical"] += 1
+        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
+            skipped["identical" if chosen.strip() and rejected.strip() else "empty side"] += 1
             continue
         try:
             prompt = tokenizer.encode_prompt(record["prompt"])
@@ -284,7 +304,8 @@ def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, pa
         if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
             skipped["longer than the context"] += 1
             continue
-        pairs.append({"prompt": prompt, "chosen": chosen_ids, "rejected": rejected_ids, "kind": str(record.get("kind", "all"))})
+        pairs.append({"prompt": prompt, "chosen": chosen_ids, "rejected": rejected_ids,
+                      "kind": str(record.get("kind", "all"))})
     if not pairs:
         raise ValueError(f"{path}: no usable preference pairs ({format_skipped(skipped)})")
     return pairs, skipped
@@ -295,140 +316,129 @@ def format_skipped(skipped: dict) -> str:
 
 
 def main(args: Args):
-    # -------------------------------------------------------------- distributed, device, dtype
-    ddp = "RANK" in os.environ  # set by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else args.device
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
+                         f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
-    if args.loss_type not in LOSS_TYPES:
-        raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.ipo_length_normalized and args.loss_type != "ipo":
-        raise ValueError(f"--ipo-length-normalized applies to --loss-type ipo, got {args.loss_type!r}")
+        raise ValueError("--ipo-length-normalized applies to --loss-type ipo, got "
+                         f"{args.loss_type!r}")
     if args.beta <= 0:  # the strength of the KL to the reference; IPO divides by it
         raise ValueError(f"--beta must be > 0, got {args.beta}")
 
-    # -------------------------------------------------------------- data and models
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    if args.lora_rank:  # detail 9: only the adapter trains
+    if args.lora_rank:  # detail 7: only the adapter trains
+        from lora import add_lora, lora_disabled
         add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    context = policy.config.max_position_embeddings
-    pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, ("prompt", "chosen", "rejected")), context, args.data)
+    context, pad_id = policy.config.max_position_embeddings, tokenizer.pad_id
+    columns = ("prompt", "chosen", "rejected")
+    pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, columns), context, args.data)
     if len(pairs) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(pairs)} usable pairs, fewer than --batch-size {args.batch_size}")
-    eval_pairs, eval_skipped = preference_pairs(tokenizer, read_jsonl(args.eval_data, ("prompt", "chosen", "rejected")),
-                                                context, args.eval_data)
-    eval_pairs.sort(key=lambda p: len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])))  # detail 3
-    task_records = read_jsonl(args.task_data, ("prompt", "answer"))
-    pad_id, kinds = tokenizer.pad_id, [p["kind"] for p in eval_pairs]
+        raise ValueError(f"{args.data}: {len(pairs)} usable pairs, fewer than "
+                         f"--batch-size {args.batch_size}")
+    eval_pairs, eval_skipped = preference_pairs(
+        tokenizer, read_jsonl(args.eval_pairs, columns), context, args.eval_pairs)
+    eval_pairs.sort(key=lambda p: len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])))
+    eval_records = read_jsonl(args.eval_data, ("prompt", "answer"))
+    kinds = [p["kind"] for p in eval_pairs]
+    lengths = torch.tensor([[len(p["chosen"]), len(p["rejected"])] for p in pairs],
+                           device=args.device)  # (N, 2) reply + <|im_end|> tokens, for detail 4
     # detail 1: the reference log-probs; the policy is the reference until its first step
-    ref_eval = all_pair_logps(policy, eval_pairs, pad_id, args.device, args.eval_batch_size, autocast) if master else None
-    reference = None
+    ref_eval = all_pair_logps(policy, eval_pairs, pad_id, args, autocast) if master else None
+    reference, reference_off = None, nullcontext
     if args.precompute_ref:  # only the pairs this rank will see
-        mine = sorted({i for step in range(args.steps) for i in batch_indices(len(pairs), args.batch_size, args.seed, step)[rank::world]})
-        ref_chosen = torch.full((len(pairs),), float("nan"), device=args.device)
-        ref_rejected = torch.full((len(pairs),), float("nan"), device=args.device)
-        ref_chosen[mine], ref_rejected[mine] = all_pair_logps(policy, [pairs[i] for i in mine], pad_id, args.device,
-                                                             args.eval_batch_size, autocast)
-    elif args.lora_rank:  # detail 9: the reference is the policy with its adapter off
-        reference = policy
+        mine = sorted({i for step in range(args.steps) for i in batch_indices(
+            len(pairs), args.batch_size, args.seed, step)[rank::world]})
+        ref_logps = torch.full((2, len(pairs)), float("nan"), device=args.device)
+        ref_logps[:, mine] = torch.stack(all_pair_logps(policy, [pairs[i] for i in mine], pad_id,
+                                                        args, autocast))
+    elif args.lora_rank:  # detail 7: the policy with its adapter off
+        reference, reference_off = policy, lora_disabled
     else:
         reference, _, _ = load_checkpoint(args.init, device=args.device, head="lm")
         reference.eval().requires_grad_(False)
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     model = torch.compile(policy) if args.compile else policy
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    model = DDP(model, device_ids=device_ids) if ddp else model
 
-    # -------------------------------------------------------------- the training loop
-    if master:  # detail 7: held-out preference and task accuracy before training
+    if master:  # detail 6: held-out preference and task accuracy before training
         before = {"pairs": preference_metrics(*ref_eval, *ref_eval, kinds, args.beta),
-                  "task": heldout_accuracy(policy, tokenizer, task_records, args.max_new_tokens)}
-        print(f"dpo | {len(pairs)} pairs ({format_skipped(skipped)} skipped), {len(eval_pairs)} held out "
-              f"({format_skipped(eval_skipped)} skipped), {world} process(es) on {args.device} in {args.dtype}, "
-              f"{args.loss_type} loss, beta {args.beta}, reference {'precomputed' if args.precompute_ref else 'the policy, adapter off' if args.lora_rank else 'model'}")
+                  "task": heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)}
+        source = ("precomputed" if args.precompute_ref else
+                  "the policy, adapter off" if args.lora_rank else "model")
+        print(f"dpo | {len(pairs)} pairs ({format_skipped(skipped)} skipped), {len(eval_pairs)} "
+              f"held out ({format_skipped(eval_skipped)} skipped), {world} process(es) on "
+              f"{args.device} in {args.dtype}, {args.loss_type} loss, beta {args.beta}, "
+              f"reference {source}")
         print(f"dpo | before: {format_pairs(before['pairs'])}")
         print(f"dpo | before: task {format_accuracy(before['task'])}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
+    sums, steps_since_log = {}, 0
     model.train()
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = batch_indices(len(pairs), args.batch_size, args.seed, step)[rank::world]
-        stats = torch.zeros(5, device=args.device)  # loss, rewards/chosen, rewards/rejected, correct, margin: global sums
+        stats = torch.zeros(5, device=args.device)  # this rank's sums, in the order of `names`
         for micro in range(args.grad_accum):
-            indices = batch[micro * micro_batch : (micro + 1) * micro_batch]
+            indices = batch[micro * micro_batch: (micro + 1) * micro_batch]
             rows = [pairs[i] for i in indices]
-            tokens_seen += sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in rows) * world
+            tokens_seen += world * sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"])
+                                       for p in rows)
             if reference is None:
-                ref_logp_chosen, ref_logp_rejected = ref_chosen[indices], ref_rejected[indices]  # (b,), (b,)
+                ref_chosen, ref_rejected = ref_logps[:, indices]  # (b,), (b,)
             else:
-                with torch.no_grad(), autocast, lora_disabled(reference):
-                    ref_logp_chosen, ref_logp_rejected = pair_logps(reference, rows, pad_id, args.device)
-            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
-            tokens = ([torch.tensor([len(p[side]) for p in rows], device=args.device) for side in ("chosen", "rejected")]
-                      if args.ipo_length_normalized else [None, None])  # detail 4: reply + <|im_end|> token counts
+                with torch.no_grad(), autocast, reference_off(reference):
+                    ref_chosen, ref_rejected = pair_logps(reference, rows, pad_id, args.device)
+            tokens = lengths[indices].T if args.ipo_length_normalized else [None, None]  # detail 4
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:
-                logp_chosen, logp_rejected = pair_logps(model, rows, pad_id, args.device)  # (b,), (b,)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen.float(),
-                                                                    ref_logp_rejected.float(), args.beta, args.loss_type,
-                                                                    args.label_smoothing, *tokens)
-                loss = losses.sum() / args.batch_size  # detail 8: its share of the global mean
+                logp_chosen, logp_rejected = pair_logps(model, rows, pad_id, args.device)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    logp_chosen, logp_rejected, ref_chosen.float(), ref_rejected.float(),
+                    args.beta, args.loss_type, args.label_smoothing, *tokens)
+                loss = losses.sum() / args.batch_size  # its share of the global batch's mean
             with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
-            stats += torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                                  (chosen_rewards > rejected_rewards).sum().float(), (chosen_rewards - rejected_rewards).sum()])
+            margins = chosen_rewards - rejected_rewards  # (b,)
+            stats += torch.stack([losses.detach().sum(), chosen_rewards.sum(),
+                                  rejected_rewards.sum(), (margins > 0).sum(), margins.sum()])
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
+        names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+        metrics = dict(zip(names, (stats * world / args.batch_size).tolist()))  # batch means
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
+        steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(stats)
+            logged = mean_metrics(sums, steps_since_log, ddp, args.device)
+            sums, steps_since_log = {}, 0
             if master:
-                loss, chosen, rejected, accuracy, margin = stats[0].item(), *(stats[1:] / args.batch_size).tolist()
                 now = time.time()
-                elapsed, rate = now - start_time, step / (now - start_time)
-                tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
-                print(f"dpo | step {step}/{args.steps} | loss {loss:.4f} | rewards/chosen {chosen:+.3f} | rewards/rejected "
-                      f"{rejected:+.3f} | accuracy {accuracy:.1%} | margin {margin:.3f} | lr {lr:.1e} | {tok_per_s / 1e3:.1f}k tok/s | "
-                      f"{format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
-                log_file.write(json.dumps({"step": step, "loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                                           "rewards/accuracy": accuracy, "rewards/margin": margin, "lr": lr,
-                                           "tok_per_s": tok_per_s}) + "\n")
+                logged.update(lr=lr, tok_per_s=tokens_seen / (now - last_time))
+                tokens_seen, last_time = 0, now
+                print(progress_line("dpo", step, args.steps, logged, now - start_time))
+                log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
     if master:
-        logp_eval = all_pair_logps(policy, eval_pairs, pad_id, args.device, args.eval_batch_size, autocast)
+        logp_eval = all_pair_logps(policy, eval_pairs, pad_id, args, autocast)
         after = {"pairs": preference_metrics(*logp_eval, *ref_eval, kinds, args.beta),
-                 "task": heldout_accuracy(policy, tokenizer, task_records, args.max_new_tokens)}
-        save_checkpoint(args.out, policy, tokenizer, "dpo", parent=args.init, step=step, args=dataclasses.asdict(args),
+                 "task": heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)}
+        save_checkpoint(args.out, policy, tokenizer, "dpo", parent=args.init, step=step,
+                        args=dataclasses.asdict(args),
                         metrics={"before": before, "after": after, "skipped": skipped})
         print(f"dpo | done in {format_time(time.time() - start_time)}")
         print(f"dpo | before: {format_pairs(before['pairs'])}")

@@ -5,42 +5,29 @@ sft.py: supervised fine-tuning on conversations, with the loss on assistant toke
 
 Run:
 
-    python sft.py                                         # CPU defaults, ~1.5 minutes on 2 cores
+    python sft.py                                                     # CPU defaults
     python sft.py --device cuda --batch-size 64 --steps 2000          # one GPU
     torchrun --nproc_per_node 8 sft.py --batch-size 256               # many GPUs, no code change
     python sft.py --resume                                # continue after a crash / kill -9
 
 Implementation details:
-1. Each {"messages": [...]} line is rendered with the ChatML template by `encode_chat`, which
-   also returns the assistant mask: 1 on the assistant's reply tokens and their closing
-   <|im_end|>, 0 on system and user turns and on the `<|im_start|>assistant\\n` headers. The model
-   learns to answer and to stop, never to imitate the user.
+1. A conversation is rendered with the ChatML template by `encode_chat`, with its assistant mask:
+   1 on the replies and their closing <|im_end|>, 0 on system and user turns and on the
+   `<|im_start|>assistant\\n` headers. The model learns to answer and to stop, not to be the user.
 2. Targets are the next tokens where the mask is 1 and -100 (ignored) elsewhere, so the loss is
-   the mean cross-entropy over assistant tokens only.
+   the cross-entropy over assistant tokens only.
 3. Conversations longer than the context are cut at the context (counted in a warning).
-4. Batches are random conversations, a fresh order every epoch (model.batch_indices, shared with
-   reward, dpo and distill), right-padded (padding needs no attention mask: causal attention never
-   looks ahead at it). Not length-bucketed, though that pads less: batches sorted by length are
-   all-think or all-direct (a thinking reply is ~35 tokens, a bare answer ~4), and the model then
-   learned to start with <think> far less often than its demos do (measured on a two-digit version
-   of the built-in world, 30 % of the demos thinking: P(<think> first) 0.03, 0.29 with random batches).
-   To pad little all the same, the rows of a step are sorted by length and cut into --grad-accum
-   micro-batches: each is padded to its own longest row, and the step's gradient is the same
-   (detail 5). With the built-in data: 52 tokens per row instead of 97 (41 are real).
-5. The loss of a step is the sum over the assistant tokens of the whole global batch divided by a
-   constant, batch size x the mean assistant tokens per conversation of the data set, so every
-   token weighs the same whatever batch, micro-batch or rank it lands on (N ranks give the same
-   loss as one process). The batch's own token count (the usual token mean) gives the tokens of a
-   batch with fewer thinking replies more weight.
+4. Batches: random conversations, a fresh order every epoch, not sorted by length (engine.py
+   detail 4). A step's rows are sorted by length and cut into --grad-accum micro-batches, each
+   right-padded to its own longest row: little padding, the same gradient (detail 5).
+5. Step loss = sum of the losses of the global batch's assistant tokens / (batch size x the mean
+   assistant tokens per conversation of the data set): a constant, so every token weighs the same
+   on any micro-batch or rank (N ranks give one process's loss).
 6. The schedule, optimizer, clipping, DDP, resume and progress line are pretrain.py's.
-7. Before and after training: greedy replies to the held-out prompts of data/eval.jsonl, exact
-   match after stripping whitespace, per task family, and the share of replies that end with
-   <|im_end|>.
-8. `--lora-rank r` trains a LoRA adapter on the frozen model instead of every weight (model.py
-   detail 12): AdamW then holds state for the adapter only, which is what lets a laptop fine-tune
-   a model imported with hf.py. out/sft.pt holds the merged weights (later stages read it as
-   usual) and the adapter (`python hf.py export-adapter out/sft.pt DIR` writes it for PEFT). A
-   resumed LoRA run reloads its frozen base from --init and its adapter from --out.
+7. Before and after: greedy replies to the held-out prompts (data/eval.jsonl), exact match of the
+   final answer per task family, the think rate, and the share of replies ending with <|im_end|>.
+8. `--lora-rank r` trains a LoRA adapter on the frozen model (lora.py); out/sft.pt holds the merged
+   weights and the adapter. A resumed LoRA run reloads its base from --init, its adapter from --out.
 """
 
 import argparse
@@ -52,15 +39,16 @@ import math
 import os
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import batch_indices, check_resumable, format_accuracy, heldout_accuracy
-from lora import add_lora
 from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer
 
@@ -80,7 +68,7 @@ class Args:
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
     grad_accum: int = 4
-    """micro-batches per optimizer step (per rank); a step's rows are sorted by length first, so each pads little"""
+    """micro-batches per optimizer step (per rank), each of rows of like length (detail 4)"""
     lr: float = 3e-3
     """peak learning rate"""
     warmup: int = 50
@@ -99,7 +87,7 @@ class Args:
     """continue from the resumable checkpoint at --out"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
@@ -116,17 +104,50 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
+    ddp = "RANK" in os.environ
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if bf16 else "float32"
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    return ddp, rank, world, device_type, autocast
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -152,16 +173,41 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             missing = [key for key in required if not isinstance(record, dict) or key not in record]
             if missing:
-                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(map(repr, missing))}")
             records.append(record)
     if not records:
         raise ValueError(f"{path} has no records")
     return records
 
 
+def format_time(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
+    """Each summed metric averaged over `count` steps and over every rank."""
+    values = torch.tensor(list(sums.values()), device=device)
+    if ddp:
+        dist.all_reduce(values)
+        count *= dist.get_world_size()
+    return dict(zip(sums, (values / count).tolist()))
+
+
+def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
+    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
+    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    shown = [f"{name} {value:.4f}" for name, value in metrics.items()
+             if name not in ("lr", "tok_per_s")]
+    left = format_time(elapsed / step * (steps - step))
+    speed = f"{metrics['tok_per_s'] / 1e3:.1f}k tok/s"
+    return " | ".join([f"{stage} | step {step}/{steps}", *shown, f"lr {metrics['lr']:.1e}", speed,
+                       f"{format_time(elapsed)} elapsed, {left} left"])
+
+
 # detail 1, 2, 3: render, mask, shift, truncate
-def sft_example(tokenizer: Tokenizer, messages: list[dict], context: int) -> tuple[list[int], list[int], bool]:
-    """(inputs, targets, truncated): targets are the next token on assistant positions, -100 elsewhere."""
+def sft_example(tokenizer: Tokenizer, messages: list[dict],
+                context: int) -> tuple[list[int], list[int], bool]:
+    """(inputs, targets, truncated): targets are the next tokens where the mask is 1, else -100."""
     ids, mask = tokenizer.encode_chat(messages)
     truncated = len(ids) > context + 1
     ids, mask = ids[: context + 1], mask[: context + 1]
@@ -169,10 +215,23 @@ def sft_example(tokenizer: Tokenizer, messages: list[dict], context: int) -> tup
     return ids[:-1], targets, truncated
 
 
-def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose target is not -100 (the reference the model's
-    chunked loss is tested against): logits (B, T, V), targets (B, T)."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+def sft_examples(tokenizer: Tokenizer, path: str, context: int) -> tuple[list[tuple], int]:
+    """(inputs, targets) of each conversation of `path` with an assistant token, and how many
+    were cut at the context."""
+    examples, truncated = [], 0
+    for line_no, record in enumerate(read_jsonl(path, required=("messages",)), 1):
+        messages = record["messages"]
+        if not isinstance(messages, list) or not any(
+                isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise ValueError(f"{path}:{line_no}: a conversation needs at least one assistant turn")
+        try:
+            inputs, targets, cut = sft_example(tokenizer, messages, context)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: {e}") from None
+        truncated += cut
+        if any(t != -100 for t in targets):
+            examples.append((inputs, targets))
+    return examples, truncated
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -180,70 +239,44 @@ def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])  # (B, T)
 
 
-def format_time(seconds: float) -> str:
-    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
-
-
 def main(args: Args):
-    # -------------------------------------------------------------- distributed, device, dtype
-    ddp = "RANK" in os.environ  # set by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else args.device
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(args.seed)
     if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x --grad-accum = {world * args.grad_accum}")
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
+                         f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
 
     # -------------------------------------------------------------- data and model
-    resume_whole_model = args.resume and not args.lora_rank  # detail 8: a LoRA run's base is --init, frozen
-    model, tokenizer, _ = load_checkpoint(args.out if resume_whole_model else args.init, device=args.device, head="lm")
+    resume_whole_model = args.resume and not args.lora_rank  # detail 8: a LoRA base is --init
+    model, tokenizer, _ = load_checkpoint(args.out if resume_whole_model else args.init,
+                                          device=args.device, head="lm")
     if args.lora_rank:  # detail 8: only the adapter trains
+        from lora import add_lora
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     context = model.config.max_position_embeddings
-    examples, truncated = [], 0
-    for line_no, record in enumerate(read_jsonl(args.data, required=("messages",)), 1):
-        messages = record["messages"]
-        if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            raise ValueError(f"{args.data}:{line_no}: a conversation needs at least one assistant turn")
-        try:
-            inputs, targets, cut = sft_example(tokenizer, messages, context)
-        except ValueError as e:
-            raise ValueError(f"{args.data}:{line_no}: {e}") from None
-        truncated += cut
-        if any(t != -100 for t in targets):
-            examples.append((inputs, targets))
+    examples, truncated = sft_examples(tokenizer, args.data, context)
     if len(examples) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(examples)} usable conversations, fewer than --batch-size {args.batch_size}")
+        raise ValueError(f"{args.data}: {len(examples)} usable conversations, fewer than "
+                         f"--batch-size {args.batch_size}")
     if truncated and master:
-        print(f"sft | warning: {truncated} of {len(examples)} conversations were longer than the context ({context}) and were cut")
+        print(f"sft | warning: {truncated} of {len(examples)} conversations were longer than the "
+              f"context ({context}) and were cut")
     lengths = [len(inputs) for inputs, _ in examples]
-    tokens_per_conversation = sum(t != -100 for _, targets in examples for t in targets) / len(examples)  # detail 5
+    # detail 5: the step loss's constant denominator is batch size x this
+    tokens_per_conversation = sum(t != -100 for _, targets in examples
+                                  for t in targets) / len(examples)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
 
     step = 0
     if args.resume:  # the model came from --out above; now the optimizer, RNG and step
         checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
-        check_resumable(args.out, checkpoint, args, ("init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed",
-                                                     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
-        if args.lora_rank:
-            model.load_state_dict(checkpoint["lora"]["weights"], strict=False)  # the adapter; the base came from --init
+        check_resumable(args.out, checkpoint, args, (
+            "init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed",
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
+        if args.lora_rank:  # the adapter; the base came from --init
+            model.load_state_dict(checkpoint["lora"]["weights"], strict=False)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
@@ -253,12 +286,15 @@ def main(args: Args):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[torch.device(args.device).index]
+                    if device_type == "cuda" else None)
 
     # -------------------------------------------------------------- the training loop
     if master:  # detail 7: held-out accuracy before training
-        before = checkpoint["metrics"]["before"] if args.resume else heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
-        print(f"sft | {len(examples)} conversations, {sum(lengths) / len(lengths):.0f} tokens on average, {world} process(es) on {args.device} in {args.dtype}")
+        before = (checkpoint["metrics"]["before"] if args.resume else
+                  heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens))
+        print(f"sft | {len(examples)} conversations, {sum(lengths) / len(lengths):.0f} tokens on "
+              f"average, {world} process(es) on {args.device} in {args.dtype}")
         print(f"sft | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_path = os.path.splitext(args.out)[0] + ".jsonl"
@@ -267,23 +303,26 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
-    start_time, start_step, last_time, tokens_seen = time.time(), step, time.time(), 0
+    start_time, last_time, tokens_seen = time.time(), time.time(), 0
+    sums, steps_since_log = {}, 0
     model.train()
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [examples[i] for i in batch_indices(len(examples), args.batch_size, args.seed, step)]
-        n_targets = args.batch_size * tokens_per_conversation  # detail 5: a constant, not this batch's count
-        batch = sorted(batch[rank::world], key=lambda example: len(example[0]))  # detail 4: micro-batches of like length
+        indices = batch_indices(len(examples), args.batch_size, args.seed, step)
+        n_targets = args.batch_size * tokens_per_conversation  # detail 5: not this batch's count
+        # detail 4: micro-batches of like length
+        batch = sorted([examples[i] for i in indices[rank::world]], key=lambda e: len(e[0]))
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
-            rows = batch[micro * micro_batch : (micro + 1) * micro_batch]
+            rows = batch[micro * micro_batch: (micro + 1) * micro_batch]
             inputs = pad_batch([inputs for inputs, _ in rows], tokenizer.pad_id).to(args.device)
             targets = pad_batch([targets for _, targets in rows], -100).to(args.device)
             n_micro = (targets != -100).sum()
             tokens_seen += inputs.numel() * world
-            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext  # sync on the last micro-step
+            # gradients are synchronised on the last micro-step only
+            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:
                 _, loss = model(inputs, targets)  # mean over this micro-batch's assistant tokens
                 loss = loss * n_micro / n_targets  # its share of the step's loss
@@ -296,25 +335,28 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
+        metrics = {"loss": loss_sum.item() * world}  # this rank's share, as a whole-batch loss
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
+        steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(loss_sum)
+            logged = mean_metrics(sums, steps_since_log, ddp, args.device)
+            sums, steps_since_log = {}, 0
             if master:
                 now = time.time()
-                elapsed, rate = now - start_time, (step - start_step) / (now - start_time)
-                tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
-                print(f"sft | step {step}/{args.steps} | loss {loss_sum.item():.4f} | lr {lr:.1e} | "
-                      f"{tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
-                log_file.write(json.dumps({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                logged.update(lr=lr, tok_per_s=tokens_seen / (now - last_time))
+                tokens_seen, last_time = 0, now
+                print(progress_line("sft", step, args.steps, logged, now - start_time))
+                log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
         if master and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step, args=dataclasses.asdict(args),
-                            metrics={"before": before}, optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+            save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
+                            args=dataclasses.asdict(args), metrics={"before": before},
+                            optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
 
     if master:
         after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
-        save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step, args=dataclasses.asdict(args),
-                        metrics={"before": before, "after": after})
+        save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
+                        args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"sft | done in {format_time(time.time() - start_time)}")
         print(f"sft | before: {format_accuracy(before)}")
         print(f"sft | after:  {format_accuracy(after)} | wrote {args.out}")
