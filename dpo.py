@@ -1,7 +1,6 @@
 """
-dpo.py: Direct Preference Optimization of the policy on preference pairs against a frozen reference.
-
-Run (after `python sft.py`), out/sft.pt + data/prefs.jsonl -> out/dpo.pt:
+dpo.py: Direct Preference Optimization on preference pairs against a frozen reference,
+out/sft.pt + data/prefs.jsonl -> out/dpo.pt (after `python sft.py`):
 
     python dpo.py                                                     # CPU defaults
     python dpo.py --loss-type ipo --beta 0.5                          # IPO; also hinge, robust
@@ -13,7 +12,7 @@ Implementation details:
    once, with the policy before its first step (it is the reference then): no second model.
 2. log π(reply | prompt) is the SUM of the log-probs of the reply tokens and the closing <|im_end|>.
 3. Batches: random pairs (engine.batch_indices). Each prompt runs once into a KV cache, and the
-   chosen and rejected replies run on it as two passes (engine.shared_prompt_logprobs).
+   chosen and rejected replies run on it as two passes (engine.pair_logps).
 4. Losses of h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)): sigmoid (DPO, Rafailov et
    al. 2023; label smoothing: cDPO), robust (rDPO, Chowdhury et al. 2024), hinge (SLiC, Zhao et al.
    2023), ipo (IPO, Azar et al. 2023) on summed log-probs; --ipo-length-normalized is TRL's IPO.
@@ -42,10 +41,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import (batch_indices, format_accuracy, heldout_accuracy, left_pad, right_pad,
-                    shared_prompt_logprobs)
+from engine import (all_pairs, batch_indices, format_accuracy, format_skipped, heldout_accuracy,
+                    pair_logps, preference_pairs)
 from model import load_checkpoint, save_checkpoint
-from tokenizer import Tokenizer
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
 LOSS_TYPES = typing.get_args(LossType)
@@ -241,29 +239,7 @@ def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_ch
     return losses, chosen_rewards, rejected_rewards
 
 
-# detail 2, 3: log π(reply | prompt) (B,), (B,) of the chosen and rejected replies, summed
-def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
-    replies = [right_pad([p[side] for p in pairs], pad_id, device)                    # (B, N)
-               for side in ("chosen", "rejected")]
-    chosen, rejected = shared_prompt_logprobs(model, prompt_ids, prompt_mask, replies)
-    return chosen.sum(dim=1), rejected.sum(dim=1)
-
-
-@torch.no_grad()
-def all_pair_logps(model, pairs: list[dict], pad_id: int, args, autocast):
-    """pair_logps over many pairs, in eval mode, in batches of --eval-batch-size."""
-    was_training, size = model.training, args.eval_batch_size
-    model.eval()
-    with autocast:
-        logps = [pair_logps(model, pairs[i: i + size], pad_id, args.device)
-                 for i in range(0, len(pairs), size)]
-    model.train(was_training)
-    return tuple(torch.cat([batch[side].float() for batch in logps]) for side in (0, 1))
-
-
-# detail 6: accuracy: log π(c) > log π(r); implicit_accuracy: β log π/π_ref(c) > β log π/π_ref(r);
-# both overall and per kind; margin: the mean implicit reward margin
+# detail 6: log π(c) > log π(r) and β log π/π_ref(c) > β log π/π_ref(r), overall and per kind
 def preference_metrics(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected,
                        kinds: list[str], beta: float) -> dict:
     _, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen,
@@ -286,35 +262,6 @@ def format_pairs(result: dict) -> str:
             f"{result['implicit_accuracy']:.1%}, margin {result['margin']:.2f}")
 
 
-# the token ids of each usable pair, and the number of skipped pairs per reason
-def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, path: str):
-    pairs, skipped = [], {"identical": 0, "empty side": 0, "longer than the context": 0}
-    for line_no, record in enumerate(records, 1):
-        chosen, rejected = record["chosen"], record["rejected"]
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise ValueError(f"{path}:{line_no}: 'chosen' and 'rejected' must be strings")
-        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
-            skipped["identical" if chosen.strip() and rejected.strip() else "empty side"] += 1
-            continue
-        try:
-            prompt = tokenizer.encode_prompt(record["prompt"])
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
-        chosen_ids, rejected_ids = tokenizer.encode_reply(chosen), tokenizer.encode_reply(rejected)
-        if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
-            skipped["longer than the context"] += 1
-            continue
-        pairs.append({"prompt": prompt, "chosen": chosen_ids, "rejected": rejected_ids,
-                      "kind": str(record.get("kind", "all"))})
-    if not pairs:
-        raise ValueError(f"{path}: no usable preference pairs ({format_skipped(skipped)})")
-    return pairs, skipped
-
-
-def format_skipped(skipped: dict) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in skipped.items())
-
-
 def main(args: Args):
     ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
@@ -323,13 +270,11 @@ def main(args: Args):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
                          f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
-    if not 0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:  # IPO divides by beta
+        raise ValueError(f"--beta must be > 0 and --label-smoothing in [0, 0.5), got {args.beta} "
+                         f"and {args.label_smoothing}")
     if args.ipo_length_normalized and args.loss_type != "ipo":
-        raise ValueError("--ipo-length-normalized applies to --loss-type ipo, got "
-                         f"{args.loss_type!r}")
-    if args.beta <= 0:  # the strength of the KL to the reference; IPO divides by it
-        raise ValueError(f"--beta must be > 0, got {args.beta}")
+        raise ValueError(f"--ipo-length-normalized needs --loss-type ipo, not {args.loss_type!r}")
 
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
     if args.lora_rank:  # detail 7: only the adapter trains
@@ -349,14 +294,16 @@ def main(args: Args):
     lengths = torch.tensor([[len(p["chosen"]), len(p["rejected"])] for p in pairs],
                            device=args.device)  # (N, 2) reply + <|im_end|> tokens, for detail 4
     # detail 1: the reference log-probs; the policy is the reference until its first step
-    ref_eval = all_pair_logps(policy, eval_pairs, pad_id, args, autocast) if master else None
+    def all_logps(pairs):  # in eval mode, in batches of --eval-batch-size
+        return all_pairs(pair_logps, policy, pairs, pad_id, args.device, args.eval_batch_size,
+                         autocast)
+    ref_eval = all_logps(eval_pairs) if master else None
     reference, reference_off = None, nullcontext
     if args.precompute_ref:  # only the pairs this rank will see
         mine = sorted({i for step in range(args.steps) for i in batch_indices(
             len(pairs), args.batch_size, args.seed, step)[rank::world]})
         ref_logps = torch.full((2, len(pairs)), float("nan"), device=args.device)
-        ref_logps[:, mine] = torch.stack(all_pair_logps(policy, [pairs[i] for i in mine], pad_id,
-                                                        args, autocast))
+        ref_logps[:, mine] = torch.stack(all_logps([pairs[i] for i in mine]))
     elif args.lora_rank:  # detail 7: the policy with its adapter off
         reference, reference_off = policy, lora_disabled
     else:
@@ -434,8 +381,7 @@ def main(args: Args):
                 log_file.flush()
 
     if master:
-        logp_eval = all_pair_logps(policy, eval_pairs, pad_id, args, autocast)
-        after = {"pairs": preference_metrics(*logp_eval, *ref_eval, kinds, args.beta),
+        after = {"pairs": preference_metrics(*all_logps(eval_pairs), *ref_eval, kinds, args.beta),
                  "task": heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)}
         save_checkpoint(args.out, policy, tokenizer, "dpo", parent=args.init, step=step,
                         args=dataclasses.asdict(args),

@@ -227,6 +227,37 @@ def sequence_scores(model, prompt_ids, prompt_mask, completion_ids, completion_m
     return values.gather(1, last[:, None]).squeeze(1)
 
 
+# pairs of replies to one prompt (reward.py, dpo.py): {"prompt", "chosen", "rejected"} token ids
+def pair_scores(model, pairs: list[dict], pad_id: int, device):
+    """Score-head rewards (B,), (B,) of the chosen and the rejected replies, as two batches."""
+    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
+    return tuple(sequence_scores(model, prompt_ids, prompt_mask,
+                                 *right_pad([p[side] for p in pairs], pad_id, device))  # (B, N)
+                 for side in ("chosen", "rejected"))
+
+
+def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(reply | prompt) (B,), (B,) of the chosen and the rejected replies: the sum over the
+    reply's tokens and its <|im_end|>; each prompt runs once for both (detail 3)."""
+    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
+    replies = [right_pad([p[side] for p in pairs], pad_id, device)                    # (B, N)
+               for side in ("chosen", "rejected")]
+    chosen, rejected = shared_prompt_logprobs(model, prompt_ids, prompt_mask, replies)
+    return chosen.sum(dim=1), rejected.sum(dim=1)
+
+
+@torch.no_grad()
+def all_pairs(pair_fn, model, pairs: list[dict], pad_id: int, device, batch_size: int, autocast):
+    """pair_fn (pair_scores or pair_logps) over many pairs, in eval mode, in batches."""
+    was_training = model.training
+    model.eval()
+    with autocast:
+        batches = [pair_fn(model, pairs[i: i + batch_size], pad_id, device)
+                   for i in range(0, len(pairs), batch_size)]
+    model.train(was_training)
+    return tuple(torch.cat([batch[side].float() for batch in batches]) for side in (0, 1))
+
+
 def reply_texts(tokenizer, completion_ids, completion_mask):
     """The text of each reply (before its <|im_end|>, or all of it if it never ended) and whether
     it ended (B,)."""
@@ -275,6 +306,38 @@ def format_accuracy(result):
                          if key.startswith("accuracy/"))
     return (f"accuracy {result['accuracy']:.1%}" + (f" ({families})" if families else "")
             + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}")
+
+
+def preference_pairs(tokenizer, records: list[dict], context: int, path: str):
+    """Tokenized {"prompt", "chosen", "rejected", "margin", "kind"} pairs of preference records, and
+    the count of pairs skipped per reason (identical or empty sides, longer than the context)."""
+    pairs, skipped = [], {"identical": 0, "empty side": 0, "longer than the context": 0}
+    for line_no, record in enumerate(records, 1):
+        chosen, rejected, margin = record["chosen"], record["rejected"], record.get("margin", 0.0)
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise ValueError(f"{path}:{line_no}: 'chosen' and 'rejected' must be strings")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise ValueError(f"{path}:{line_no}: 'margin' must be a number")
+        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
+            skipped["identical" if chosen.strip() and rejected.strip() else "empty side"] += 1
+            continue
+        try:
+            prompt = tokenizer.encode_prompt(record["prompt"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
+        chosen_ids, rejected_ids = tokenizer.encode_reply(chosen), tokenizer.encode_reply(rejected)
+        if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
+            skipped["longer than the context"] += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": chosen_ids, "rejected": rejected_ids,
+                      "margin": float(margin), "kind": str(record.get("kind", "all"))})
+    if not pairs:
+        raise ValueError(f"{path}: no usable preference pairs ({format_skipped(skipped)})")
+    return pairs, skipped
+
+
+def format_skipped(skipped: dict) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in skipped.items())
 
 
 def check_resumable(path, checkpoint, args, same):

@@ -42,9 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import batch_indices, left_pad, right_pad, sequence_scores
+from engine import all_pairs, batch_indices, format_skipped, pair_scores, preference_pairs
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
-from tokenizer import Tokenizer
 
 
 @dataclass
@@ -222,60 +221,10 @@ def reward_model_from(lm_model: Transformer, seed: int) -> Transformer:
     return reward_model.to(next(lm_model.parameters()).device)
 
 
-# detail 2, 5: the token ids of each usable pair, and the number of skipped pairs per reason
-def preference_pairs(tokenizer: Tokenizer, records: list[dict], context: int, path: str):
-    pairs, skipped = [], {"identical": 0, "empty side": 0, "longer than the context": 0}
-    for line_no, record in enumerate(records, 1):
-        chosen, rejected, margin = record["chosen"], record["rejected"], record.get("margin", 0.0)
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise ValueError(f"{path}:{line_no}: 'chosen' and 'rejected' must be strings")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise ValueError(f"{path}:{line_no}: 'margin' must be a number")
-        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
-            skipped["identical" if chosen.strip() and rejected.strip() else "empty side"] += 1
-            continue
-        try:
-            prompt = tokenizer.encode_prompt(record["prompt"])
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
-        chosen_ids, rejected_ids = tokenizer.encode_reply(chosen), tokenizer.encode_reply(rejected)
-        if len(prompt) + max(len(chosen_ids), len(rejected_ids)) > context:
-            skipped["longer than the context"] += 1
-            continue
-        pairs.append({"prompt": prompt, "chosen": chosen_ids, "rejected": rejected_ids,
-                      "margin": float(margin), "kind": str(record.get("kind", "all"))})
-    if not pairs:
-        raise ValueError(f"{path}: no usable preference pairs ({format_skipped(skipped)})")
-    return pairs, skipped
-
-
-def format_skipped(skipped: dict) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in skipped.items())
-
-
-# detail 3: the rewards (B,), (B,) of the chosen and the rejected replies, as two batches
-def pair_rewards(reward_model, pairs: list[dict], pad_id: int, device):
-    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
-    return tuple(sequence_scores(reward_model, prompt_ids, prompt_mask,
-                                 *right_pad([p[side] for p in pairs], pad_id, device))  # (B, N)
-                 for side in ("chosen", "rejected"))
-
-
-@torch.no_grad()
-def all_pair_rewards(reward_model, pairs: list[dict], pad_id: int, args, autocast):
-    """pair_rewards over many pairs, in eval mode, in batches of --eval-batch-size."""
-    was_training, size = reward_model.training, args.eval_batch_size
-    reward_model.eval()
-    with autocast:
-        rewards = [pair_rewards(reward_model, pairs[i: i + size], pad_id, args.device)
-                   for i in range(0, len(pairs), size)]
-    reward_model.train(was_training)
-    return tuple(torch.cat([batch[side].float() for batch in rewards]) for side in (0, 1))
-
-
 # detail 7: held-out pairwise accuracy, overall and per rejected kind, and the mean margin
 def heldout_metrics(reward_model, pairs: list[dict], pad_id: int, args, autocast) -> dict:
-    chosen_rewards, rejected_rewards = all_pair_rewards(reward_model, pairs, pad_id, args, autocast)
+    chosen_rewards, rejected_rewards = all_pairs(pair_scores, reward_model, pairs, pad_id,
+                                                 args.device, args.eval_batch_size, autocast)
     result = {"accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards),
               "margin": (chosen_rewards - rejected_rewards).mean().item()}
     for kind in sorted({p["kind"] for p in pairs}):
@@ -344,7 +293,7 @@ def main(args: Args):
                                        for p in rows)
             no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:
-                chosen_rewards, rejected_rewards = pair_rewards(model, rows, pad_id, args.device)
+                chosen_rewards, rejected_rewards = pair_scores(model, rows, pad_id, args.device)
                 losses = reward_loss(chosen_rewards, rejected_rewards, margin, args.center_coef)
                 loss = losses.sum() / args.batch_size  # detail 6: its share of the global mean
             with no_sync():
@@ -377,7 +326,8 @@ def main(args: Args):
         # detail 4: the mean and std of the rewards of training replies, stored for PPO
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
         sample = [pairs[i] for i in order[: args.stats_pairs].tolist()]
-        rewards = torch.cat(all_pair_rewards(reward_model, sample, pad_id, args, autocast))
+        rewards = torch.cat(all_pairs(pair_scores, reward_model, sample, pad_id, args.device,
+                                      args.eval_batch_size, autocast))
         mean, std = rewards.mean().item(), rewards.std().item()
         metrics = {"reward_mean": mean, "reward_std": std, "before": before, "after": after,
                    "skipped": skipped}
