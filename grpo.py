@@ -1,62 +1,37 @@
 """
-grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv:2402.03300) with a verifiable reward.
+grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv:2402.03300), verifiable reward.
 
     out/sft.pt + data/prompts.jsonl  ->  out/grpo.pt
 
 Run (after `python sft.py`):
 
-    python grpo.py                                        # CPU defaults, ~1 minute on 2 cores
+    python grpo.py                                                  # CPU defaults
     python grpo.py --device cuda --prompts-per-step 64 --group-size 16 --steps 500    # one GPU
     torchrun --nproc_per_node 8 grpo.py --prompts-per-step 256                       # many GPUs
     python grpo.py --loss-type dr_grpo --beta 0 --eps-high 0.28     # Dr. GRPO / DAPO variants
 
 Implementation details:
-1. Rollout: every step draws `prompts_per_step` prompts (ranks take different ones), repeats each
-   `group_size` times and samples all of them as one batch with the KV cache at `temperature`.
-   The G replies of a prompt are adjacent rows, so a group never straddles two ranks, and each
-   prompt runs through the model once for its G replies, in the prefill and in every log-prob pass
-   (`group_size=G` of generate and completion_logprobs, model.py detail 10): the same numbers to
-   rounding, the prompt's cost paid once, not G times.
-2. Old log-probs are recomputed once after sampling (no grad) with `completion_logprobs` and the
-   logits divided by the sampling temperature, the same call as the loss makes, so the ratio is
-   exactly 1 on the first iteration (to rounding with --compile, where the loss runs the compiled
-   model). (generate's own log-probs come from a different code path,
-   the KV cache, and would give a ratio that is 1 only up to rounding.) With one iteration the
-   old log-probs are the loss's own, detached (as TRL): the same numbers, one forward fewer.
-3. Reward = 1 if the reply's final answer equals the answer, stripped, else 0: the reply is the
-   text before the first <|im_end|> (the whole completion if it never ended) and its final answer
-   the text after </think> when it thinks (tokenizer.final_answer, the rule of heldout_accuracy and
-   of every stage; an unclosed think block has none). No reward for thinking itself: the model
-   thinks more only where thinking gets answers right. Optionally `+ reward_weight * score` of a
-   learned reward model (normalised with its stored mean / std; prompts may then lack an
-   answer) and `- length_penalty * tokens / max_new_tokens`, the guard against the classic hack
-   of a reward that grows with length.
-4. Advantages (r - mean_group) / (std_group + eps), std unbiased and eps 1e-4 as TRL;
-   `--scale-rewards batch` divides by the std of the whole global batch (rewards are gathered
-   from every rank first), `none` only centres (Dr. GRPO). A group whose rewards are all equal
-   has advantage 0 for every reply: no policy gradient, only the KL term.
-5. Per-token loss, as GRPO defines it: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-   + beta * k3, with k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, Schulman's unbiased,
-   always-positive estimator of KL(policy || reference). beta = 0 skips the reference model.
-   eps_high > eps_low is DAPO's clip-higher.
-6. Loss aggregation: `grpo` averages each reply over its tokens, then the replies (long replies
-   weigh less per token); `dapo` averages over all tokens of the global batch; `dr_grpo` sums
-   and divides by the constant replies x max_new_tokens (no length bias, and padding never
-   changes it). Tokens after EOS and padding have mask 0 and contribute nothing;
-   `--mask-truncated` also zeroes the replies that never ended (DAPO's overlong filtering).
-7. `iterations` optimizer steps per batch of samples (mu in the paper), old log-probs fixed.
-   With 1 the ratio is always 1 and the clip never acts: plain REINFORCE with a group baseline.
-8. Logged at every step: reward, accuracy, think rate (replies that start with <think>), KL to the reference (the sequence KL, summed
-   log-ratio of a reply, averaged over replies, as ppo.py logs it), clip fraction (tokens
-   where the clip removed the gradient), entropy, reply length, and the share of groups whose
-   rewards are all equal (they teach nothing; at 100 % the task is too easy or too hard).
-9. Bad input: prompts that leave no room for `max_new_tokens` in the context are skipped and
-   counted; a missing answer without a learned reward and a group below 2 are one-line errors.
+1. Rollout: `prompts_per_step` prompts a step (engine.batch_indices), `group_size` replies to each
+   in adjacent rows, sampled with the KV cache: a group stays on one rank, its prompt runs once.
+2. Old log-probs come from the loss's own call (logits / temperature) after sampling, so the ratio
+   starts at exactly 1; with one iteration they are the loss's log-probs, detached (as TRL).
+3. Reward = [final answer == answer] (tokenizer.final_answer), + reward_weight * a learned reward
+   (normalised by its stored mean and std) - length_penalty * length / max_new_tokens.
+4. A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std (as TRL); `--scale-rewards
+   batch` divides by the global batch's std, `none` only centres (Dr. GRPO, arXiv:2503.20783).
+5. L_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3, k3 = exp(ref - logp)
+   - (ref - logp) - 1 >= 0 (Schulman's KL estimator). eps_high > eps_low: DAPO's clip-higher.
+6. `grpo` averages each reply over its tokens, then the replies; `dapo` averages over the global
+   batch's tokens; `dr_grpo` divides the sum by replies x max_new_tokens. `--mask-truncated`
+   leaves out the replies that never ended (DAPO's overlong filtering, arXiv:2503.14476).
+7. `iterations` optimizer steps per batch of samples (mu); with 1 the ratio is always 1 and the
+   clip never acts: REINFORCE with a group baseline.
+8. Logged: reward, accuracy, think rate, KL to the reference (summed log-ratio of a reply), clip
+   fraction, entropy, length, and "equal", the share of groups whose rewards are all equal.
+9. Prompts that leave no room for `max_new_tokens` in the context are skipped and counted.
 10. Before and after: greedy held-out accuracy on data/eval.jsonl, as sft.py measures it.
-11. `--lora-rank r` trains a LoRA adapter instead of every weight (sft.py detail 8), and the
-   reference is the policy itself with its adapter switched off (model.lora_disabled): no second
-   copy of the model in memory, as TRL does with a PEFT model. The adapter's dropout must be 0: the
-   replies would be sampled under one dropout mask and trained on under another.
+11. `--lora-rank r` trains a LoRA adapter; the reference is the policy with it off, no second copy
+   (as TRL with PEFT). Its dropout must be 0: replies sampled under one mask, trained under another.
 """
 
 import argparse
@@ -68,15 +43,17 @@ import math
 import os
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import completion_logprobs, format_accuracy, generate, heldout_accuracy, left_pad, reply_texts, sequence_scores
-from lora import add_lora, lora_disabled
+from engine import (batch_indices, completion_logprobs, format_accuracy, generate, heldout_accuracy,
+                    left_pad, reply_texts, sequence_scores)
 from model import load_checkpoint, save_checkpoint
 from tokenizer import final_answer, thinks
 
@@ -123,17 +100,17 @@ class Args:
     """the ratio is clipped below at 1 - eps_low"""
     eps_high: float = 0.2
     """the ratio is clipped above at 1 + eps_high (0.28 = DAPO clip-higher)"""
-    scale_rewards: str = "group"
-    """advantage scaling: group, batch or none"""
-    loss_type: str = "grpo"
-    """loss aggregation: grpo, dapo or dr_grpo"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide the advantages by the std of the group, of the global batch, or not (detail 4)"""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    """loss aggregation: per reply, then over replies; over all tokens; / (B x max_new_tokens)"""
     mask_truncated: bool = False
     """leave replies that never emitted <|im_end|> out of the loss"""
     log_every: int = 5
     """print a progress line every N steps"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
@@ -150,17 +127,50 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field is an option, the string under it is its help."""
+    """argparse from a dataclass: each field an option, the string under it its help, a Literal
+    its choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
         if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help)
+        elif typing.get_origin(field.type) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
+                                help=help)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=docs.get(field.name))
+            parser.add_argument(flag, type=field.type, default=field.default, help=help)
     return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
+    ddp = "RANK" in os.environ
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    if args.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if bf16 else "float32"
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    return ddp, rank, world, device_type, autocast
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -186,7 +196,7 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             missing = [key for key in required if not isinstance(record, dict) or key not in record]
             if missing:
-                raise ValueError(f"{path}:{line_no}: missing {', '.join(repr(k) for k in missing)}")
+                raise ValueError(f"{path}:{line_no}: missing {', '.join(map(repr, missing))}")
             records.append(record)
     if not records:
         raise ValueError(f"{path} has no records")
@@ -197,18 +207,41 @@ def format_time(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
-def prompt_indices(n_records: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the prompts of `step`: a fresh permutation every epoch, depending only on (seed, step)."""
-    batches_per_epoch = n_records // batch_size
-    epoch, index = divmod(step, batches_per_epoch)
-    order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return order[index * batch_size : (index + 1) * batch_size]
+def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
+    """Each summed metric averaged over `count` steps and over every rank."""
+    values = torch.tensor(list(sums.values()), device=device)
+    if ddp:
+        dist.all_reduce(values)
+        count *= dist.get_world_size()
+    return dict(zip(sums, (values / count).tolist()))
 
 
-# ----------------------------------------------------------------------------- ALGO LOGIC: the GRPO math
+def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
+    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
+    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    shown = [f"{name} {value:.4f}" for name, value in metrics.items()
+             if name not in ("lr", "tok_per_s")]
+    left = format_time(elapsed / step * (steps - step))
+    speed = f"{metrics['tok_per_s'] / 1e3:.1f}k tok/s"
+    return " | ".join([f"{stage} | step {step}/{steps}", *shown, f"lr {metrics['lr']:.1e}", speed,
+                       f"{format_time(elapsed)} elapsed, {left} left"])
+
+
+# ----------------------------------------------------------------------------- ALGO LOGIC: GRPO
+
+# detail 3: r = [final answer == answer] + reward_weight * score - length_penalty * len / max_len
+def grpo_rewards(correct, scores, lengths, reward_weight, length_penalty, max_new_tokens):
+    """correct, lengths (B,), scores (B,) or None -> rewards (B,)."""
+    rewards = correct.clone()
+    if scores is not None:
+        rewards += reward_weight * scores
+    if length_penalty:
+        rewards -= length_penalty * lengths / max_new_tokens
+    return rewards
+
 
 # detail 4: A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     """rewards (B,), the G replies of a prompt in adjacent rows -> advantages (B,)."""
     grouped = rewards.view(-1, group_size)                       # (prompts, G)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
@@ -221,27 +254,29 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     return advantages.flatten()
 
 
-# detail 5: k3 = exp(ref - logp) - (ref - logp) - 1, an unbiased estimate of KL(policy || reference), >= 0
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+# detail 5: k3 = exp(ref - logp) - (ref - logp) - 1, unbiased for KL(policy || reference), >= 0
+def k3_kl(logp, ref_logp):
     return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
-# detail 5: ratio = exp(logp - old_logp);  L_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3
+# detail 5: L_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3
 def grpo_token_loss(logp, old_logp, advantages, eps_low, eps_high, ref_logp=None, beta=0.0):
-    """Per-token loss (B, N) and where the clip removed the gradient (B, N); logp, old_logp (B, N), advantages (B,)."""
+    """Per-token loss (B, N) and where the clip removed the gradient (B, N); advantages (B,)."""
     ratio = torch.exp(logp - old_logp)                           # (B, N)
-    advantages = advantages[:, None]                             # (B, 1): every token of a reply shares it
+    advantages = advantages[:, None]                             # (B, 1): one per reply
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
-    clipped = ((ratio > 1 + eps_high) & (advantages > 0)) | ((ratio < 1 - eps_low) & (advantages < 0))
+    clipped = (((ratio > 1 + eps_high) & (advantages > 0))
+               | ((ratio < 1 - eps_low) & (advantages < 0)))
     loss = -surrogate
     if beta > 0:
         loss = loss + beta * k3_kl(logp, ref_logp)
     return loss, clipped
 
 
-# detail 6: grpo: mean_i (sum_t L_it / |o_i|);  dapo: sum_it L_it / sum_i |o_i|;  dr_grpo: sum_it L_it / (B * max_new_tokens)
-def aggregate_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    masked = token_loss * loss_mask                              # (B, N): 0 after EOS and on padding
+# detail 6: grpo: mean_i (sum_t L_it / |o_i|);  dapo: sum_it L_it / sum_i |o_i|;
+#           dr_grpo: sum_it L_it / (B * max_new_tokens)
+def aggregate_loss(token_loss, loss_mask, loss_type, max_new_tokens):
+    masked = token_loss * loss_mask                              # (B, N): 0 after EOS, on padding
     if loss_type == "grpo":
         return (masked.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1)).mean()
     if loss_type == "dapo":
@@ -251,153 +286,180 @@ def aggregate_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, loss_type:
     raise ValueError(f"--loss-type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
-METRICS = ("loss", "reward", "accuracy", "think", "kl", "clip", "entropy", "length", "equal")
+# ----------------------------------------------------------------------------- models and data
 
-
-def main(args: Args):
-    # -------------------------------------------------------------- distributed, device, dtype
-    ddp = "RANK" in os.environ  # set by torchrun
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks what there is)")
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device == "cuda":
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    device_type = "cuda" if args.device.startswith("cuda") else args.device
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if args.dtype not in ("bfloat16", "float32") or args.steps < 1:
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32 (got {args.dtype!r}) and --steps at least 1 (got {args.steps})")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    torch.manual_seed(args.seed)
-    if args.group_size < 2:  # detail 9
-        raise ValueError(f"--group-size {args.group_size}: a group needs at least 2 replies to compare")
-    if args.temperature <= 0:  # the loss divides the logits by it, and a group of greedy replies is one reply
-        raise ValueError(f"--temperature {args.temperature}: GRPO samples, so it must be > 0 (1.0 is the policy itself)")
-    if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks ({world})")
-    grpo_advantages(torch.zeros(args.group_size), args.group_size, args.scale_rewards)  # check the choices now,
-    aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), args.loss_type, 1)             # not after the first rollout
-    if args.lora_dropout:  # detail 11
-        raise ValueError(f"--lora-dropout {args.lora_dropout}: GRPO samples, scores and trains one network, so it must be 0")
-
-    # -------------------------------------------------------------- data and models
+def load_models(args):
+    """The policy and its tokenizer; the frozen reference (None when beta is 0) and the context it
+    runs in (a LoRA policy's adapter off: detail 11)."""
     policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    reference = reward_model = None
-    if args.lora_rank:  # detail 11: only the adapter trains, and the reference is the policy with it off
+    if args.lora_rank:  # lora.py is needed only here
+        from lora import add_lora, lora_disabled
         add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        reference = policy if args.beta > 0 else None
-    elif args.beta > 0:  # detail 5: the frozen reference, only when the KL term is on
-        reference = load_checkpoint(args.init, device=args.device, head="lm")[0].eval().requires_grad_(False)
-    if args.reward_model:  # detail 3: an optional learned reward on top of the verifiable one
-        reward_model, reward_tokenizer, reward_checkpoint = load_checkpoint(args.reward_model, device=args.device, head="score")
-        if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
-            raise ValueError(f"{args.reward_model} was trained with another tokenizer than {args.init}")
-        reward_model.eval().requires_grad_(False)
-        reward_mean = reward_checkpoint["metrics"].get("reward_mean", 0.0)
-        reward_std = reward_checkpoint["metrics"].get("reward_std", 1.0)
-    context = policy.config.max_position_embeddings
+        return policy, tokenizer, policy if args.beta > 0 else None, lora_disabled
+    reference = None
+    if args.beta > 0:
+        reference = load_checkpoint(args.init, device=args.device, head="lm")[0]
+        reference.eval().requires_grad_(False)
+    return policy, tokenizer, reference, nullcontext
+
+
+def load_reward(args, tokenizer):
+    """A learned reward (reward.py) as a function of a batch: the score at the last real token,
+    normalised with the mean and std that reward.py stored (detail 3)."""
+    model, reward_tokenizer, checkpoint = load_checkpoint(args.reward_model, device=args.device,
+                                                          head="score")
+    if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
+        raise ValueError(f"{args.reward_model} was trained with another tokenizer than {args.init}")
+    model.eval().requires_grad_(False)
+    stats = checkpoint["metrics"]
+    mean, std = stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)
+    return lambda batch: (sequence_scores(model, *batch) - mean) / std
+
+
+def load_prompts(path, tokenizer, max_new_tokens, context, required, needed):
+    """[(prompt ids, stripped answer or None)] of the prompts that leave room for max_new_tokens
+    in the context (at least `needed` of them), and how many do not (detail 9)."""
     records, too_long = [], 0
-    for line_no, record in enumerate(read_jsonl(args.data, required=("prompt",) if reward_model else ("prompt", "answer")), 1):
+    for line_no, record in enumerate(read_jsonl(path, required), 1):
         try:
             prompt = tokenizer.encode_prompt(record["prompt"])
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{args.data}:{line_no}: not a prompt ({e})") from None
-        if len(prompt) + args.max_new_tokens > context:  # detail 9: skipped and counted
+            raise ValueError(f"{path}:{line_no}: not a prompt ({e})") from None
+        if len(prompt) + max_new_tokens > context:
             too_long += 1
             continue
-        records.append((prompt, None if record.get("answer") is None else str(record["answer"]).strip()))
-    if len(records) < args.prompts_per_step:
-        raise ValueError(f"{args.data}: {len(records)} usable prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+        answer = record.get("answer")
+        records.append((prompt, None if answer is None else str(answer).strip()))
+    if len(records) < needed:
+        raise ValueError(f"{path}: {len(records)} usable prompts, fewer than {needed} a step")
+    return records, too_long
+
+
+def sample(policy, tokenizer, prompts, max_new_tokens, temperature, generator, group_size):
+    """One reply to each prompt: (prompt_ids, prompt_mask) (B, P) left-padded as generate pads
+    them, (completion_ids, completion_mask) (B, N) right-padded, up to and with <|im_end|>."""
+    completion_ids, _, completion_mask = generate(
+        policy, prompts, max_new_tokens, temperature, eos_id=tokenizer.im_end_id,
+        pad_id=tokenizer.pad_id, generator=generator, group_size=group_size)
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, completion_ids.device)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def wrap(model, args, ddp, device_type):
+    """The model as it trains: compiled with --compile, in DDP under torchrun."""
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.device(args.device).index]
+                    if device_type == "cuda" else None)
+    return model
+
+
+def all_gathered(tensor, world):
+    """The tensors of every rank, concatenated: the global batch."""
+    gathered = [torch.zeros_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def judge(tokenizer, completion_ids, completion_mask, answers):
+    """correct (B,): 1.0 where the reply's final answer is the answer (a reply whose think block
+    never closes has none); ended (B,); the accuracy over the replies that have an answer; the
+    share of replies that think (details 3, 8)."""
+    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
+    correct = torch.tensor([float(answer is not None and final_answer(text) == answer)
+                            for text, answer in zip(texts, answers)], device=completion_ids.device)
+    accuracy = (correct.sum() / max(1, sum(answer is not None for answer in answers))).item()
+    return correct, ended, accuracy, sum(map(thinks, texts)) / len(texts)
+
+
+def main(args: Args):
+    if args.group_size < 2:
+        raise ValueError(f"--group-size {args.group_size}: a group needs at least 2 replies")
+    if args.temperature <= 0:  # the loss divides the logits by it
+        raise ValueError(f"--temperature {args.temperature}: GRPO samples, so it must be > 0")
+    if args.lora_dropout:  # detail 11
+        raise ValueError(f"--lora-dropout {args.lora_dropout}: must be 0 (see detail 11)")
+    ddp, rank, world, device_type, autocast = setup(args)
+    master, G = rank == 0, args.group_size
+    torch.manual_seed(args.seed)
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step}: not divisible by {world}")
+    policy, tokenizer, reference, as_reference = load_models(args)
+    reward = load_reward(args, tokenizer) if args.reward_model else None
+    context = policy.config.max_position_embeddings
+    required = ("prompt",) if reward else ("prompt", "answer")  # detail 3
+    records, too_long = load_prompts(args.data, tokenizer, args.max_new_tokens, context, required,
+                                     args.prompts_per_step)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
-    raw_policy = policy
-    if args.compile:
-        policy = torch.compile(policy)
-    if ddp:
-        policy = DDP(policy, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
-    sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks sample differently
+    raw_policy, policy = policy, wrap(policy, args, ddp, device_type)
+    sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
 
-    # -------------------------------------------------------------- the training loop
     if master:  # detail 10: held-out accuracy before training
         before = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
-        print(f"grpo | {len(records)} prompts, {args.prompts_per_step} x {args.group_size} replies per step, "
+        print(f"grpo | {len(records)} prompts, {args.prompts_per_step} x {G} replies per step, "
               f"{world} process(es) on {args.device} in {args.dtype}"
               + (", reference the policy, adapter off" if reference is raw_policy else ""))
         if too_long:
-            print(f"grpo | skipped {too_long} prompts that leave no room for {args.max_new_tokens} new tokens in the context ({context})")
+            print(f"grpo | skipped {too_long} prompts that leave no room for "
+                  f"{args.max_new_tokens} new tokens in the context ({context})")
         print(f"grpo | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
-    totals, steps_since_log = torch.zeros(len(METRICS), device=args.device), 0
+    sums, steps_since_log = {}, 0
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [records[i] for i in prompt_indices(len(records), args.prompts_per_step, args.seed, step)][rank::world]
-        prompts = [prompt for prompt, _ in batch for _ in range(args.group_size)]   # detail 1: groups adjacent
-        answers = [answer for _, answer in batch for _ in range(args.group_size)]
+        indices = batch_indices(len(records), args.prompts_per_step, args.seed, step)[rank::world]
+        prompts = [records[i][0] for i in indices for _ in range(G)]  # detail 1: groups adjacent
+        answers = [records[i][1] for i in indices for _ in range(G)]
 
         # ---------------------------------------------------------- rollout (detail 1, 2)
         with torch.no_grad(), autocast:
-            completion_ids, _, completion_mask = generate(raw_policy, prompts, args.max_new_tokens, args.temperature,
-                                                          eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id, generator=sampler,
-                                                          group_size=args.group_size)
-            prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, args.device)   # (B, P), as generate padded them
-            rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-            old_logp = None  # with one iteration the policy is the rollout policy: old = new, detached (TRL)
+            batch = sample(raw_policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                           sampler, G)
+            old_logp = ref_logp = None  # with one iteration: the loss's own, detached
             if args.iterations > 1:
-                old_logp = completion_logprobs(raw_policy, *rollout, temperature=args.temperature,
-                                               group_size=args.group_size)                             # (B, N)
-            with lora_disabled(reference):  # detail 11: a no-op unless the reference is the LoRA policy
-                ref_logp = (completion_logprobs(reference, *rollout, temperature=args.temperature, group_size=args.group_size)
-                            if reference else None)                                              # (B, N)
-            scores = (sequence_scores(reward_model, *rollout) - reward_mean) / reward_std if reward_model else None
+                old_logp = completion_logprobs(raw_policy, *batch, temperature=args.temperature,
+                                               group_size=G)                              # (B, N)
+            if reference is not None:
+                with as_reference(reference):  # detail 11: a LoRA policy with its adapter off
+                    ref_logp = completion_logprobs(reference, *batch,
+                                                   temperature=args.temperature, group_size=G)
+            scores = reward(batch) if reward else None
+        prompt_ids, _, completion_ids, completion_mask = batch
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
 
-        # ---------------------------------------------------------- rewards and advantages (detail 3, 4)
-        texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
-        has_answer = torch.tensor([answer is not None for answer in answers], device=args.device)
-        correct = torch.tensor([float(final_answer(text) == answer) for text, answer in zip(texts, answers)], device=args.device)
-        think_rate = sum(map(thinks, texts)) / len(texts)
+        # ---------------------------------------------------------- rewards, advantages (3, 4)
+        correct, ended, accuracy, think = judge(tokenizer, completion_ids, completion_mask, answers)
         lengths = completion_mask.sum(dim=1)                                             # (B,)
-        rewards = correct.clone()
-        if reward_model is not None:
-            rewards += args.reward_weight * scores
-        if args.length_penalty:
-            rewards -= args.length_penalty * lengths / args.max_new_tokens
-        all_rewards = rewards
-        if ddp:  # statistics of the global batch: every rank gathers every reward
-            gathered = [torch.zeros_like(rewards) for _ in range(world)]
-            dist.all_gather(gathered, rewards)
-            all_rewards = torch.cat(gathered)
-        advantages = grpo_advantages(all_rewards, args.group_size, args.scale_rewards)[rank * len(prompts) : (rank + 1) * len(prompts)]
-        grouped = all_rewards.view(-1, args.group_size)
+        rewards = grpo_rewards(correct, scores, lengths, args.reward_weight, args.length_penalty,
+                               args.max_new_tokens)
+        all_rewards = all_gathered(rewards, world) if ddp else rewards  # the global batch's
+        advantages = grpo_advantages(all_rewards, G, args.scale_rewards)
+        advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
+        grouped = all_rewards.view(-1, G)
         equal_groups = (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean()
-        loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask  # detail 6
-        if ddp and args.loss_type == "dapo":  # the token mean of the global batch, not of this rank's share
+        loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask
+        if ddp and args.loss_type == "dapo":  # the token mean of the global batch, not the rank's
             global_tokens = loss_mask.sum()
             dist.all_reduce(global_tokens)
             dapo_scale = loss_mask.sum() * world / global_tokens.clamp(min=1)
 
         # ---------------------------------------------------------- optimisation (detail 5, 6, 7)
         policy.train()
-        clip_sum = entropy_sum = loss_sum = 0.0
+        loss_sum = clip_sum = entropy_sum = 0.0
         for iteration in range(args.iterations):
             with autocast:
-                logp, entropy = completion_logprobs(policy, *rollout, temperature=args.temperature, return_entropy=True,
-                                                    group_size=args.group_size)                         # (B, N)
+                logp, entropy = completion_logprobs(policy, *batch, temperature=args.temperature,
+                                                    return_entropy=True, group_size=G)  # (B, N)
                 if iteration == 0 and old_logp is None:
                     old_logp = logp.detach()
-                token_loss, clipped = grpo_token_loss(logp, old_logp, advantages, args.eps_low, args.eps_high, ref_logp, args.beta)
+                token_loss, clipped = grpo_token_loss(logp, old_logp, advantages, args.eps_low,
+                                                      args.eps_high, ref_logp, args.beta)
                 loss = aggregate_loss(token_loss, loss_mask, args.loss_type, args.max_new_tokens)
                 if ddp and args.loss_type == "dapo":
                     loss = loss * dapo_scale
@@ -413,32 +475,28 @@ def main(args: Args):
         step += 1
 
         # ---------------------------------------------------------- metrics (detail 8)
-        kl = ((old_logp - ref_logp).sum(dim=1).mean() if reference is not None else torch.zeros((), device=args.device))
-        totals += torch.tensor([loss_sum / args.iterations, rewards.mean().item(),
-                                (correct.sum() / has_answer.sum().clamp(min=1)).item(), think_rate, kl.item(), clip_sum / args.iterations,
-                                entropy_sum / args.iterations, lengths.mean().item(), equal_groups.item()], device=args.device)
+        kl = (old_logp - ref_logp).sum(dim=1).mean().item() if reference is not None else 0.0
+        metrics = {"loss": loss_sum / args.iterations, "reward": rewards.mean().item(),
+                   "accuracy": accuracy, "think": think, "kl": kl,
+                   "clip": clip_sum / args.iterations, "entropy": entropy_sum / args.iterations,
+                   "length": lengths.mean().item(), "equal": equal_groups.item()}
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
         steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(totals)
-            metrics = dict(zip(METRICS, (totals / (steps_since_log * world)).tolist()))
-            totals.zero_()
-            steps_since_log = 0
+            logged = mean_metrics(sums, steps_since_log, ddp, args.device)
+            sums, steps_since_log = {}, 0
             if master:
                 now = time.time()
-                elapsed, rate = now - start_time, step / (now - start_time)
-                tok_per_s, tokens_seen, last_time = tokens_seen / (now - last_time), 0, now
-                print(f"grpo | step {step}/{args.steps} | loss {metrics['loss']:.4f} | reward {metrics['reward']:.3f} | "
-                      f"acc {metrics['accuracy']:.1%} | think {metrics['think']:.1%} | kl {metrics['kl']:.4f} | clip {metrics['clip']:.3f} | "
-                      f"entropy {metrics['entropy']:.3f} | len {metrics['length']:.1f} | equal {metrics['equal']:.0%} | "
-                      f"lr {lr:.1e} | {tok_per_s / 1e3:.1f}k tok/s | {format_time(elapsed)} elapsed, {format_time((args.steps - step) / rate)} left")
-                log_file.write(json.dumps({"step": step, **metrics, "lr": lr, "tok_per_s": tok_per_s}) + "\n")
+                logged.update(lr=lr, tok_per_s=tokens_seen / (now - last_time))
+                tokens_seen, last_time = 0, now
+                print(progress_line("grpo", step, args.steps, logged, now - start_time))
+                log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
     if master:
         after = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
-        save_checkpoint(args.out, raw_policy, tokenizer, "grpo", parent=args.init, step=step, args=dataclasses.asdict(args),
-                        metrics={"before": before, "after": after})
+        save_checkpoint(args.out, raw_policy, tokenizer, "grpo", parent=args.init, step=step,
+                        args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"grpo | done in {format_time(time.time() - start_time)}")
         print(f"grpo | before: {format_accuracy(before)}")
         print(f"grpo | after:  {format_accuracy(after)} | wrote {args.out}")
