@@ -37,10 +37,9 @@ import math
 import os
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -103,35 +102,29 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field an option, the string under it its help, a Literal
-    its choices."""
+    """argparse from a dataclass: an option per field, the docstring its help, Literal = choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help)
-        elif typing.get_origin(field.type) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+        kind = ({"action": argparse.BooleanOptionalAction} if field.type is bool else
+                {"choices": get_args(field.type)} if get_origin(field.type) is Literal else
+                {"type": field.type})
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                            help=docs.get(field.name), **kind)
     return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
     """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
-    ddp = "RANK" in os.environ
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -144,8 +137,8 @@ def setup(args):
         args.dtype = "bfloat16" if bf16 else "float32"
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: at least 1")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else nullcontext())
+    bf16 = args.dtype == "bfloat16"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return ddp, rank, world, device_type, autocast
 
 
@@ -193,8 +186,7 @@ def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
 
 
 def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
-    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
-    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    """`sft | step 120/600 | loss 1.2345 | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left`"""
     shown = [f"{name} {value:.4f}" for name, value in metrics.items()
              if name not in ("lr", "tok_per_s")]
     left = format_time(elapsed / step * (steps - step))

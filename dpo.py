@@ -31,10 +31,9 @@ import math
 import os
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -42,11 +41,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import (all_pairs, batch_indices, format_accuracy, format_skipped, heldout_accuracy,
-                    pair_logps, preference_pairs)
-from model import load_checkpoint, save_checkpoint
+                    load_policy, pair_logps, preference_pairs)
+from model import save_checkpoint
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
-LOSS_TYPES = typing.get_args(LossType)
+LOSS_TYPES = get_args(LossType)
 
 
 @dataclass
@@ -110,35 +109,29 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field an option, the string under it its help, a Literal
-    its choices."""
+    """argparse from a dataclass: an option per field, the docstring its help, Literal = choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help)
-        elif typing.get_origin(field.type) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+        kind = ({"action": argparse.BooleanOptionalAction} if field.type is bool else
+                {"choices": get_args(field.type)} if get_origin(field.type) is Literal else
+                {"type": field.type})
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                            help=docs.get(field.name), **kind)
     return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
     """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
-    ddp = "RANK" in os.environ
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -151,8 +144,8 @@ def setup(args):
         args.dtype = "bfloat16" if bf16 else "float32"
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: at least 1")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else nullcontext())
+    bf16 = args.dtype == "bfloat16"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return ddp, rank, world, device_type, autocast
 
 
@@ -200,8 +193,7 @@ def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
 
 
 def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
-    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
-    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    """`sft | step 120/600 | loss 1.2345 | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left`"""
     shown = [f"{name} {value:.4f}" for name, value in metrics.items()
              if name not in ("lr", "tok_per_s")]
     left = format_time(elapsed / step * (steps - step))
@@ -276,10 +268,10 @@ def main(args: Args):
     if args.ipo_length_normalized and args.loss_type != "ipo":
         raise ValueError(f"--ipo-length-normalized needs --loss-type ipo, not {args.loss_type!r}")
 
-    policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    if args.lora_rank:  # detail 7: only the adapter trains
-        from lora import add_lora, lora_disabled
-        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    # detail 1, 7: a frozen copy of --init or the policy with its adapter off, unless precomputed
+    lora = (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    policy, tokenizer, reference, reference_off = load_policy(
+        args.init, args.device, lora, with_reference=not args.precompute_ref)
     context, pad_id = policy.config.max_position_embeddings, tokenizer.pad_id
     columns = ("prompt", "chosen", "rejected")
     pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, columns), context, args.data)
@@ -298,17 +290,11 @@ def main(args: Args):
         return all_pairs(pair_logps, policy, pairs, pad_id, args.device, args.eval_batch_size,
                          autocast)
     ref_eval = all_logps(eval_pairs) if master else None
-    reference, reference_off = None, nullcontext
     if args.precompute_ref:  # only the pairs this rank will see
         mine = sorted({i for step in range(args.steps) for i in batch_indices(
             len(pairs), args.batch_size, args.seed, step)[rank::world]})
         ref_logps = torch.full((2, len(pairs)), float("nan"), device=args.device)
         ref_logps[:, mine] = torch.stack(all_logps([pairs[i] for i in mine]))
-    elif args.lora_rank:  # detail 7: the policy with its adapter off
-        reference, reference_off = policy, lora_disabled
-    else:
-        reference, _, _ = load_checkpoint(args.init, device=args.device, head="lm")
-        reference.eval().requires_grad_(False)
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     model = torch.compile(policy) if args.compile else policy
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None

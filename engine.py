@@ -1,8 +1,8 @@
 """
 engine.py: what the stages after pretraining do with a model: batched KV-cache generation, per-token
 log-probs of replies (with one pass per shared prompt), reward-model scores, reply texts, held-out
-accuracy, and the order of training batches. model.py is the network; this is its engine, as
-nanochat's engine.py beside gpt.py.
+accuracy, the order of training batches, and RL's pieces (policy and reference, normalised reward,
+rollouts). model.py is the network; this is its engine, as nanochat's engine.py beside gpt.py.
 
     from engine import generate, heldout_accuracy
     completions, logps, mask = generate(model, [prompt_ids], max_new_tokens=32, temperature=0)
@@ -20,9 +20,12 @@ Implementation details (tagged `# detail N` in the code):
    resume and DDP are exact. Not length-bucketed: what goes with length (a task family, say) would
    come in runs of batches and be learned in alternation.
 """
-import torch
+from contextlib import nullcontext
 
-from model import KVCache, unwrap
+import torch
+import torch.distributed as dist
+
+from model import KVCache, load_checkpoint, unwrap
 from tokenizer import final_answer, thinks
 
 
@@ -34,6 +37,15 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> lis
     order = torch.randperm(n_examples,
                            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[index * batch_size : (index + 1) * batch_size].tolist()
+
+
+def minibatches(n_rows: int, size: int, epochs: int, device=None):
+    """Row indices of `epochs` passes over n_rows rows, each a fresh permutation cut into
+    minibatches of `size`; drawn lazily, so a pass an early stop never reaches draws nothing."""
+    for _ in range(epochs):
+        order = torch.randperm(n_rows, device=device)
+        for start in range(0, n_rows, size):
+            yield order[start : start + size]
 
 
 def left_pad(seqs, pad_id, device=None):
@@ -269,19 +281,24 @@ def reply_texts(tokenizer, completion_ids, completion_mask):
     return texts, ended
 
 
-def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128):
+def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128, score=None):
     """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage
     scores them: "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule),
     "think_rate" (the reply starts with <think>), "well_formed" (it closed with <|im_end|> within
-    max_new_tokens), "accuracy/<family>" per task family; "replies": the texts (for a win rate)."""
+    max_new_tokens), "accuracy/<family>" per task family; "replies": the texts (for a win rate);
+    with `score` (load_reward's), "score": the mean reward of the replies."""
     was_training = model.training
     model.eval()
-    replies, correct, closed, families = [], [], [], []
+    replies, correct, closed, families, total_score = [], [], [], [], 0.0
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch]
         completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0,
                                         eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
+        if score is not None:
+            with torch.no_grad():
+                prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, completions.device)
+                total_score += score((prompt_ids, prompt_mask, completions, mask)).sum().item()
         texts, ended = reply_texts(tokenizer, completions, mask)
         for record, text in zip(batch, texts):
             replies.append(text)
@@ -296,6 +313,8 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
         hits = [c for c, f in zip(correct, families) if f == family]
         result[f"accuracy/{family}"] = sum(hits) / len(hits)
     result["replies"] = replies
+    if score is not None:
+        result["score"] = total_score / len(records)
     return result
 
 
@@ -306,6 +325,124 @@ def format_accuracy(result):
                          if key.startswith("accuracy/"))
     return (f"accuracy {result['accuracy']:.1%}" + (f" ({families})" if families else "")
             + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}")
+
+
+# ---- reinforcement learning (grpo.py, ppo.py; load_policy also dpo.py): the policy and its
+#      reference, the reward model, the prompts, rollouts and the judged replies
+
+def load_policy(path, device, lora=None, with_reference=True):
+    """The policy to train, its tokenizer, the frozen reference (None without with_reference) and
+    the context the reference runs in: a second copy under nullcontext or, with lora = (rank,
+    alpha, dropout, targets), rank != 0, the policy under lora_disabled (as TRL with PEFT)."""
+    policy, tokenizer, _ = load_checkpoint(path, device=device, head="lm")
+    if lora and lora[0]:  # add_lora rejects a negative rank
+        # imported only here: a stage copied without LoRA needs no lora.py
+        from lora import add_lora, lora_disabled
+        add_lora(policy, *lora)
+        return policy, tokenizer, policy if with_reference else None, lora_disabled
+    reference = None
+    if with_reference:
+        reference = load_checkpoint(path, device=device, head="lm")[0].eval().requires_grad_(False)
+    return policy, tokenizer, reference, nullcontext
+
+
+def load_reward(path, tokenizer, device):
+    """A reward model (reward.py) as a function of a batch (prompt_ids, prompt_mask, completion_ids,
+    completion_mask) -> (B,): the score at the last real token, normalised with the mean and std
+    that reward.py stored, so that a reward weight or KL coefficient is independent of its scale."""
+    model, reward_tokenizer, checkpoint = load_checkpoint(path, device=device, head="score")
+    if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
+        raise ValueError(f"{path} was trained with another tokenizer than the policy")
+    model.eval().requires_grad_(False)
+    stats = checkpoint["metrics"]
+    mean, std = stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)
+    return lambda batch: (sequence_scores(model, *batch) - mean) / std
+
+
+def encode_prompts(tokenizer, records, max_new_tokens, context, path, needed=1):
+    """[(prompt ids, stripped answer or None)] of the {"prompt"} records that leave room for
+    max_new_tokens in the context (at least `needed` of them), and how many do not."""
+    prompts, too_long = [], 0
+    for line_no, record in enumerate(records, 1):
+        try:
+            prompt = tokenizer.encode_prompt(record["prompt"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}:{line_no}: not a prompt ({e})") from None
+        if len(prompt) + max_new_tokens > context:
+            too_long += 1
+            continue
+        answer = record.get("answer")
+        prompts.append((prompt, None if answer is None else str(answer).strip()))
+    if len(prompts) < needed:
+        raise ValueError(f"{path}: {len(prompts)} usable prompts, fewer than {needed} a step")
+    return prompts, too_long
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts, max_new_tokens, temperature, generator=None, reference=None,
+            as_reference=nullcontext, group_size=1, old_logp=True):
+    """A reply sampled to each prompt (group_size: runs of equal prompts, each prefilled once):
+    batch = (prompt_ids, prompt_mask) (B, P) left-padded + (completion_ids, completion_mask) (B, N)
+    up to and with <|im_end|>, and the replies' log-probs (B, N) at `temperature` under the policy
+    (None without old_logp) and under the reference, run in as_reference (None without one)."""
+    completion_ids, _, completion_mask = generate(
+        policy, prompts, max_new_tokens, temperature, eos_id=tokenizer.im_end_id,
+        pad_id=tokenizer.pad_id, generator=generator, group_size=group_size)
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, completion_ids.device)
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logp = ref_logp = None
+    if old_logp:
+        logp = completion_logprobs(policy, *batch, temperature=temperature, group_size=group_size)
+    if reference is not None:
+        with as_reference(reference):
+            ref_logp = completion_logprobs(reference, *batch, temperature=temperature,
+                                           group_size=group_size)
+    return batch, logp, ref_logp
+
+
+def judge_replies(tokenizer, completion_ids, completion_mask, answers):
+    """heldout_accuracy's rule on sampled replies: correct (B,) 1.0 where the final answer is the
+    answer (a reply whose think block never closes has none), ended (B,), the accuracy over the
+    replies that have an answer, and the share of replies that think."""
+    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
+    correct = torch.tensor([float(answer is not None and final_answer(text) == answer)
+                            for text, answer in zip(texts, answers)], device=completion_ids.device)
+    accuracy = (correct.sum() / max(1, sum(answer is not None for answer in answers))).item()
+    return correct, ended, accuracy, sum(map(thinks, texts)) / len(texts)
+
+
+def masked_mean(x, mask):
+    """The mean of x over the positions where mask is 1 (the real tokens); 0 if there are none."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# approximate KL(old || new) = token mean of (ratio - 1) - log ratio (k3, as CleanRL's PPO)
+def approximate_kl(logp, old_logp, mask):
+    log_ratio = logp - old_logp
+    return masked_mean(log_ratio.exp() - 1 - log_ratio, mask)
+
+
+# explained variance of a critic: 1 - Var(R - V) / Var(R) over the real tokens
+def explained_variance(returns, values, mask):
+    residual = returns - values
+    residual_var = ((residual - masked_mean(residual, mask)) ** 2 * mask).sum()
+    returns_var = ((returns - masked_mean(returns, mask)) ** 2 * mask).sum().clamp(min=1e-8)
+    return 1 - residual_var / returns_var
+
+
+def mean_over_ranks(x, ddp):
+    """x averaged over every DDP rank, in place (x itself without DDP)."""
+    if ddp:
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def all_gathered(tensor):
+    """The tensors of every DDP rank, concatenated in rank order: the global batch."""
+    gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
 
 
 def preference_pairs(tokenizer, records: list[dict], context: int, path: str):

@@ -1,37 +1,31 @@
 """
 grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv:2402.03300), verifiable reward.
 
-    out/sft.pt + data/prompts.jsonl  ->  out/grpo.pt
-
-Run (after `python sft.py`):
+Run (after `python sft.py`), out/sft.pt + data/prompts.jsonl -> out/grpo.pt:
 
     python grpo.py                                                  # CPU defaults
     python grpo.py --device cuda --prompts-per-step 64 --group-size 16 --steps 500    # one GPU
     torchrun --nproc_per_node 8 grpo.py --prompts-per-step 256                       # many GPUs
-    python grpo.py --loss-type dr_grpo --beta 0 --eps-high 0.28     # Dr. GRPO / DAPO variants
 
 Implementation details:
-1. Rollout: `prompts_per_step` prompts a step (engine.batch_indices), `group_size` replies to each
-   in adjacent rows, sampled with the KV cache: a group stays on one rank, its prompt runs once.
-2. Old log-probs come from the loss's own call (logits / temperature) after sampling, so the ratio
-   starts at exactly 1; with one iteration they are the loss's log-probs, detached (as TRL).
-3. Reward = [final answer == answer] (tokenizer.final_answer), + reward_weight * a learned reward
-   (normalised by its stored mean and std) - length_penalty * length / max_new_tokens.
+1. Rollout (engine.rollout): `group_size` replies to each of `prompts_per_step` prompts, in adjacent
+   rows of one rank, each prompt run once; prompts with no room for `max_new_tokens` are skipped.
+2. Old log-probs come from the loss's own call after sampling, so the ratio starts at exactly 1;
+   with one iteration they are the loss's log-probs, detached (as TRL).
+3. Reward = [final answer == answer] + reward_weight * a learned reward (normalised by its stored
+   mean and std) - length_penalty * length / max_new_tokens.
 4. A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std (as TRL); `--scale-rewards
    batch` divides by the global batch's std, `none` only centres (Dr. GRPO, arXiv:2503.20783).
 5. L_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta k3, k3 = exp(ref - logp)
-   - (ref - logp) - 1 >= 0 (Schulman's KL estimator). eps_high > eps_low: DAPO's clip-higher.
-6. `grpo` averages each reply over its tokens, then the replies; `dapo` averages over the global
-   batch's tokens; `dr_grpo` divides the sum by replies x max_new_tokens. `--mask-truncated`
-   leaves out the replies that never ended (DAPO's overlong filtering, arXiv:2503.14476).
-7. `iterations` optimizer steps per batch of samples (mu); with 1 the ratio is always 1 and the
-   clip never acts: REINFORCE with a group baseline.
-8. Logged: reward, accuracy, think rate, KL to the reference (summed log-ratio of a reply), clip
-   fraction, entropy, length, and "equal", the share of groups whose rewards are all equal.
-9. Prompts that leave no room for `max_new_tokens` in the context are skipped and counted.
-10. Before and after: greedy held-out accuracy on data/eval.jsonl, as sft.py measures it.
-11. `--lora-rank r` trains a LoRA adapter; the reference is the policy with it off, no second copy
-   (as TRL with PEFT). Its dropout must be 0: replies sampled under one mask, trained under another.
+   - (ref - logp) - 1 >= 0 (Schulman's KL estimator). `--eps-high 0.28`: DAPO's clip-higher.
+6. `--loss-type grpo` averages each reply over its tokens, then the replies; `dapo` averages over
+   the global batch's tokens; `dr_grpo` divides the sum by replies x max_new_tokens (Dr. GRPO).
+   `--mask-truncated` leaves out replies that never ended (overlong filtering, arXiv:2503.14476).
+7. `iterations` optimizer steps per batch of samples (mu); with 1, REINFORCE with a group baseline.
+8. Logged: reward, accuracy, think rate, KL to the reference (a reply's summed log-ratio), clip,
+   entropy, length, "equal" (share of groups with equal rewards); held-out accuracy before, after.
+9. `--lora-rank r` trains a LoRA adapter; the reference is the policy with it off (as TRL with
+   PEFT). Its dropout must be 0: replies sampled under one mask, trained under another.
 """
 
 import argparse
@@ -43,19 +37,18 @@ import math
 import os
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import (batch_indices, completion_logprobs, format_accuracy, generate, heldout_accuracy,
-                    left_pad, reply_texts, sequence_scores)
-from model import load_checkpoint, save_checkpoint
-from tokenizer import final_answer, thinks
+from engine import (all_gathered, batch_indices, completion_logprobs, encode_prompts,
+                    format_accuracy, heldout_accuracy, judge_replies, load_policy, load_reward,
+                    masked_mean, rollout)
+from model import save_checkpoint
 
 
 @dataclass
@@ -121,41 +114,35 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA: the update is scaled by alpha / rank"""
     lora_dropout: float = 0.0
-    """LoRA: dropout on the adapter's input (must be 0 here: detail 11)"""
+    """LoRA: dropout on the adapter's input (must be 0 here: detail 9)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field an option, the string under it its help, a Literal
-    its choices."""
+    """argparse from a dataclass: an option per field, the docstring its help, Literal = choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help)
-        elif typing.get_origin(field.type) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+        kind = ({"action": argparse.BooleanOptionalAction} if field.type is bool else
+                {"choices": get_args(field.type)} if get_origin(field.type) is Literal else
+                {"type": field.type})
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                            help=docs.get(field.name), **kind)
     return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
     """Device, DDP (torchrun sets RANK) and dtype: (ddp, rank, world, device_type, autocast)."""
-    ddp = "RANK" in os.environ
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -168,8 +155,8 @@ def setup(args):
         args.dtype = "bfloat16" if bf16 else "float32"
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: at least 1")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else nullcontext())
+    bf16 = args.dtype == "bfloat16"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return ddp, rank, world, device_type, autocast
 
 
@@ -217,8 +204,7 @@ def mean_metrics(sums: dict, count: int, ddp: bool, device) -> dict:
 
 
 def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: float) -> str:
-    """STAGE | step 120/600 | loss 1.2345 | ... | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left
-    (each metric by name, then the learning rate, the speed and the time)."""  # noqa: E501
+    """`sft | step 120/600 | loss 1.2345 | lr 3.0e-04 | 12.3k tok/s | 00:41 elapsed, 02:45 left`"""
     shown = [f"{name} {value:.4f}" for name, value in metrics.items()
              if name not in ("lr", "tok_per_s")]
     left = format_time(elapsed / step * (steps - step))
@@ -267,10 +253,7 @@ def grpo_token_loss(logp, old_logp, advantages, eps_low, eps_high, ref_logp=None
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
     clipped = (((ratio > 1 + eps_high) & (advantages > 0))
                | ((ratio < 1 - eps_low) & (advantages < 0)))
-    loss = -surrogate
-    if beta > 0:
-        loss = loss + beta * k3_kl(logp, ref_logp)
-    return loss, clipped
+    return (-surrogate + beta * k3_kl(logp, ref_logp) if beta > 0 else -surrogate), clipped
 
 
 # detail 6: grpo: mean_i (sum_t L_it / |o_i|);  dapo: sum_it L_it / sum_i |o_i|;
@@ -286,124 +269,39 @@ def aggregate_loss(token_loss, loss_mask, loss_type, max_new_tokens):
     raise ValueError(f"--loss-type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
-# ----------------------------------------------------------------------------- models and data
-
-def load_models(args):
-    """The policy and its tokenizer; the frozen reference (None when beta is 0) and the context it
-    runs in (a LoRA policy's adapter off: detail 11)."""
-    policy, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    if args.lora_rank:  # lora.py is needed only here
-        from lora import add_lora, lora_disabled
-        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        return policy, tokenizer, policy if args.beta > 0 else None, lora_disabled
-    reference = None
-    if args.beta > 0:
-        reference = load_checkpoint(args.init, device=args.device, head="lm")[0]
-        reference.eval().requires_grad_(False)
-    return policy, tokenizer, reference, nullcontext
-
-
-def load_reward(args, tokenizer):
-    """A learned reward (reward.py) as a function of a batch: the score at the last real token,
-    normalised with the mean and std that reward.py stored (detail 3)."""
-    model, reward_tokenizer, checkpoint = load_checkpoint(args.reward_model, device=args.device,
-                                                          head="score")
-    if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
-        raise ValueError(f"{args.reward_model} was trained with another tokenizer than {args.init}")
-    model.eval().requires_grad_(False)
-    stats = checkpoint["metrics"]
-    mean, std = stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)
-    return lambda batch: (sequence_scores(model, *batch) - mean) / std
-
-
-def load_prompts(path, tokenizer, max_new_tokens, context, required, needed):
-    """[(prompt ids, stripped answer or None)] of the prompts that leave room for max_new_tokens
-    in the context (at least `needed` of them), and how many do not (detail 9)."""
-    records, too_long = [], 0
-    for line_no, record in enumerate(read_jsonl(path, required), 1):
-        try:
-            prompt = tokenizer.encode_prompt(record["prompt"])
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}:{line_no}: not a prompt ({e})") from None
-        if len(prompt) + max_new_tokens > context:
-            too_long += 1
-            continue
-        answer = record.get("answer")
-        records.append((prompt, None if answer is None else str(answer).strip()))
-    if len(records) < needed:
-        raise ValueError(f"{path}: {len(records)} usable prompts, fewer than {needed} a step")
-    return records, too_long
-
-
-def sample(policy, tokenizer, prompts, max_new_tokens, temperature, generator, group_size):
-    """One reply to each prompt: (prompt_ids, prompt_mask) (B, P) left-padded as generate pads
-    them, (completion_ids, completion_mask) (B, N) right-padded, up to and with <|im_end|>."""
-    completion_ids, _, completion_mask = generate(
-        policy, prompts, max_new_tokens, temperature, eos_id=tokenizer.im_end_id,
-        pad_id=tokenizer.pad_id, generator=generator, group_size=group_size)
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, completion_ids.device)
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
-
-
-def wrap(model, args, ddp, device_type):
-    """The model as it trains: compiled with --compile, in DDP under torchrun."""
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(args.device).index]
-                    if device_type == "cuda" else None)
-    return model
-
-
-def all_gathered(tensor, world):
-    """The tensors of every rank, concatenated: the global batch."""
-    gathered = [torch.zeros_like(tensor) for _ in range(world)]
-    dist.all_gather(gathered, tensor)
-    return torch.cat(gathered)
-
-
-def judge(tokenizer, completion_ids, completion_mask, answers):
-    """correct (B,): 1.0 where the reply's final answer is the answer (a reply whose think block
-    never closes has none); ended (B,); the accuracy over the replies that have an answer; the
-    share of replies that think (details 3, 8)."""
-    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
-    correct = torch.tensor([float(answer is not None and final_answer(text) == answer)
-                            for text, answer in zip(texts, answers)], device=completion_ids.device)
-    accuracy = (correct.sum() / max(1, sum(answer is not None for answer in answers))).item()
-    return correct, ended, accuracy, sum(map(thinks, texts)) / len(texts)
-
-
 def main(args: Args):
     if args.group_size < 2:
         raise ValueError(f"--group-size {args.group_size}: a group needs at least 2 replies")
     if args.temperature <= 0:  # the loss divides the logits by it
         raise ValueError(f"--temperature {args.temperature}: GRPO samples, so it must be > 0")
-    if args.lora_dropout:  # detail 11
-        raise ValueError(f"--lora-dropout {args.lora_dropout}: must be 0 (see detail 11)")
+    if args.lora_dropout:  # detail 9
+        raise ValueError(f"--lora-dropout {args.lora_dropout}: must be 0 (see detail 9)")
     ddp, rank, world, device_type, autocast = setup(args)
     master, G = rank == 0, args.group_size
     torch.manual_seed(args.seed)
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step}: not divisible by {world}")
-    policy, tokenizer, reference, as_reference = load_models(args)
-    reward = load_reward(args, tokenizer) if args.reward_model else None
+    lora = (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    policy, tokenizer, reference, as_reference = load_policy(args.init, args.device, lora,
+                                                             with_reference=args.beta > 0)
+    reward = load_reward(args.reward_model, tokenizer, args.device) if args.reward_model else None
     context = policy.config.max_position_embeddings
-    required = ("prompt",) if reward else ("prompt", "answer")  # detail 3
-    records, too_long = load_prompts(args.data, tokenizer, args.max_new_tokens, context, required,
-                                     args.prompts_per_step)
+    data = read_jsonl(args.data, ("prompt",) if reward else ("prompt", "answer"))  # detail 3
+    records, too_long = encode_prompts(tokenizer, data, args.max_new_tokens, context, args.data,
+                                       args.prompts_per_step)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
-    raw_policy, policy = policy, wrap(policy, args, ddp, device_type)
+    model = torch.compile(policy) if args.compile else policy
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    model = DDP(model, device_ids=device_ids) if ddp else model
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
 
-    if master:  # detail 10: held-out accuracy before training
-        before = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
-        print(f"grpo | {len(records)} prompts, {args.prompts_per_step} x {G} replies per step, "
-              f"{world} process(es) on {args.device} in {args.dtype}"
-              + (", reference the policy, adapter off" if reference is raw_policy else ""))
-        if too_long:
-            print(f"grpo | skipped {too_long} prompts that leave no room for "
-                  f"{args.max_new_tokens} new tokens in the context ({context})")
+    if master:  # detail 8: held-out accuracy before training
+        before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
+        print(f"grpo | {len(records)} prompts ({too_long} too long for the context), "
+              f"{args.prompts_per_step} x {G} replies per step, {world} process(es) on "
+              f"{args.device} in {args.dtype}"
+              + (", reference the policy, adapter off" if reference is policy else ""))
         print(f"grpo | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
@@ -414,63 +312,50 @@ def main(args: Args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         indices = batch_indices(len(records), args.prompts_per_step, args.seed, step)[rank::world]
-        prompts = [records[i][0] for i in indices for _ in range(G)]  # detail 1: groups adjacent
-        answers = [records[i][1] for i in indices for _ in range(G)]
+        prompts, answers = zip(*[records[i] for i in indices for _ in range(G)])  # groups adjacent
 
         # ---------------------------------------------------------- rollout (detail 1, 2)
-        with torch.no_grad(), autocast:
-            batch = sample(raw_policy, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                           sampler, G)
-            old_logp = ref_logp = None  # with one iteration: the loss's own, detached
-            if args.iterations > 1:
-                old_logp = completion_logprobs(raw_policy, *batch, temperature=args.temperature,
-                                               group_size=G)                              # (B, N)
-            if reference is not None:
-                with as_reference(reference):  # detail 11: a LoRA policy with its adapter off
-                    ref_logp = completion_logprobs(reference, *batch,
-                                                   temperature=args.temperature, group_size=G)
+        with torch.no_grad(), autocast:  # with one iteration, old_logp is the loss's own, detached
+            batch, old_logp, ref_logp = rollout(policy, tokenizer, prompts, args.max_new_tokens,
+                                                args.temperature, sampler, reference, as_reference,
+                                                G, old_logp=args.iterations > 1)
             scores = reward(batch) if reward else None
         prompt_ids, _, completion_ids, completion_mask = batch
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
 
         # ---------------------------------------------------------- rewards, advantages (3, 4)
-        correct, ended, accuracy, think = judge(tokenizer, completion_ids, completion_mask, answers)
+        correct, ended, accuracy, think = judge_replies(tokenizer, *batch[2:], answers)
         lengths = completion_mask.sum(dim=1)                                             # (B,)
         rewards = grpo_rewards(correct, scores, lengths, args.reward_weight, args.length_penalty,
                                args.max_new_tokens)
-        all_rewards = all_gathered(rewards, world) if ddp else rewards  # the global batch's
-        advantages = grpo_advantages(all_rewards, G, args.scale_rewards)
-        advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
-        grouped = all_rewards.view(-1, G)
-        equal_groups = (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean()
+        all_rewards = all_gathered(rewards) if ddp else rewards  # the global batch's
+        advantages = grpo_advantages(all_rewards, G, args.scale_rewards).view(world, -1)[rank]
+        equal_groups = (all_rewards.view(-1, G).diff(dim=1) == 0).all(dim=1).float().mean()
         loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask
-        if ddp and args.loss_type == "dapo":  # the token mean of the global batch, not the rank's
-            global_tokens = loss_mask.sum()
-            dist.all_reduce(global_tokens)
-            dapo_scale = loss_mask.sum() * world / global_tokens.clamp(min=1)
+        scale = 1.0  # dapo under DDP: the token mean of the global batch, not the rank's (detail 6)
+        if ddp and args.loss_type == "dapo":
+            scale = loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
 
         # ---------------------------------------------------------- optimisation (detail 5, 6, 7)
-        policy.train()
+        model.train()
         loss_sum = clip_sum = entropy_sum = 0.0
         for iteration in range(args.iterations):
             with autocast:
-                logp, entropy = completion_logprobs(policy, *batch, temperature=args.temperature,
+                logp, entropy = completion_logprobs(model, *batch, temperature=args.temperature,
                                                     return_entropy=True, group_size=G)  # (B, N)
                 if iteration == 0 and old_logp is None:
                     old_logp = logp.detach()
                 token_loss, clipped = grpo_token_loss(logp, old_logp, advantages, args.eps_low,
                                                       args.eps_high, ref_logp, args.beta)
-                loss = aggregate_loss(token_loss, loss_mask, args.loss_type, args.max_new_tokens)
-                if ddp and args.loss_type == "dapo":
-                    loss = loss * dapo_scale
+                loss = aggregate_loss(token_loss, loss_mask, args.loss_type,
+                                      args.max_new_tokens) * scale
             loss.backward()  # DDP averages the gradients over ranks
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n_tokens = loss_mask.sum().clamp(min=1)  # the tokens that are trained on
-            clip_sum += ((clipped * loss_mask).sum() / n_tokens).item()
-            entropy_sum += ((entropy.detach() * loss_mask).sum() / n_tokens).item()
+            clip_sum += masked_mean(clipped, loss_mask).item()  # over the tokens trained on
+            entropy_sum += masked_mean(entropy.detach(), loss_mask).item()
             loss_sum += loss.item()
         step += 1
 
@@ -494,8 +379,8 @@ def main(args: Args):
                 log_file.flush()
 
     if master:
-        after = heldout_accuracy(raw_policy, tokenizer, eval_records, args.max_new_tokens)
-        save_checkpoint(args.out, raw_policy, tokenizer, "grpo", parent=args.init, step=step,
+        after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
+        save_checkpoint(args.out, policy, tokenizer, "grpo", parent=args.init, step=step,
                         args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"grpo | done in {format_time(time.time() - start_time)}")
         print(f"grpo | before: {format_accuracy(before)}")
