@@ -1,57 +1,84 @@
 """
-test_all.py: the test suite of llm-stages (pytest).
+test_all.py: the test suite of llm-stages (pytest), in pipeline order.
 
-    python -m pytest -q test_all.py            # everything (~6 minutes on a 2-core CPU)
-    python -m pytest -q test_all.py -k dpo     # one area
+    python -m pytest -q -m "not e2e" test_all.py   # the fast lane while editing: unit tests only
+    python -m pytest -q test_all.py                # everything
+    python -m pytest -q test_all.py -k dpo         # one area
 
-Tests check numbers: hand-computed losses, invariants, parity with Hugging Face transformers and
-tiktoken (skipped with a reason when they are not installed), and tiny end-to-end runs of every
-stage (single process and torchrun with 2 CPU ranks).
+Tests check numbers: hand-computed losses, invariants, parity with Hugging Face transformers, TRL,
+PEFT and tiktoken (skipped with a reason when they are not installed), and tiny end-to-end runs of
+every stage (single process and torchrun with 2 CPU ranks). The end-to-end runs, and every test
+that starts a subprocess or calls a stage's main, are marked e2e.
+
+Sections: data, tokenizer, model, engine, lora, pretrain, sft, reward, ppo, grpo, dpo, distill,
+eval, hf, serve, pipeline.
 """
-from collections import Counter
+from collections import Counter, defaultdict
+import contextlib
+import dataclasses
+import http
 import json
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import types
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules tested
+
+import data
+import distill
+from distill import generalized_jsd, kd_loss
+from dpo import LOSS_TYPES, dpo_loss
+import engine
+from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,
+                    generate, heldout_accuracy, judge_replies, left_pad, pair_logps,
+                    pair_scores as pair_rewards, preference_pairs, reply_texts, right_pad,
+                    sample_token, sequence_scores, shared_prompt_logprobs)
+import eval as evaluate
+from eval import bits_per_byte, sampled_replies
+import grpo
+from grpo import aggregate_loss, grpo_advantages, grpo_token_loss, k3_kl
+import hf
+from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled
+import model as model_module
+from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy, load_balancing_loss,
+                   load_checkpoint, save_checkpoint)
+import ppo
+from ppo import adaptive_kl_coef, gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
+from pretrain import lr_at
+from reward import pairwise_accuracy, reward_loss, reward_model_from
+import serve
+from serve import show_reply
+import sft
+from sft import lr_at as sft_lr_at, sft_example
+from tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, _CHUNK_PATTERN,
+                       final_answer, read_documents, thinks)
+
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
 PY = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 1 thread: tests run side by side
+# 1 thread: tests run side by side
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-import data  # noqa: E402
-import hf  # noqa: E402
-from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,  # noqa: E402
-                    generate, heldout_accuracy, left_pad, right_pad, sample_token, sequence_scores,
-                    shared_prompt_logprobs)
-from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled  # noqa: E402
-from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy,  # noqa: E402
-                   load_balancing_loss, load_checkpoint, save_checkpoint)
-from serve import show_reply  # noqa: E402
-import engine  # noqa: E402
-import model as model_module  # noqa: E402
-import serve  # noqa: E402
-from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, final_answer, thinks  # noqa: E402
-
-
-# =================================================================================================
-# tokenizer
-# =================================================================================================
-
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-
-SAMPLE = """The quick brown fox doesn't jump; it's 12345 steps away, isn't it? We'LL see: 3.14 + 2 = 5.14
+SAMPLE = """\
+The quick brown fox doesn't jump; it's 12345 steps away, isn't it? We'LL see: 3.14 + 2 = 5.14
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text if c.isalnum()]  # __init__, _private, x_1
 Grüße aus München! Die Straße ist schön, Mädchen und Jungen lächeln.
@@ -61,10 +88,41 @@ Emoji: 😀👍🏽👨‍👩‍👧 🎉🚀 ✅, numbers ²³ ½ Ⅻ ① ٣٤
 Combining: e\u0301 a\u0308 n\u0303; tabs\tand   spaces   \n\n\n  trailing   \r\nwindows\r\n
 """
 
+HF_SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, isn't it? Prices: $3.50, "
+             "1,000,000 units.\n"
+             "Größere Bäume wachsen langsam; façade, naïve café. Ελληνικά κείμενα. Русский текст "
+             "тоже.\n"
+             "日本語のテキストと中文文本，还有한국어. عربي وعبرית. emoji 🙂🚀 and   "
+             "spaces\ttabs\n\n"
+             "def f(x):\n    return x ** 2  # code\r\n")
 
-def corpus():
-    with open(os.path.join(ROOT, "tokenizer.py"), encoding="utf-8") as f:
-        return [SAMPLE * 4, f.read()[:20000], SAMPLE.upper()]
+TRL_MISSING = "trl is not installed (pip install -r requirements-dev.txt)"
+# what the tiny model learns
+SERVE_REPLIES = {"think": "<think>one and one</think>two", "say": "hello there"}
+
+
+# ==================================================================================================
+# the tiny model: one config, one factory
+# ==================================================================================================
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # random norms and biases, so a parity test also checks where they go
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                        else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+# ==================================================================================================
+# fixtures: the tiny world, built once per session
+# ==================================================================================================
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +130,597 @@ def tok():
     return Tokenizer.train(corpus(), vocab_size=256 + 5 + 500)
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    data.main(data.Args(out=str(out), scale=0.02))
+    return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny built-in world: data, a tokenizer, a tiny pretrained model."""
+    d = tmp_path_factory.mktemp("world")
+    run_ok(os.path.join(ROOT, "data.py"), "--out", str(d / "data"), "--scale", "0.02")
+    run_ok(os.path.join(ROOT, "tokenizer.py"), "--data", str(d / "data" / "pretrain.txt"),
+           "--vocab-size", "400", "--out", str(d / "out" / "tokenizer.json"))
+    run_ok(os.path.join(ROOT, "pretrain.py"), *TINY_PRETRAIN(d), "--steps", "30", "--out",
+           str(d / "out" / "pretrain.pt"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(world):
+    """out/sft.pt of the tiny world: the starting point of every post-training stage's tests."""
+    run_ok(os.path.join(ROOT, "sft.py"), *TINY_SFT(world), "--steps", "20", "--log-every", "10",
+           "--out", str(world / "out" / "sft.pt"))
+    return world / "out" / "sft.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(world, tiny_sft):
+    """A reward model for the tiny world: the tiny SFT trunk with a fresh score head."""
+    _, tokenizer, checkpoint = load_checkpoint(str(tiny_sft))
+    torch.manual_seed(0)
+    reward_model = Transformer(ModelConfig(**{**checkpoint["config"], "head": "score"}))
+    reward_model.load_state_dict({k: v for k, v in checkpoint["model"].items()
+                                  if not k.startswith("lm_head")}, strict=False)
+    path = world / "out" / "reward_rl.pt"
+    save_checkpoint(str(path), reward_model, tokenizer, "reward", parent=str(tiny_sft),
+                    metrics={"reward_mean": 0.1, "reward_std": 2.0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return Tokenizer.train(HF_SAMPLE * 3, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def serve_tiny():
+    """A byte-level tokenizer and a tiny model overfit to SERVE_REPLIES (one reply thinks): replies
+    to know."""
+    tokenizer = Tokenizer(merges=[])
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128).train()
+    chats = [tokenizer.encode_chat([{"role": "user", "content": q},
+                                    {"role": "assistant", "content": a}])
+             for q, a in SERVE_REPLIES.items()]
+    ids, _ = right_pad([c[0] for c in chats], tokenizer.pad_id)
+    mask, _ = right_pad([c[1] for c in chats], 0)
+    targets = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
+                         torch.full_like(ids[:, :1], -100)], 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        _, loss = model(ids, targets=targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for question, reply in SERVE_REPLIES.items():  # the replies the tests expect
+        assert serve_generate(model, tokenizer, question) == (reply, "stop")
+    return model, tokenizer
+
+
+# ==================================================================================================
+# helpers shared by several sections
+# ==================================================================================================
+
+
+def corpus():
+    with open(os.path.join(ROOT, "tokenizer.py"), encoding="utf-8") as f:
+        return [SAMPLE * 4, f.read()[:20000], SAMPLE.upper()]
+
+
+def grouped_batch(group_size=3):
+    """Rows in groups sharing a left-padded prompt (GRPO's layout), right-padded replies of mixed
+    lengths."""
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
+    replies = [[15, 16, 17], [18], [19, 20], [21, 22, 23, 24], [25], [26, 27], [28], [29, 30, 31],
+               [32]]
+    p_ids, p_mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
+    c_ids, c_mask = right_pad(replies[:len(prompts) * group_size], 0)
+    return p_ids, p_mask, c_ids, c_mask.float()
+
+
+def run_ok(*argv, cwd=None, timeout=300):
+    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, (
+        f"{argv[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+def run_error(*argv, cwd=None):
+    """A script that must refuse its input: exit 2 with one `error:` line on stderr."""
+    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, f"{argv} exited {result.returncode}:\n{result.stderr[-2000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def losses(jsonl_path: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, open(jsonl_path)) if "loss" in r}
+
+
+def TINY_PRETRAIN(d):
+    return ["--data", str(d / "data" / "pretrain.txt"), "--tokenizer",
+            str(d / "out" / "tokenizer.json"), "--hidden-size", "32", "--num-layers", "2",
+            "--context", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "5", "--log-every",
+            "1", "--eval-every", "1000", "--eval-batches", "2", "--device", "cpu"]
+
+
+def TINY_SFT(d):
+    return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
+            "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
+            "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def head(path, n):
+    """The first n lines of a data file, written next to it (small held-out sets keep the runs
+    fast)."""
+    small = f"{path}.head{n}.jsonl"
+    if not os.path.exists(small):
+        with open(path) as f, open(small, "w") as out:
+            out.writelines(line for _, line in zip(range(n), f))
+    return small
+
+
+def TINY_REWARD(d):
+    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
+            "--eval-pairs", head(d / "data" / "prefs_eval.jsonl", 60), "--batch-size", "8",
+            "--log-every", "1", "--stats-pairs", "16", "--device", "cpu"]
+
+
+def TINY_DPO(d):
+    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
+            "--eval-pairs", head(d / "data" / "prefs_eval.jsonl", 60), "--eval-data",
+            head(d / "data" / "eval.jsonl", 30), "--batch-size", "8", "--log-every", "1",
+            "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def logged(jsonl_path, key="loss"):
+    return {r["step"]: r[key] for r in map(json.loads, open(jsonl_path))}
+
+
+def run_ddp(script, *argv):
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             "2", os.path.join(ROOT, script), *argv],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def pair(prompt, chosen, rejected, kind="x"):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 0.0, "kind": kind}
+
+
+def TINY_RL(world, tiny_sft):
+    # every 10th held-out prompt: the before/after numbers in a second
+    small_eval = world / "data" / "eval_rl.jsonl"
+    if not small_eval.exists():
+        small_eval.write_text("".join(open(world / "data" / "eval.jsonl").readlines()[::10]))
+    return ["--init", str(tiny_sft), "--data", str(world / "data" / "prompts.jsonl"), "--eval-data",
+            str(small_eval), "--steps", "2", "--max-new-tokens", "6", "--log-every", "1",
+            "--device", "cpu"]
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def hf_randomize(model, seed=0):
+    """Random weights everywhere, norms and biases included, so parity checks where each tensor
+    goes."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_checkpoint(tmp_path, tok, stage="sft", name="ckpt.pt", **overrides):
+    model = hf_randomize(tiny_model(vocab_size=tok.vocab_size, **overrides))
+    path = str(tmp_path / name)
+    save_checkpoint(path, model, tok, stage=stage)
+    return path, model
+
+
+def hf_logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0]
+
+
+def hf_save_model(tmp_path, tok, cls_name, tokenizer_json=None, **config):
+    """A tiny random model saved by transformers, with a tokenizer.json (ours, unless given)."""
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, cls_name)
+    kwargs = {**TINY, "vocab_size": tok.vocab_size + 6, **config}  # our tiny shapes
+    torch.manual_seed(0)
+    model = hf_randomize(cls(cls.config_class(**kwargs)))
+    out = tmp_path / cls_name
+    model.save_pretrained(str(out))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json or hf.hf_tokenizer_json(tok)),
+                                        encoding="utf-8")
+    return str(out), model
+
+
+# Each test feeds the same random inputs (float64 where both sides allow) to one of our loss
+# functions and to TRL's own code, called through the smallest stand-in for the trainer it lives
+# in (a types.SimpleNamespace passed as `self`, with only the attributes the method reads), not
+# TRL's lines re-typed. Written against TRL 1.16; skipped when trl is not installed. Where we
+# differ from TRL by design (dpo.py detail 4, ppo.py detail 4) the tests say so.
+def trl_stand_in(**attributes):
+    """What every trainer method below reads: a model in train mode, a one-process accelerator, a
+    metrics dict."""
+    identity = lambda x: x  # noqa: E731
+    accelerator = types.SimpleNamespace(device="cpu", num_processes=1, process_index=0,
+                                        gather=identity, gather_for_metrics=identity,
+                                        reduce=lambda x, reduction: x)
+    return types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        _total_train_tokens=0,
+        _tp_size=1,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        **attributes,
+    )
+
+
+def serve_generate(model, tokenizer, messages, max_tokens=None, temperature=0.0, seed=None):
+    """engine.generate's reply to `messages` as the server must give it: (text, finish_reason)."""
+    prompt = tokenizer.encode_prompt(messages)
+    max_tokens = max_tokens or model.config.max_position_embeddings - len(prompt)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    ids, _, mask = generate(
+        model,
+        [prompt],
+        max_tokens,
+        temperature=temperature,
+        eos_id=tokenizer.im_end_id,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
+    tokens = ids[0][mask[0].bool()].tolist()
+    if tokens[-1] == tokenizer.im_end_id:
+        return tokenizer.decode(tokens[:-1]), "stop"
+    return tokenizer.decode(tokens), "length"
+
+
+# ==================================================================================================
+# 1. data.py: the built-in tiny world
+# ==================================================================================================
+
+DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
+              "eval.jsonl", "prefs_eval.jsonl"]
+
+DATA_FAMILIES = ["add", "sub"]
+
+DATA_TINY = ["--scale", "0.02"]
+
+# the forms of a pretraining skill line: regex -> (family, prompt-like text, answer)
+DATA_PLAIN = [
+    (r"(\d+) (?:\+|plus) (\d+) (?:=|equals) (\d+)", lambda m: ("add", f"{m[1]} + {m[2]}", m[3])),
+    (r"(\d+) (?:-|minus) (\d+) (?:=|equals) (\d+)", lambda m: ("sub", f"{m[1]} - {m[2]}", m[3])),
+]
+
+
+# The answers and keys below are recomputed from the prompt text alone, independently of data.py,
+# so a generator bug cannot hide behind its own helpers.
+def data_solve(family, prompt):
+    """(canonical key, answer) of a task prompt, from its text alone."""
+    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+    assert family in ("add", "sub") and len(numbers) == 2, (family, prompt)
+    a, b = numbers
+    assert max(a, b) >= 100 and max(a, b) <= 999, prompt  # a three-digit number and a smaller one
+    if family == "sub":
+        assert a >= b, prompt
+        return f"sub:{a}:{b}", str(a - b)
+    return f"add:{min(a, b)}:{max(a, b)}", str(a + b)
+
+
+def data_check_reply(family, prompt, reply):
+    """Checks a thinking reply step by step, independently of data.py: the operands restated and
+    zero-padded, each column's step arithmetically right with the carry / borrow of the column
+    before, and the answer spelled by the steps equal to the true answer. Returns the answer."""
+    a, b = map(int, re.findall(r"\d+", prompt))
+    sign = {"add": "+", "sub": "-"}[family]
+    m = re.fullmatch(r"<think>(\d{3})([+-])(\d{3}): (.+)</think>(\d+)", reply)
+    assert m, reply
+    assert (int(m[1]), m[2], int(m[3])) == (a, sign, b), reply
+    steps, carry, digits = m[4].split(" "), 0, []
+    assert len(steps) == 3, reply
+    for column, step in enumerate(steps):
+        x, y = int(m[1][2 - column]), int(m[3][2 - column])
+        numbers = [int(n) for n in re.findall(r"\d+", step)]
+        if family == "add":
+            expected = [x, y, x + y] if column == 0 else [x, y, carry, x + y + carry]
+            carry = expected[-1] // 10
+        else:
+            top = x + 10 if x - y - carry < 0 else x
+            expected = [top, y, top - y] if column == 0 else [top, y, carry, top - y - carry]
+            carry = int(top > x)
+        assert numbers == expected and step.count(sign) == len(expected) - 2, (
+            reply,
+            step,
+            expected,
+        )
+        digits.append(expected[-1])
+    spelled = str(int(str(digits[-1]) + "".join(str(d % 10) for d in digits[-2::-1])))
+    true_answer = str(a + b if family == "add" else a - b)
+    assert spelled == true_answer == m[5], reply
+    return m[5]
+
+
+def data_pretrain_problems(text):
+    """(family, key) of every skill line; fails on a line that looks like a skill but is not one,
+    and on a thinking line whose trace is wrong."""
+    problems = []
+    for line in text.splitlines():
+        if not re.search(r"\d", line):
+            continue  # prose
+        if "<think>" in line:
+            question, reply = line.split(" <think>")
+            family = "add" if re.search(r"\+|Add ", question) else "sub"
+            key, answer = data_solve(family, question)
+            assert data_check_reply(family, question, "<think>" + reply) == answer, line
+            problems.append((family, key))
+            continue
+        for pattern, parse in DATA_PLAIN:
+            m = re.fullmatch(pattern, line)
+            if m:
+                family, prompt, answer = parse(m)
+                key, expected = data_solve(family, prompt)
+                assert answer == expected, f"wrong pretraining line: {line!r}"
+                problems.append((family, key))
+                break
+        else:
+            raise AssertionError(f"unrecognized pretraining line: {line!r}")
+    return problems
+
+
+def data_read(directory, name):
+    with open(os.path.join(directory, name), encoding="utf-8") as f:
+        if name.endswith(".txt"):
+            return f.read()
+        return [json.loads(line) for line in f]
+
+
+def test_data_records_have_fields_and_correct_answers_and_traces(tiny_data):
+    for name in ("prompts.jsonl", "eval.jsonl"):
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "answer", "family", "level"} and r["level"] in (1, 2, 3), r
+            assert data_solve(r["family"], r["prompt"])[1] == r["answer"], r
+    sft = data_read(tiny_data, "sft.jsonl")
+    assert {r["family"] for r in sft} == {*DATA_FAMILIES, "chat"}
+    assert any(m["role"] == "system" for r in sft for m in r["messages"]), "no system prompt at all"
+    assert any(len(r["messages"]) >= 4 for r in sft), "no multi-turn conversation at all"
+    tasks = [r for r in sft if r["family"] != "chat"]
+    # a minority of the demos think (30 %)
+    assert 0.2 < sum(r["thinks"] for r in tasks) / len(tasks) < 0.4
+    for r in sft:
+        messages = r["messages"][1:] if r["messages"][0]["role"] == "system" else r["messages"]
+        assert messages and [m["role"] for m in messages] == ["user", "assistant"] * (
+            len(messages) // 2
+        ), r
+        for user, assistant in zip(messages[::2], messages[1::2]):
+            assert (assistant["content"].strip()
+                    and "<|" not in user["content"] + assistant["content"])
+            if r["family"] == "chat":
+                assert "<think>" not in assistant["content"]
+            elif r["thinks"]:  # every trace is right step by step and ends in the answer
+                assert (data_check_reply(r["family"], user["content"], assistant["content"])
+                        == data_solve(r["family"], user["content"])[1])
+            else:
+                assert data_solve(r["family"], user["content"])[1] == assistant["content"], r
+
+
+def test_data_preference_pairs_are_labelled_by_the_labeler(tiny_data):
+    for name in ("prefs.jsonl", "prefs_eval.jsonl"):
+        kinds = Counter()
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "chosen", "rejected", "family", "level", "kind"}, r
+            assert r["kind"] in data.REJECT_KINDS, r
+            kinds[r["kind"]] += 1
+            # the labeler prefers the chosen reply
+            assert data.prefer(r, r["chosen"], r["rejected"]) == 1.0, r
+            answer = data_solve(r["family"], r["prompt"])[1]
+            # the right worked reply against a failure
+            assert data_check_reply(r["family"], r["prompt"], r["chosen"]) == answer, r
+            assert r["rejected"] != r["chosen"], r
+            if r["kind"] == "bare_right":
+                assert r["rejected"] == answer, r
+            elif r["kind"] == "bare_wrong":
+                assert r["rejected"] != answer and r["rejected"].isdigit(), r
+            elif r["kind"] == "cut_off":
+                assert (
+                    r["chosen"].startswith(r["rejected"]) and final_answer(r["rejected"]) is None
+                ), r
+            else:  # wrong_step: the same shape, one step result changed
+                assert (r["rejected"].startswith(r["chosen"].split(":")[0] + ":")
+                        and "</think>" in r["rejected"]), r
+                with pytest.raises(AssertionError):
+                    data_check_reply(r["family"], r["prompt"], r["rejected"])
+        assert set(kinds) == set(data.REJECT_KINDS), kinds
+
+
+def test_data_labeler():
+    record = {"prompt": "What is 385 + 48?", "answer": "433", "family": "add"}
+    right = "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
+    wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>423"
+    right_answer_wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>433"
+    cut_off = "<think>385+048: 5+8=13 8+4+1=13"
+    prefer = data.prefer
+    # a right answer beats a wrong one, whatever the work
+    assert prefer(record, "433", wrong_step) == 1.0 and prefer(record, "433", "434") == 1.0
+    # between right answers: right work > no work > a think block with a wrong step
+    assert (prefer(record, right, "433") == 1.0
+            and prefer(record, "433", right_answer_wrong_step) == 1.0)
+    assert prefer(record, right, right_answer_wrong_step) == 1.0
+    # between wrong answers: a reply with an answer beats one cut off inside its think block;
+    # else a tie
+    assert prefer(record, "434", cut_off) == 1.0 and prefer(record, wrong_step, cut_off) == 1.0
+    assert prefer(record, wrong_step, "434") == 0.5
+    # ties: the same rank (text around the answer makes it a wrong answer, not a tie)
+    assert prefer(record, "433", " 433\n") == 0.5 and prefer(record, right, right) == 0.5
+    assert prefer(record, "434", "432") == 0.5 and prefer(record, "433 is it", "434") == 0.5
+    # antisymmetric on every pair of these replies
+    replies = [right, wrong_step, right_answer_wrong_step, cut_off, "433", "434", "",
+               "<think></think>433"]
+    for a in replies:
+        for b in replies:
+            assert prefer(record, a, b) + prefer(record, b, a) == 1.0, (a, b)
+    # the win rate on fixed replies, by hand: win, loss, tie, win -> (1 + 0 + 0.5 + 1) / 4
+    records = [record] * 4
+    assert (data.win_rate(records, [right, "434", "433", "433"], ["433", "433", " 433", cut_off])
+            == 2.5 / 4)
+    # the operands come from a messages prompt too
+    assert prefer({**record, "prompt": [{"role": "user", "content": "What is 385 + 48?"}]}, right,
+                  "433") == 1.0
+
+
+def test_data_pretraining_text(tiny_data):
+    for name in ("pretrain.txt", "pretrain_val.txt"):
+        text = data_read(tiny_data, name)
+        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+            assert token not in text, f"chat markup {token!r} in {name}"
+        documents = text.split("\n\n")
+        assert all(document.strip() for document in documents)
+        problems = data_pretrain_problems(text)  # also checks every skill line and every trace
+        if name == "pretrain.txt":
+            assert {family for family, _key in problems} == set(DATA_FAMILIES)
+            assert any(document.startswith("Once upon a time") for document in documents)
+            thinking = sum("<think>" in line for line in text.splitlines())
+            assert 0.35 < thinking / len(problems) < 0.65  # half of the skill lines think
+
+
+def test_data_held_out_split_is_disjoint(tiny_data):
+    evals = data_read(tiny_data, "eval.jsonl")
+    eval_prompts = {r["prompt"] for r in evals}
+    eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in evals}
+    train_prompts = {r["prompt"] for name in ("prefs.jsonl", "prompts.jsonl")
+                     for r in data_read(tiny_data, name)}
+    train_keys = {data_solve(r["family"], r["prompt"])[0]
+                  for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
+    for r in data_read(tiny_data, "sft.jsonl"):
+        for m in r["messages"]:
+            if m["role"] == "user":
+                train_prompts.add(m["content"])
+                if r["family"] != "chat":
+                    train_keys.add(data_solve(r["family"], m["content"])[0])
+    for name in ("pretrain.txt", "pretrain_val.txt"):
+        train_keys |= {key for _family, key in data_pretrain_problems(data_read(tiny_data, name))}
+    assert not eval_prompts & train_prompts
+    assert not eval_keys & train_keys, sorted(eval_keys & train_keys)[:5]
+    # and no eval sum or difference appears in the pretraining text, in any form
+    text = data_read(tiny_data, "pretrain.txt") + data_read(tiny_data, "pretrain_val.txt")
+    seen = {(op, int(a), int(b))
+            for a, op, b in re.findall(r"(?<!\d)(\d+) ?(\+|plus|-|minus) ?(\d+)", text)}
+    seen |= {(op, int(a), int(b))
+             for op, a, b in re.findall(r"(Add|minus) (\d+) (?:and )?(\d+)", text)}
+    for r in evals:
+        a, b = map(int, re.findall(r"\d+", r["prompt"]))
+        ops = ("+", "plus", "Add") if r["family"] == "add" else ("-", "minus")
+        orders = [(a, b)] if r["family"] == "sub" else [(a, b), (b, a)]
+        assert not any((op, x, y) in seen for op in ops for x, y in orders), r["prompt"]
+    # prefs_eval is built from eval problems only
+    for r in data_read(tiny_data, "prefs_eval.jsonl"):
+        assert data_solve(r["family"], r["prompt"])[0] in eval_keys
+
+
+def test_data_eval_covers_every_family_and_level(tiny_data):
+    evals = data_read(tiny_data, "eval.jsonl")
+    assert data.FAMILIES == DATA_FAMILIES
+    assert len(data_read(tiny_data, "prefs_eval.jsonl")) == len(evals)
+    for family in DATA_FAMILIES:
+        rows = [r for r in evals if r["family"] == family]
+        assert len(rows) == 150, family
+        assert len({data_solve(family, r["prompt"])[0] for r in rows}) == 150, (
+            f"{family}: repeated problems"
+        )
+        assert Counter(r["level"] for r in rows) == {1: 50, 2: 50, 3: 50}, family
+
+
+def test_data_levels_are_what_the_docstring_says():
+    # a three-digit number and one of `level` digits
+    rng = random.Random(0)
+    for _ in range(300):
+        for level in (1, 2, 3):
+            for family in ("add", "sub"):
+                p = data.GENERATORS[family](rng, level)
+                large, small = sorted((p.a, p.b), reverse=True)
+                assert 100 <= large <= 999 and (
+                    small < 10 if level == 1 else 10 ** (level - 1) <= small < 10**level
+                ), p
+                assert p.answer == str(p.a + p.b if family == "add" else p.a - p.b)
+                assert data_check_reply(family, f"{p.a} {data.SIGN[family]} {p.b}",
+                                        data.thinking_reply(p)) == p.answer
+
+
+def test_data_split_rule():
+    # the split is a fixed ~8 % slice of a problem space, by sha256 of the key
+    keys = [f"add:{a}:{b}" for a in range(100) for b in range(a, 100)]
+    share = sum(data.is_held_out(k, 0.08) for k in keys) / len(keys)
+    assert 0.06 < share < 0.10, share
+    # pinned: the held-out problems must never move between versions (a salted hash() would
+    # move them)
+    keys = [f"add:{a}:{b}" for a in range(10, 14) for b in range(a, a + 40)]
+    assert [k for k in keys if data.is_held_out(k, 0.08)] == ["add:10:10", "add:10:18", "add:10:44",
+                                                              "add:11:11", "add:12:15", "add:12:32",
+                                                              "add:12:51", "add:13:22", "add:13:46"]
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+def data_generate(out_dir, *flags):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "random"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--out", str(out_dir),
+                             *flags],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.e2e
+def test_data_is_deterministic(tiny_data, tmp_path):
+    # a second process (string hashing salted differently) and an in-process run:
+    # byte-identical files
+    data_generate(tmp_path / "again", *DATA_TINY)
+    data.main(data.Args(out=str(tmp_path / "inproc"), scale=0.02))
+    for name in DATA_FILES:
+        first = (tiny_data / name).read_bytes()
+        assert len(first) > 0
+        assert first == (tmp_path / "again" / name).read_bytes(), name
+        assert first == (tmp_path / "inproc" / name).read_bytes(), name
+    # another seed gives other training data, the same eval files, and never leaks the held-out keys
+    data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
+    assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
+    for name in ("eval.jsonl", "prefs_eval.jsonl"):
+        assert (tmp_path / "seed1" / name).read_bytes() == (tiny_data / name).read_bytes(), name
+    eval_keys = {data_solve(r["family"], r["prompt"])[0]
+                 for r in data_read(tiny_data, "eval.jsonl")}
+    assert not eval_keys & {data_solve(r["family"], r["prompt"])[0]
+                            for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
+
+
+# ==================================================================================================
+# 2. tokenizer.py: byte-level BPE and the chat format
+# ==================================================================================================
+
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def random_text(rng, n):
-    pools = ["abcxyzABCXYZ", "0123456789", " ", "  \t", "\n", "\r\n", "\r\x0b\x0c", "\u3000\xa0\u2003",
-             ".,;:!?'\"()[]{}<>|-_=+*/\\#@$%^&~`", "'s'S'll'LL're", "你好世界日本語한국어", "😀👍🏽👨‍👩‍👧🎉",
-             "e\u0301a\u0308\u0303\u20dd", "²³½Ⅻ①٣۱１𝟘𐄇", "\x00\x1c\x1f\x7f\x85\u2028", "ſK",
-             "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    pools = ["abcxyzABCXYZ", "0123456789", " ", "  \t", "\n", "\r\n", "\r\x0b\x0c",
+             "\u3000\xa0\u2003", ".,;:!?'\"()[]{}<>|-_=+*/\\#@$%^&~`", "'s'S'll'LL're",
+             "你好世界日本語한국어", "😀👍🏽👨‍👩‍👧🎉", "e\u0301a\u0308\u0303\u20dd", "²³½Ⅻ①٣۱１𝟘𐄇",
+             "\x00\x1c\x1f\x7f\x85\u2028", "ſK", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     parts = []
     for _ in range(n):
         if rng.random() < 0.1:  # any code point UTF-8 can encode (no lone surrogates)
@@ -84,7 +728,8 @@ def random_text(rng, n):
             parts.append(chr(c) if not 0xD800 <= c < 0xE000 else "x")
         else:
             pool = rng.choice(pools)
-            parts.append(pool if pool.startswith("<|") else "".join(rng.choice(pool) for _ in range(rng.randint(1, 4))))
+            parts.append(pool if pool.startswith("<|")
+                         else "".join(rng.choice(pool) for _ in range(rng.randint(1, 4))))
     return "".join(parts)
 
 
@@ -101,25 +746,29 @@ def test_roundtrip_random_unicode(tok):
 
 def test_chunked_pretokenization_equals_plain(tok):
     # tokenizer detail 6: cutting the text into chunks first gives the same pieces, and the same ids
-    from tokenizer import _CHUNK_PATTERN
-    unchunked = Tokenizer(tok.merges, pattern=f"(?:{SPLIT_PATTERN})")  # same pattern, no chunk cache
+    # same pattern, no chunk cache
+    unchunked = Tokenizer(tok.merges, pattern=f"(?:{SPLIT_PATTERN})")
     rng = random.Random(1)
     for _ in range(500):
         text = random_text(rng, rng.randint(0, 30))
-        chunked = [p for chunk in re.findall(_CHUNK_PATTERN, text) for p in re.findall(SPLIT_PATTERN, chunk)]
+        chunked = [p for chunk in re.findall(_CHUNK_PATTERN, text)
+                   for p in re.findall(SPLIT_PATTERN, chunk)]
         assert chunked == re.findall(SPLIT_PATTERN, text)
         assert "".join(chunked) == text
         assert tok.encode(text) == unchunked.encode(text)
 
 
 def naive_encode(tok, text):
-    """Reference encoder, piece by piece: merge the leftmost pair whose bytes are the lowest-id token (tiktoken)."""
+    """Reference encoder, piece by piece: merge the leftmost pair whose bytes are the lowest-id
+    token (tiktoken)."""
     ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
     ids = []
     for piece in re.findall(SPLIT_PATTERN, text):
         parts = [bytes([b]) for b in piece.encode()]
         while len(parts) > 1:
-            rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            rank, i = min(
+                (ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))
+            )
             if rank == math.inf:
                 break
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
@@ -135,19 +784,22 @@ def test_encoder_equals_naive_encoder(tok):
     assert fresh.encode("".join(texts)) == naive_encode(tok, "".join(texts))  # one cold pass
     for text in texts:  # then mostly warm, a few new chunks at a time
         assert fresh.encode(text) == naive_encode(tok, text)
-    for text in ["ab" * 300, "=" * 500 + "\n", " " * 400 + "x", "tokenizer" * 60, "é" * 300]:  # pieces > 256 bytes
+    # pieces > 256 bytes
+    for text in ["ab" * 300, "=" * 500 + "\n", " " * 400 + "x", "tokenizer" * 60, "é" * 300]:
         assert fresh.encode(text) == naive_encode(tok, text)  # take the heap path (_bpe_long)
-    # a pair whose right part grows before it is popped must be skipped: here b+c merges first, and a+bc
-    # must wait for z+a (rank 258 < 259), giving za bc, not z abc
+    # a pair whose right part grows before it is popped must be skipped: here b+c merges
+    # first, and a+bc must wait for z+a (rank 258 < 259), giving za bc, not z abc
     tricky = Tokenizer([(98, 99), (97, 98), (122, 97), (97, 256)])
     assert tricky.encode("zabc" * 80) == naive_encode(tricky, "zabc" * 80) == [258, 256] * 80
 
 
 def gpt2_chars():
     """GPT-2's bytes_to_unicode: byte -> the printable character that stands for it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     char = {b: chr(b) for b in printable}
-    char.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    char.update({b: chr(256 + n)
+                 for n, b in enumerate(b for b in range(256) if b not in printable)})
     return char
 
 
@@ -157,7 +809,8 @@ def hf_byte_order():
 
 
 def naive_train(documents, n_merges):
-    """Reference trainer: recount every pair after every merge; max count, ties -> smallest pair in HF order."""
+    """Reference trainer: recount every pair after every merge; max count, ties -> smallest pair in
+    HF order."""
     specials = "|".join(map(re.escape, SPECIAL_TOKENS + THINK_TOKENS))  # never trained on
     words = Counter(tuple(p.encode()) for doc in documents for part in re.split(specials, doc)
                     for p in re.findall(SPLIT_PATTERN, part))
@@ -203,10 +856,15 @@ def test_merges_match_huggingface():
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     # Hugging Face trains on special-token text too; we cut it out, so give both the cut documents
-    documents = [part for doc in corpus() for part in re.split("|".join(map(re.escape, SPECIAL_TOKENS + THINK_TOKENS)), doc)]
+    documents = [part for doc in corpus()
+                 for part in re.split("|".join(map(re.escape, SPECIAL_TOKENS + THINK_TOKENS)), doc)]
     hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(documents, trainers.BpeTrainer(
         vocab_size=256 + 5 + 300, special_tokens=list(SPECIAL_TOKENS + THINK_TOKENS),
@@ -222,7 +880,8 @@ def test_merges_match_huggingface():
 def test_tiktoken_parity_with_original_pattern(tok):
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {tok.vocab[i]: i for i in range(256 + len(tok.merges))}
-    enc = tiktoken.Encoding("ours", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    enc = tiktoken.Encoding("ours", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=tok.special_tokens)
     for text in [SAMPLE, *SAMPLE.splitlines(keepends=True), corpus()[1]]:
         assert tok.encode(text) == enc.encode_ordinary(text)
     text = SAMPLE + "<|im_end|>"
@@ -240,7 +899,8 @@ def test_special_tokens(tok):
     ids = tok.encode(text, allowed_special={"<|endoftext|>"})
     assert ids == tok.encode("a") + [tok.eot_id] + tok.encode("b<|im_start|>c")
     assert tok.vocab_size == 256 + len(tok.merges) + 5 and tok.pad_id == tok.eot_id
-    assert [tok.eot_id, tok.im_start_id, tok.im_end_id, tok.think_id, tok.special_tokens["</think>"]] == \
+    assert [tok.eot_id, tok.im_start_id, tok.im_end_id, tok.think_id,
+            tok.special_tokens["</think>"]] == \
         list(range(tok.vocab_size - 5, tok.vocab_size))
     with pytest.raises(ValueError):
         tok.encode("x", allowed_special={"<|nope|>"})
@@ -250,7 +910,8 @@ def test_encode_array(tok):
     docs = ["first doc", "second <|endoftext|> doc", "третий"]
     arr = tok.encode_array(docs)
     assert arr.dtype == np.uint16 and arr.flags.writeable
-    assert arr.tolist() == tok.encode(docs[0]) + [tok.eot_id] + tok.encode(docs[1]) + [tok.eot_id] + tok.encode(docs[2])
+    assert (arr.tolist() == tok.encode(docs[0]) + [tok.eot_id] + tok.encode(docs[1]) + [tok.eot_id]
+            + tok.encode(docs[2]))
 
 
 def test_chat_mask(tok):
@@ -265,12 +926,14 @@ def test_chat_mask(tok):
     runs = [(i, j) for i, j in _runs(mask)]
     assert [tok.decode(ids[i:j]) for i, j in runs] == ["5<|im_end|>", "100, as\nasked.<|im_end|>"]
     for i, j in runs:
-        assert tok.decode(ids[:i]).endswith("<|im_start|>assistant\n") and ids[j - 1] == tok.im_end_id
+        assert (tok.decode(ids[:i]).endswith("<|im_start|>assistant\n")
+                and ids[j - 1] == tok.im_end_id)
         assert tok.decode(ids[j:j + 1]) == "\n" and mask[j] == 0
     ids2, mask2 = tok.encode_chat(messages[:2], add_generation_prompt=True)
     assert tok.decode(ids2).endswith("<|im_end|>\n<|im_start|>assistant\n") and sum(mask2) == 0
     assert tok.encode_prompt(messages[:2]) == ids2
-    assert tok.encode_prompt("2+3?") == tok.encode_chat([{"role": "user", "content": "2+3?"}], True)[0]
+    assert (tok.encode_prompt("2+3?")
+            == tok.encode_chat([{"role": "user", "content": "2+3?"}], True)[0])
     assert tok.render_chat(messages[:1], add_generation_prompt=True) == \
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -282,37 +945,42 @@ def test_think_tokens_are_special_in_replies_only(tok):
                 {"role": "user", "content": "What is <think>1+1</think>?"},
                 {"role": "assistant", "content": "<think>1+1=2</think>2"}]
     ids, mask = tok.encode_chat(messages)
-    assert ids.count(think) == 1 and ids.count(end) == 1  # the system's and the user's lookalikes stay text
+    # the system's and the user's lookalikes stay text
+    assert ids.count(think) == 1 and ids.count(end) == 1
     reply = [i for i, m in zip(ids, mask) if m]
     assert reply == [think] + tok.encode("1+1=2") + [end] + tok.encode("2") + [tok.im_end_id]
-    assert tok.decode(ids) == tok.render_chat(messages)  # round trip: the special ids decode to their text
+    # round trip: the special ids decode to their text
+    assert tok.decode(ids) == tok.render_chat(messages)
     # a corpus: think tokens only where the caller allows them (pretrain.py does)
     doc = "Q? <think>1+1=2</think>2"
     assert think not in tok.encode_array([doc]).tolist()
-    assert tok.encode_array([doc, "x"], THINK_TOKENS).tolist() == tok.encode(doc, THINK_TOKENS) + [tok.eot_id] + tok.encode("x")
+    assert (tok.encode_array([doc, "x"], THINK_TOKENS).tolist() == tok.encode(doc, THINK_TOKENS)
+            + [tok.eot_id] + tok.encode("x"))
     assert tok.encode(doc, THINK_TOKENS).count(think) == 1
     # a tokenizer without them (an imported one) has none, and replies stay plain text
     old = Tokenizer(tok.merges, special_tokens=SPECIAL_TOKENS)
     assert old.think_tokens == () and old.think_id is None
-    assert old.think_tokens == () and old.decode(old.encode_chat(messages)[0]) == tok.render_chat(messages)
-
-
-def test_chat_shows_the_thinking_then_the_final_answer():
-    assert show_reply("433") == "433" and show_reply("1<think>x") == "1<think>x"
-    assert show_reply("<think>385+048: 5+8=13</think>433") == "[thinking] 385+048: 5+8=13\n433"
-    assert show_reply("<think>385+048: 5+8") == "[thinking] 385+048: 5+8\n[no answer: the think block never closed]"
+    assert (old.think_tokens == ()
+            and old.decode(old.encode_chat(messages)[0]) == tok.render_chat(messages))
 
 
 def test_final_answer_rule():
-    assert final_answer("85") == "85" and final_answer(" 85\n") == "85"           # no think block: the whole reply
-    assert final_answer("<think>7+8=15</think>85") == "85"                        # thinks: the text after </think>
+    # no think block: the whole reply
+    assert final_answer("85") == "85" and final_answer(" 85\n") == "85"
+    # thinks: the text after </think>
+    assert final_answer("<think>7+8=15</think>85") == "85"
     assert final_answer("<think>7+8=15</think> 85 ") == "85"
-    assert final_answer("<think>7+8=15") is None and final_answer("<think>") is None  # never closed: no answer
-    assert final_answer("<think>a</think>85 and more") == "85 and more"           # text after the answer stays
-    assert final_answer("<think>a</think>85</think>9") == "85</think>9"           # the first </think> closes
-    assert final_answer("85<think>a</think>9") == "85<think>a</think>9"           # thinks only when it starts so
+    # never closed: no answer
+    assert final_answer("<think>7+8=15") is None and final_answer("<think>") is None
+    # text after the answer stays
+    assert final_answer("<think>a</think>85 and more") == "85 and more"
+    # the first </think> closes
+    assert final_answer("<think>a</think>85</think>9") == "85</think>9"
+    # thinks only when it starts so
+    assert final_answer("85<think>a</think>9") == "85<think>a</think>9"
     assert final_answer("</think>85") == "</think>85" and final_answer("") == ""
-    assert thinks("<think>x</think>1") and thinks(" <think>") and not thinks("1<think>") and not thinks("")
+    assert (thinks("<think>x</think>1") and thinks(" <think>") and not thinks("1<think>")
+            and not thinks(""))
 
 
 def _runs(mask):
@@ -326,7 +994,8 @@ def _runs(mask):
 
 
 @pytest.mark.parametrize("messages", [[{"role": "bot", "content": "hi"}], [{"role": "user"}],
-                                      [{"role": "user", "content": 3}], [("user", "hi")], {"role": "user"}])
+                                      [{"role": "user", "content": 3}], [("user", "hi")],
+                                      {"role": "user"}])
 def test_bad_messages(tok, messages):
     with pytest.raises(ValueError) as e:
         tok.encode_chat(messages)
@@ -360,10 +1029,13 @@ def test_bad_inputs(tmp_path):
     for empty in ["", [], ["", "<|endoftext|>"]]:
         with pytest.raises(ValueError, match="empty"):
             Tokenizer.train(empty, vocab_size=300)
-    good = {"type": "byte-level-bpe", "pattern": SPLIT_PATTERN, "special_tokens": list(SPECIAL_TOKENS), "merges": []}
+    good = {"type": "byte-level-bpe", "pattern": SPLIT_PATTERN,
+            "special_tokens": list(SPECIAL_TOKENS), "merges": []}
     for content in ["{not json", "[1, 2]", json.dumps({**good, "special_tokens": []}),
-                    json.dumps({**good, "merges": [[300, 1]]}), json.dumps({**good, "merges": [[1, 2, 3]]}),
-                    json.dumps({**good, "pattern": "("}), json.dumps({**good, "pattern": r"(\w+)|\s+"}),
+                    json.dumps({**good, "merges": [[300, 1]]}),
+                    json.dumps({**good, "merges": [[1, 2, 3]]}),
+                    json.dumps({**good, "pattern": "("}),
+                    json.dumps({**good, "pattern": r"(\w+)|\s+"}),
                     json.dumps({**good, "special_tokens": [*SPECIAL_TOKENS, ""]})]:
         path = tmp_path / "bad.json"
         path.write_text(content)
@@ -372,7 +1044,8 @@ def test_bad_inputs(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError):
         Tokenizer.load(str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="skips characters"):  # a pattern that drops text is refused, not obeyed
+    # a pattern that drops text is refused, not obeyed
+    with pytest.raises(ValueError, match="skips characters"):
         Tokenizer([], pattern=r"[a-z]+").encode("Hi there!")
 
 
@@ -380,349 +1053,86 @@ def test_training_with_processes_is_exact():
     documents = [SAMPLE, corpus()[1][:5000], SAMPLE.upper(), "x <|im_start|> y"]
     one = Tokenizer.train(documents, vocab_size=400)
     assert Tokenizer.train(documents, vocab_size=400, processes=2).merges == one.merges
-    assert all(b"<|" not in t for t in one.vocab[:256 + len(one.merges)])  # special tokens never merged
+    # special tokens never merged
+    assert all(b"<|" not in t for t in one.vocab[:256 + len(one.merges)])
 
 
+def test_read_documents(tmp_path):
+    """The one reader of pretraining text (pretrain.py, eval.py, tokenizer.py): .txt documents split
+    at blank lines (whole files for the tokenizer), .jsonl {"text"} lines, a bad line named
+    file:line."""
+    (tmp_path / "a.txt").write_text("one\ntwo\n\nthree\n\n\n\nfour\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x\u2028y"}) + "\n\n"
+                                      + json.dumps({"text": " "}) + "\n")
+    paths = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    # blank documents dropped
+    assert read_documents(paths) == ["one\ntwo", "three", "four", "x\u2028y"]
+    assert (read_documents(paths, whole_files=True)
+            == ["one\ntwo\n\nthree\n\n\n\nfour\n", "x\u2028y"])
+    assert read_documents(paths[0]) == read_documents(paths[:1])
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:3: expected"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.txt").write_text("\n\n \n")
+    with pytest.raises(ValueError, match="empty"):
+        read_documents(str(tmp_path / "empty.txt"))
+    with pytest.raises(FileNotFoundError, match="not found or not a file"):
+        read_documents(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
 def test_cli(tmp_path):
     out = tmp_path / "tok.json"
-    cmd = [sys.executable, os.path.join(ROOT, "tokenizer.py"), "--out", str(out), "--vocab-size", "300"]
+    cmd = [sys.executable, os.path.join(ROOT, "tokenizer.py"), "--out", str(out), "--vocab-size",
+           "300"]
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "a.txt").write_text(SAMPLE)
-    for bad, says in [(["--data", str(tmp_path / "missing.txt")], "not found"), (["--data", str(tmp_path)], "not a file"),
-                      (["--data", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8"),
-                      (["--data", str(tmp_path / "a.txt"), "--out", str(tmp_path)], "is a directory")]:
+    for bad, says in [
+        (["--data", str(tmp_path / "missing.txt")], "not found"),
+        (["--data", str(tmp_path)], "not a file"),
+        (["--data", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8"),
+        (["--data", str(tmp_path / "a.txt"), "--out", str(tmp_path)], "is a directory"),
+    ]:
         r = subprocess.run(cmd + bad, capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+        assert (r.returncode == 2 and r.stderr.startswith("error:")
+                and len(r.stderr.strip().splitlines()) == 1)
         assert says in r.stderr
     assert not out.exists() and not os.path.exists(str(tmp_path) + ".tmp")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello world\u2028two"}) + "\n")
-    r = subprocess.run(cmd + ["--data", str(tmp_path / "a.txt"), "--data", str(tmp_path / "b.jsonl")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        cmd + ["--data", str(tmp_path / "a.txt"), "--data", str(tmp_path / "b.jsonl")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "bytes/token" in r.stdout
     assert Tokenizer.load(str(out)).vocab_size == 300
 
 
-# =================================================================================================
-# data
-# =================================================================================================
-
-# ---------------------------------------------------------------------------------------------
-# data.py: the built-in tiny world
-# ---------------------------------------------------------------------------------------------
-# The answers and keys below are recomputed from the prompt text alone, independently of data.py,
-# so a generator bug cannot hide behind its own helpers.
-
-
-
-DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
-              "eval.jsonl", "prefs_eval.jsonl"]
-DATA_FAMILIES = ["add", "sub"]
-DATA_TINY = ["--scale", "0.02"]
-
-
-def data_generate(out_dir, *flags):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "random"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--out", str(out_dir), *flags],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def data_solve(family, prompt):
-    """(canonical key, answer) of a task prompt, from its text alone."""
-    numbers = [int(x) for x in re.findall(r"\d+", prompt)]
-    assert family in ("add", "sub") and len(numbers) == 2, (family, prompt)
-    a, b = numbers
-    assert max(a, b) >= 100 and max(a, b) <= 999, prompt  # a three-digit number and a smaller one
-    if family == "sub":
-        assert a >= b, prompt
-        return f"sub:{a}:{b}", str(a - b)
-    return f"add:{min(a, b)}:{max(a, b)}", str(a + b)
-
-
-def data_check_reply(family, prompt, reply):
-    """Checks a thinking reply step by step, independently of data.py: the operands restated and
-    zero-padded, each column's step arithmetically right with the carry / borrow of the column
-    before, and the answer spelled by the steps equal to the true answer. Returns the answer."""
-    a, b = map(int, re.findall(r"\d+", prompt))
-    sign = {"add": "+", "sub": "-"}[family]
-    m = re.fullmatch(r"<think>(\d{3})([+-])(\d{3}): (.+)</think>(\d+)", reply)
-    assert m, reply
-    assert (int(m[1]), m[2], int(m[3])) == (a, sign, b), reply
-    steps, carry, digits = m[4].split(" "), 0, []
-    assert len(steps) == 3, reply
-    for column, step in enumerate(steps):
-        x, y = int(m[1][2 - column]), int(m[3][2 - column])
-        numbers = [int(n) for n in re.findall(r"\d+", step)]
-        if family == "add":
-            expected = [x, y, x + y] if column == 0 else [x, y, carry, x + y + carry]
-            carry = expected[-1] // 10
-        else:
-            top = x + 10 if x - y - carry < 0 else x
-            expected = [top, y, top - y] if column == 0 else [top, y, carry, top - y - carry]
-            carry = int(top > x)
-        assert numbers == expected and step.count(sign) == len(expected) - 2, (reply, step, expected)
-        digits.append(expected[-1])
-    spelled = str(int(str(digits[-1]) + "".join(str(d % 10) for d in digits[-2::-1])))
-    true_answer = str(a + b if family == "add" else a - b)
-    assert spelled == true_answer == m[5], reply
-    return m[5]
-
-
-# the forms of a pretraining skill line: regex -> (family, prompt-like text, answer)
-DATA_PLAIN = [
-    (r"(\d+) (?:\+|plus) (\d+) (?:=|equals) (\d+)", lambda m: ("add", f"{m[1]} + {m[2]}", m[3])),
-    (r"(\d+) (?:-|minus) (\d+) (?:=|equals) (\d+)", lambda m: ("sub", f"{m[1]} - {m[2]}", m[3])),
-]
-
-
-def data_pretrain_problems(text):
-    """(family, key) of every skill line; fails on a line that looks like a skill but is not one,
-    and on a thinking line whose trace is wrong."""
-    problems = []
-    for line in text.splitlines():
-        if not re.search(r"\d", line):
-            continue  # prose
-        if "<think>" in line:
-            question, reply = line.split(" <think>")
-            family = "add" if re.search(r"\+|Add ", question) else "sub"
-            key, answer = data_solve(family, question)
-            assert data_check_reply(family, question, "<think>" + reply) == answer, line
-            problems.append((family, key))
-            continue
-        for pattern, parse in DATA_PLAIN:
-            m = re.fullmatch(pattern, line)
-            if m:
-                family, prompt, answer = parse(m)
-                key, expected = data_solve(family, prompt)
-                assert answer == expected, f"wrong pretraining line: {line!r}"
-                problems.append((family, key))
-                break
-        else:
-            raise AssertionError(f"unrecognized pretraining line: {line!r}")
-    return problems
-
-
-def data_read(directory, name):
-    with open(os.path.join(directory, name), encoding="utf-8") as f:
-        if name.endswith(".txt"):
-            return f.read()
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    data_generate(out, *DATA_TINY)
-    return out
-
-
-def test_data_is_deterministic(tiny_data, tmp_path):
-    # a second process (string hashing salted differently) and an in-process run: byte-identical files
-    data_generate(tmp_path / "again", *DATA_TINY)
-    data.main(data.Args(out=str(tmp_path / "inproc"), scale=0.02))
-    for name in DATA_FILES:
-        first = (tiny_data / name).read_bytes()
-        assert len(first) > 0
-        assert first == (tmp_path / "again" / name).read_bytes(), name
-        assert first == (tmp_path / "inproc" / name).read_bytes(), name
-    # another seed gives other training data, the same eval files, and never leaks the held-out keys
-    data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
-    assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
-    for name in ("eval.jsonl", "prefs_eval.jsonl"):
-        assert (tmp_path / "seed1" / name).read_bytes() == (tiny_data / name).read_bytes(), name
-    eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in data_read(tiny_data, "eval.jsonl")}
-    assert not eval_keys & {data_solve(r["family"], r["prompt"])[0] for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
-
-
-def test_data_records_have_fields_and_correct_answers_and_traces(tiny_data):
-    for name in ("prompts.jsonl", "eval.jsonl"):
-        for r in data_read(tiny_data, name):
-            assert set(r) == {"prompt", "answer", "family", "level"} and r["level"] in (1, 2, 3), r
-            assert data_solve(r["family"], r["prompt"])[1] == r["answer"], r
-    sft = data_read(tiny_data, "sft.jsonl")
-    assert {r["family"] for r in sft} == {*DATA_FAMILIES, "chat"}
-    assert any(m["role"] == "system" for r in sft for m in r["messages"]), "no system prompt at all"
-    assert any(len(r["messages"]) >= 4 for r in sft), "no multi-turn conversation at all"
-    tasks = [r for r in sft if r["family"] != "chat"]
-    assert 0.2 < sum(r["thinks"] for r in tasks) / len(tasks) < 0.4  # a minority of the demos think (30 %)
-    for r in sft:
-        messages = r["messages"][1:] if r["messages"][0]["role"] == "system" else r["messages"]
-        assert messages and [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2), r
-        for user, assistant in zip(messages[::2], messages[1::2]):
-            assert assistant["content"].strip() and "<|" not in user["content"] + assistant["content"]
-            if r["family"] == "chat":
-                assert "<think>" not in assistant["content"]
-            elif r["thinks"]:  # every trace is right step by step and ends in the answer
-                assert data_check_reply(r["family"], user["content"], assistant["content"]) == data_solve(r["family"], user["content"])[1]
-            else:
-                assert data_solve(r["family"], user["content"])[1] == assistant["content"], r
-
-
-def test_data_preference_pairs_are_labelled_by_the_labeler(tiny_data):
-    for name in ("prefs.jsonl", "prefs_eval.jsonl"):
-        kinds = Counter()
-        for r in data_read(tiny_data, name):
-            assert set(r) == {"prompt", "chosen", "rejected", "family", "level", "kind"}, r
-            assert r["kind"] in data.REJECT_KINDS, r
-            kinds[r["kind"]] += 1
-            assert data.prefer(r, r["chosen"], r["rejected"]) == 1.0, r  # the labeler prefers the chosen reply
-            answer = data_solve(r["family"], r["prompt"])[1]
-            # the right worked reply against a failure
-            assert data_check_reply(r["family"], r["prompt"], r["chosen"]) == answer, r
-            assert r["rejected"] != r["chosen"], r
-            if r["kind"] == "bare_right":
-                assert r["rejected"] == answer, r
-            elif r["kind"] == "bare_wrong":
-                assert r["rejected"] != answer and r["rejected"].isdigit(), r
-            elif r["kind"] == "cut_off":
-                assert r["chosen"].startswith(r["rejected"]) and final_answer(r["rejected"]) is None, r
-            else:  # wrong_step: the same shape, one step result changed
-                assert r["rejected"].startswith(r["chosen"].split(":")[0] + ":") and "</think>" in r["rejected"], r
-                with pytest.raises(AssertionError):
-                    data_check_reply(r["family"], r["prompt"], r["rejected"])
-        assert set(kinds) == set(data.REJECT_KINDS), kinds
-
-
-def test_data_labeler():
-    record = {"prompt": "What is 385 + 48?", "answer": "433", "family": "add"}
-    right = "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
-    wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>423"
-    right_answer_wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>433"
-    cut_off = "<think>385+048: 5+8=13 8+4+1=13"
-    prefer = data.prefer
-    # a right answer beats a wrong one, whatever the work
-    assert prefer(record, "433", wrong_step) == 1.0 and prefer(record, "433", "434") == 1.0
-    # between right answers: right work > no work > a think block with a wrong step
-    assert prefer(record, right, "433") == 1.0 and prefer(record, "433", right_answer_wrong_step) == 1.0
-    assert prefer(record, right, right_answer_wrong_step) == 1.0
-    # between wrong answers: a reply with an answer beats one cut off inside its think block; else a tie
-    assert prefer(record, "434", cut_off) == 1.0 and prefer(record, wrong_step, cut_off) == 1.0
-    assert prefer(record, wrong_step, "434") == 0.5
-    # ties: the same rank (text around the answer makes it a wrong answer, not a tie)
-    assert prefer(record, "433", " 433\n") == 0.5 and prefer(record, right, right) == 0.5
-    assert prefer(record, "434", "432") == 0.5 and prefer(record, "433 is it", "434") == 0.5
-    # antisymmetric on every pair of these replies
-    replies = [right, wrong_step, right_answer_wrong_step, cut_off, "433", "434", "", "<think></think>433"]
-    for a in replies:
-        for b in replies:
-            assert prefer(record, a, b) + prefer(record, b, a) == 1.0, (a, b)
-    # the win rate on fixed replies, by hand: win, loss, tie, win -> (1 + 0 + 0.5 + 1) / 4
-    records = [record] * 4
-    assert data.win_rate(records, [right, "434", "433", "433"], ["433", "433", " 433", cut_off]) == 2.5 / 4
-    # the operands come from a messages prompt too
-    assert prefer({**record, "prompt": [{"role": "user", "content": "What is 385 + 48?"}]}, right, "433") == 1.0
-
-
-def test_data_pretraining_text(tiny_data):
-    for name in ("pretrain.txt", "pretrain_val.txt"):
-        text = data_read(tiny_data, name)
-        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
-            assert token not in text, f"chat markup {token!r} in {name}"
-        documents = text.split("\n\n")
-        assert all(document.strip() for document in documents)
-        problems = data_pretrain_problems(text)  # also checks every skill line and every trace
-        if name == "pretrain.txt":
-            assert {family for family, _key in problems} == set(DATA_FAMILIES)
-            assert any(document.startswith("Once upon a time") for document in documents)
-            thinking = sum("<think>" in line for line in text.splitlines())
-            assert 0.35 < thinking / len(problems) < 0.65  # half of the skill lines think
-
-
-def test_data_held_out_split_is_disjoint(tiny_data):
-    evals = data_read(tiny_data, "eval.jsonl")
-    eval_prompts = {r["prompt"] for r in evals}
-    eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in evals}
-    train_prompts = {r["prompt"] for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
-    train_keys = {data_solve(r["family"], r["prompt"])[0]
-                  for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
-    for r in data_read(tiny_data, "sft.jsonl"):
-        for m in r["messages"]:
-            if m["role"] == "user":
-                train_prompts.add(m["content"])
-                if r["family"] != "chat":
-                    train_keys.add(data_solve(r["family"], m["content"])[0])
-    for name in ("pretrain.txt", "pretrain_val.txt"):
-        train_keys |= {key for _family, key in data_pretrain_problems(data_read(tiny_data, name))}
-    assert not eval_prompts & train_prompts
-    assert not eval_keys & train_keys, sorted(eval_keys & train_keys)[:5]
-    # and no eval sum or difference appears in the pretraining text, in any form
-    text = data_read(tiny_data, "pretrain.txt") + data_read(tiny_data, "pretrain_val.txt")
-    seen = {(op, int(a), int(b)) for a, op, b in re.findall(r"(?<!\d)(\d+) ?(\+|plus|-|minus) ?(\d+)", text)}
-    seen |= {(op, int(a), int(b)) for op, a, b in re.findall(r"(Add|minus) (\d+) (?:and )?(\d+)", text)}
-    for r in evals:
-        a, b = map(int, re.findall(r"\d+", r["prompt"]))
-        ops = ("+", "plus", "Add") if r["family"] == "add" else ("-", "minus")
-        orders = [(a, b)] if r["family"] == "sub" else [(a, b), (b, a)]
-        assert not any((op, x, y) in seen for op in ops for x, y in orders), r["prompt"]
-    # prefs_eval is built from eval problems only
-    for r in data_read(tiny_data, "prefs_eval.jsonl"):
-        assert data_solve(r["family"], r["prompt"])[0] in eval_keys
-
-
-def test_data_eval_covers_every_family_and_level(tiny_data):
-    evals = data_read(tiny_data, "eval.jsonl")
-    assert data.FAMILIES == DATA_FAMILIES
-    assert len(data_read(tiny_data, "prefs_eval.jsonl")) == len(evals)
-    for family in DATA_FAMILIES:
-        rows = [r for r in evals if r["family"] == family]
-        assert len(rows) == 150, family
-        assert len({data_solve(family, r["prompt"])[0] for r in rows}) == 150, f"{family}: repeated problems"
-        assert Counter(r["level"] for r in rows) == {1: 50, 2: 50, 3: 50}, family
-
-
-def test_data_levels_are_what_the_docstring_says():
-    # a three-digit number and one of `level` digits
-    rng = random.Random(0)
-    for _ in range(300):
-        for level in (1, 2, 3):
-            for family in ("add", "sub"):
-                p = data.GENERATORS[family](rng, level)
-                large, small = sorted((p.a, p.b), reverse=True)
-                assert 100 <= large <= 999 and (small < 10 if level == 1 else 10 ** (level - 1) <= small < 10**level), p
-                assert p.answer == str(p.a + p.b if family == "add" else p.a - p.b)
-                assert data_check_reply(family, f"{p.a} {data.SIGN[family]} {p.b}", data.thinking_reply(p)) == p.answer
-
-
-def test_data_split_rule():
-    # the split is a fixed ~8 % slice of a problem space, by sha256 of the key
-    keys = [f"add:{a}:{b}" for a in range(100) for b in range(a, 100)]
-    share = sum(data.is_held_out(k, 0.08) for k in keys) / len(keys)
-    assert 0.06 < share < 0.10, share
-    # pinned: the held-out problems must never move between versions (a salted hash() would move them)
-    keys = [f"add:{a}:{b}" for a in range(10, 14) for b in range(a, a + 40)]
-    assert [k for k in keys if data.is_held_out(k, 0.08)] == [
-        "add:10:10", "add:10:18", "add:10:44", "add:11:11", "add:12:15", "add:12:32", "add:12:51", "add:13:22",
-        "add:13:46"]
-
-
-# =================================================================================================
-# model
-# =================================================================================================
-
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**TINY, **overrides}))
-    with torch.no_grad():  # random norms and biases, so a parity test also checks where they go
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "bias")):
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
-    return model.eval()
+# ==================================================================================================
+# 3. model.py: the network, the chunked loss, checkpoints
+# ==================================================================================================
 
 
 def hf_kwargs(cfg):
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
-        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling["factor"],
-                "original_max_position_embeddings": cfg.rope_scaling["original_max_position_embeddings"]}
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-                rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope,
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling["factor"],
+            "original_max_position_embeddings": cfg.rope_scaling[
+                "original_max_position_embeddings"
+            ],
+        }
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads,
+                max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+                tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope,
                 attn_implementation="eager", pad_token_id=0)
 
 
@@ -736,7 +1146,8 @@ def shifted(ids):  # HF labels -> our next-token targets
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
-# ----------------------------------------------------------------------------- parity with transformers
+# ----------------------------------------------------- the network: parity with transformers, sizes
+
 
 @pytest.mark.parametrize("overrides", [
     dict(),                                                                 # GQA, QKV bias, tied
@@ -746,7 +1157,9 @@ def shifted(ids):  # HF labels -> our next-token targets
 def test_qwen2_logits_and_loss_match_transformers(overrides):
     transformers = pytest.importorskip("transformers")
     ours = tiny_model(**overrides)
-    hf = copy_into(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours)
+    hf = copy_into(
+        transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours
+    )
     ids = torch.randint(0, 97, (3, 40))
     with torch.no_grad():
         logits, _ = ours(ids)
@@ -759,7 +1172,9 @@ def test_qwen2_logits_and_loss_match_transformers(overrides):
 def test_no_qkv_bias_matches_llama():
     transformers = pytest.importorskip("transformers")
     ours = tiny_model(attention_bias=False)
-    hf = copy_into(transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_kwargs(ours.config))), ours)
+    hf = copy_into(
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_kwargs(ours.config))), ours
+    )
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
@@ -768,8 +1183,9 @@ def test_no_qkv_bias_matches_llama():
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_moe_matches_qwen2_moe(norm_topk_prob):
     transformers = pytest.importorskip("transformers")
-    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48,
-               norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.1)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+               shared_expert_intermediate_size=48, norm_topk_prob=norm_topk_prob,
+               router_aux_loss_coef=0.1)
     ours = tiny_model(**moe)
     kwargs = {**hf_kwargs(ours.config), **moe, "output_router_logits": True}
     hf = copy_into(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kwargs)), ours)
@@ -777,13 +1193,16 @@ def test_moe_matches_qwen2_moe(norm_topk_prob):
     with torch.no_grad():
         out = hf(ids, labels=ids)
         torch.testing.assert_close(ours(ids)[0], out.logits, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ours(ids, shifted(ids))[1], out.loss, atol=1e-5, rtol=0)  # CE + 0.1 * aux
+        # CE + 0.1 * aux
+        torch.testing.assert_close(ours(ids, shifted(ids))[1], out.loss, atol=1e-5, rtol=0)
 
 
 def test_moe_without_shared_expert_matches_mixtral():
     transformers = pytest.importorskip("transformers")
-    ours = tiny_model(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, attention_bias=False)
-    kwargs = {**hf_kwargs(ours.config), "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 24}
+    ours = tiny_model(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      attention_bias=False)
+    kwargs = {**hf_kwargs(ours.config), "num_local_experts": 4, "num_experts_per_tok": 2,
+              "intermediate_size": 24}
     hf = copy_into(transformers.MixtralForCausalLM(transformers.MixtralConfig(**kwargs)), ours)
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -791,7 +1210,8 @@ def test_moe_without_shared_expert_matches_mixtral():
 
 
 def test_load_balancing_loss_by_hand():
-    # uniform router: P_e = 1/4; top-2 of tied probs picks experts 0 and 1: f = (1, 1, 0, 0); aux = 4 * 0.5 = 2
+    # uniform router: P_e = 1/4; top-2 of tied probs picks experts 0 and 1: f = (1, 1, 0, 0);
+    # aux = 4 * 0.5 = 2
     assert load_balancing_loss([torch.zeros(6, 4)], top_k=2).item() == pytest.approx(2.0)
     # padding rows (mask 0) do not count
     logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 9.0]])
@@ -802,7 +1222,9 @@ def test_load_balancing_loss_by_hand():
 def test_padded_batch_matches_transformers_and_unpadded():
     transformers = pytest.importorskip("transformers")
     ours = tiny_model()
-    hf = copy_into(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours)
+    hf = copy_into(
+        transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kwargs(ours.config))), ours
+    )
     seqs = [torch.randint(1, 97, (n,)).tolist() for n in (12, 5, 9)]
     ids, mask = left_pad(seqs, pad_id=0)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -824,7 +1246,10 @@ def test_score_head_matches_sequence_classification():
         transformers.Qwen2Config(**hf_kwargs(ours.config), num_labels=1)), ours)
     prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
     completion_ids, completion_mask = right_pad([[11, 12], [13, 14, 15]], pad_id=0)
-    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    ids, mask = (
+        torch.cat([prompt_ids, completion_ids], 1),
+        torch.cat([prompt_mask, completion_mask], 1),
+    )
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         values, _ = ours(ids, attention_mask=mask)
@@ -836,8 +1261,10 @@ def test_score_head_matches_sequence_classification():
         pooled = hf(ids, attention_mask=mask, position_ids=positions).logits.squeeze(-1)
         scores = sequence_scores(ours, prompt_ids, prompt_mask, completion_ids, completion_mask)
         torch.testing.assert_close(scores, pooled, atol=1e-4, rtol=0)
-        per_token = completion_values(ours, prompt_ids, prompt_mask, completion_ids, completion_mask)
-        torch.testing.assert_close(per_token[1, 2], values[1, -2])   # predicts the last completion token
+        per_token = completion_values(ours, prompt_ids, prompt_mask, completion_ids,
+                                      completion_mask)
+        # predicts the last completion token
+        torch.testing.assert_close(per_token[1, 2], values[1, -2])
         assert per_token[0, 2] == 0                                 # padding
 
 
@@ -847,7 +1274,8 @@ def test_param_count_flops_and_optimizer_groups():
     tied, untied = tiny_model(), tiny_model(tie_word_embeddings=False)
     assert tied.num_params() == tied.num_params(non_embedding=False) == 2 * per_layer + 32 + 97 * 32
     assert untied.num_params(non_embedding=False) == 2 * per_layer + 32 + 2 * 97 * 32
-    assert untied.num_params() == 2 * per_layer + 32 + 97 * 32  # the lm head counts, the lookup does not
+    # the lm head counts, the lookup does not
+    assert untied.num_params() == 2 * per_layer + 32 + 97 * 32
     assert tied.flops_per_token(64) == 6 * tied.num_params() + 12 * 2 * 32 * 64
     assert tied.estimate_mfu(1000.0, 1e12) == pytest.approx(tied.flops_per_token(64) * 1000 / 1e12)
     moe = tiny_model(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8)
@@ -855,14 +1283,33 @@ def test_param_count_flops_and_optimizer_groups():
     assert moe.flops_per_token(0) == 6 * (moe.num_params() - routed * 3 / 4)
     decay, no_decay = untied.configure_optimizer(1e-3, 0.1).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7 + 1  # + lm_head
+    # + lm_head
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7 + 1
     assert any(p is untied.model.embed_tokens.weight for p in no_decay["params"])
 
 
-# ----------------------------------------------------------------------------- the chunked loss
+def test_weight_decay_groups():
+    model = tiny_model(vocab_size=300, max_position_embeddings=32)
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0
+             for p in g["params"]}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    assert ("model.layers.0.self_attn.q_proj.weight" in decay
+            and "model.layers.1.mlp.down_proj.weight" in decay)
+    assert "model.embed_tokens.weight" in no_decay
+    assert all(n.endswith(".bias") or "norm" in n or "embed" in n for n in no_decay)
+    assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay)
+
+
+# --------------------------------------------------------------------------------- the chunked loss
+
 
 def test_chunked_cross_entropy_equals_naive(monkeypatch):
-    monkeypatch.setattr(model_module, "CHUNK_LOGITS", 97 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+    # 7 rows a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(model_module, "CHUNK_LOGITS", 97 * 7)
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(97, 16, requires_grad=True)
@@ -895,7 +1342,76 @@ def test_model_loss_and_gradients_equal_naive(monkeypatch, tied):
         torch.testing.assert_close(g, n, atol=1e-6, rtol=1e-4)
 
 
-# ----------------------------------------------------------------------------- generation
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, tokenizer = tiny_model(tie_word_embeddings=False), Tokenizer(merges=[])
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
+        def __init__(self, module, name):
+            super().__init__()
+            setattr(self, name, module)
+    path = str(tmp_path / "out" / "sft.pt")
+    wrapped = Wrapper(Wrapper(model, "_orig_mod"), "module")  # DDP around a compiled model
+    save_checkpoint(path, wrapped, tokenizer, "sft", parent="out/pretrain.pt", step=7,
+                    args={"lr": 1e-3}, metrics={"loss": 1.5}, optimizer={"state": {}})
+    assert not os.path.exists(path + ".tmp")
+    loaded, loaded_tokenizer, checkpoint = load_checkpoint(path, head="lm")
+    assert loaded.config == model.config and loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert checkpoint["stage"] == "sft" and checkpoint["step"] == 7 and "optimizer" in checkpoint
+    assert list(checkpoint["model"]) == list(model.state_dict())
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+class Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling this would create a file
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    target = str(tmp_path / "pwned")
+    for i, write in enumerate(
+        (torch.save, lambda obj, f: pickle.dump(obj, open(f, "wb"), protocol=2))
+    ):
+        path = str(tmp_path / f"evil{i}.pt")
+        write({"model": Evil(target), "config": {}}, path)
+        with pytest.raises(ValueError, match="not a model.py checkpoint"):
+            load_checkpoint(path)
+        assert not os.path.exists(target)
+    pickle.load(open(path, "rb"))  # the payload is real: plain unpickling creates the file
+    assert os.path.exists(target)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    def error(path, **kw):
+        with pytest.raises((ValueError, FileNotFoundError)) as info:
+            load_checkpoint(str(path), **kw)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+    assert "run `python sft.py` first" in error(tmp_path / "out" / "sft.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    assert "not a model.py checkpoint" in error(tmp_path / "notes.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert "not a model.py checkpoint" in error(tmp_path / "other.pt")
+    save_checkpoint(str(tmp_path / "reward.pt"), tiny_model(head="score"), Tokenizer(merges=[]),
+                    "reward")
+    assert "'score' head, expected a 'lm' head" in error(tmp_path / "reward.pt", head="lm")
+    checkpoint = torch.load(tmp_path / "reward.pt", weights_only=True)
+    checkpoint["config"]["hidden_size"] = 48
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    assert "do not match its config" in error(tmp_path / "bad.pt")
+
+
+# ==================================================================================================
+# 4. engine.py: generation, log-probs, scores, held-out accuracy, batch order
+# ==================================================================================================
+
 
 def greedy_without_cache(model, prompt, n):
     ids = list(prompt)
@@ -924,24 +1440,36 @@ def test_moe_cached_greedy_equals_uncached():
 def test_sampling_reproducible_and_top_k_1_is_greedy():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5]]
-    a = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    c = generate(model, prompts, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    a = generate(model, prompts, 10, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompts, 10, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(1))
+    c = generate(model, prompts, 10, top_k=20, top_p=0.9,
+                 generator=torch.Generator().manual_seed(2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     greedy, _, _ = generate(model, prompts, 10, temperature=0)
-    top1, logp, _ = generate(model, prompts, 10, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(3))
+    top1, logp, _ = generate(
+        model, prompts, 10, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(greedy, top1)
     assert torch.allclose(logp, torch.zeros_like(logp))  # a one-token distribution
 
 
 def test_sample_token_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.7, {0, 1}), (0, 0.45, {0}), (0, 0.85, {0, 1, 2}), (0, 0.0, {0})]:
+    for top_k, top_p, allowed in [
+        (2, 1.0, {0, 1}),
+        (0, 0.7, {0, 1}),
+        (0, 0.45, {0}),
+        (0, 0.85, {0, 1, 2}),
+        (0, 0.0, {0}),
+    ]:
         g = torch.Generator().manual_seed(0)
         seen = {int(sample_token(logits, 1.0, top_k, top_p, g)[0]) for _ in range(200)}
         assert seen == allowed
     _, logp = sample_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
-    assert logp.exp().item() in (pytest.approx(0.5 / 0.8), pytest.approx(0.3 / 0.8))  # renormalised over the 2
+    # renormalised over the 2
+    assert logp.exp().item() in (pytest.approx(0.5 / 0.8), pytest.approx(0.3 / 0.8))
     for temperature, top_p in [(-1.0, 1.0), (1.0, 1.5), (1.0, -0.1)]:
         with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
             sample_token(logits, temperature, 0, top_p)
@@ -962,7 +1490,8 @@ def test_generate_logprobs_equal_completion_logprobs_and_eos_handling():
         n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
         assert mask[row].tolist() == [1.0] * n + [0.0] * (len(tokens) - n)
         assert all(t == 0 for t in tokens[n:])
-    # generation stops once every row has hit EOS: zero final-norm weights give all-zero logits, argmax 0
+    # generation stops once every row has hit EOS: zero final-norm weights give all-zero
+    # logits, argmax 0
     with torch.no_grad():
         model.model.norm.weight.zero_()
     completions, _, mask = generate(model, prompts, 30, temperature=0, eos_id=0, pad_id=1)
@@ -992,16 +1521,25 @@ def test_completion_logprobs_invariant_to_padding_and_entropy():
     p_ids, p_mask = left_pad(prompts, 0)
     c_ids, c_mask = right_pad(completions, 0)
     zeros = torch.zeros(2, 2, dtype=torch.long)
-    padded_p = torch.cat([zeros, p_ids], 1), torch.cat([zeros, p_mask], 1)           # 2 more pads on the left
-    padded_c = torch.cat([c_ids, zeros], 1), torch.cat([c_mask, zeros], 1)           # 2 more on the right
+    # 2 more pads on the left
+    padded_p = torch.cat([zeros, p_ids], 1), torch.cat([zeros, p_mask], 1)
+    # 2 more on the right
+    padded_c = torch.cat([c_ids, zeros], 1), torch.cat([c_mask, zeros], 1)
     with torch.no_grad():
-        logp, entropy = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, return_entropy=True)
+        logp, entropy = completion_logprobs(
+            model, p_ids, p_mask, c_ids, c_mask, return_entropy=True
+        )
         padded = completion_logprobs(model, *padded_p, *padded_c)
         torch.testing.assert_close(padded[:, :3], logp, atol=1e-5, rtol=0)
         assert (padded[:, 3:] == 0).all() and logp[1, 1:].eq(0).all()
         # by hand for row 0: full forward on the unpadded sequence, temperature 2
         logits, _ = model(torch.tensor([prompts[0] + completions[0]]))
-        by_hand = (logits[0, 2:5] / 2).log_softmax(-1).gather(1, torch.tensor([[11], [12], [13]])).squeeze(1)
+        by_hand = (
+            (logits[0, 2:5] / 2)
+            .log_softmax(-1)
+            .gather(1, torch.tensor([[11], [12], [13]]))
+            .squeeze(1)
+        )
         hot = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=2.0)
         torch.testing.assert_close(hot[0], by_hand, atol=1e-5, rtol=0)
         probs = logits[0, 2:5].softmax(-1)
@@ -1010,70 +1548,77 @@ def test_completion_logprobs_invariant_to_padding_and_entropy():
             completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=0.0)
 
 
-def grouped_batch(group_size=3):
-    """Rows in groups sharing a left-padded prompt (GRPO's layout), right-padded replies of mixed lengths."""
-    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
-    replies = [[15, 16, 17], [18], [19, 20], [21, 22, 23, 24], [25], [26, 27], [28], [29, 30, 31], [32]]
-    p_ids, p_mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
-    c_ids, c_mask = right_pad(replies[:len(prompts) * group_size], 0)
-    return p_ids, p_mask, c_ids, c_mask.float()
-
-
 def test_grouped_completion_logprobs_equal_the_joined_forward():
     model = tiny_model().train()
     batch = grouped_batch()
 
     def run(group_size):
         model.zero_grad()
-        logp, entropy = completion_logprobs(model, *batch, temperature=0.7, return_entropy=True, group_size=group_size)
-        ((logp * torch.arange(1.0, 5.0)).sum() + entropy.sum()).backward()  # a loss that weighs each position
+        logp, entropy = completion_logprobs(
+            model, *batch, temperature=0.7, return_entropy=True, group_size=group_size
+        )
+        # a loss that weighs each position
+        ((logp * torch.arange(1.0, 5.0)).sum() + entropy.sum()).backward()
         return logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]
     logp, entropy, grads = run(1)
     shared_logp, shared_entropy, shared_grads = run(3)
     torch.testing.assert_close(shared_logp, logp, atol=1e-6, rtol=0)
     torch.testing.assert_close(shared_entropy, entropy, atol=1e-6, rtol=0)
-    for g, shared in zip(grads, shared_grads):  # the gradient reaches the prompt's keys through the cache
+    # the gradient reaches the prompt's keys through the cache
+    for g, shared in zip(grads, shared_grads):
         torch.testing.assert_close(shared, g, atol=1e-5, rtol=1e-4)
     assert (shared_logp[batch[3] == 0] == 0).all()
-    # no grad (old and reference log-probs) gives the loss's numbers exactly, so the first ratio is 1
+    # no grad (old and reference log-probs) gives the loss's numbers exactly, so the first
+    # ratio is 1
     with torch.no_grad():
-        assert torch.equal(completion_logprobs(model, *batch, temperature=0.7, group_size=3), shared_logp)
-    # a frozen copy (requires_grad False, as the reference) gives the policy's numbers exactly: KL 0 at the
-    # start (prompts of 16-33 tokens: at some shapes a strided lm-head input took another matmul path)
+        assert torch.equal(completion_logprobs(model, *batch, temperature=0.7, group_size=3),
+                           shared_logp)
+    # a frozen copy (requires_grad False, as the reference) gives the policy's numbers
+    # exactly: KL 0 at the start (prompts of 16-33 tokens: at some shapes a strided lm-head
+    # input took another matmul path)
     frozen = tiny_model().train().requires_grad_(False)
-    long = left_pad([list(range(s, s + n)) for s, n in [(1, 29), (5, 33), (9, 16), (3, 29)] for _ in range(3)], 0)
+    long = left_pad([list(range(s, s + n)) for s, n in [(1, 29), (5, 33), (9, 16), (3, 29)]
+                     for _ in range(3)], 0)
     long = (*long, *right_pad([[10, 11, 12, 5, 1, 2]] * 12, 0))
     with torch.no_grad():
-        assert torch.equal(completion_logprobs(frozen, *long, group_size=3), completion_logprobs(model, *long, group_size=3))
+        assert torch.equal(completion_logprobs(frozen, *long, group_size=3),
+                           completion_logprobs(model, *long, group_size=3))
     # one-token replies: the prompt pass alone
     one = (*batch[:2], batch[2][:, :1], batch[3][:, :1])
     with torch.no_grad():
-        torch.testing.assert_close(completion_logprobs(model, *one, group_size=3), completion_logprobs(model, *one),
-                                   atol=1e-6, rtol=0)
-    # each prompt runs once: 3 prompts (the longest 6 tokens), then the 9 replies without their last token
+        torch.testing.assert_close(completion_logprobs(model, *one, group_size=3),
+                                   completion_logprobs(model, *one), atol=1e-6, rtol=0)
+    # each prompt runs once: 3 prompts (the longest 6 tokens), then the 9 replies without
+    # their last token
     shapes = []
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    hook = model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape))
+    )
     completion_logprobs(model, *batch, group_size=3)
     hook.remove()
     assert shapes == [(3, 6), (9, 3)]
-    with pytest.raises(ValueError, match="must share one prompt"):  # groups of 3 read as groups of 2 mix prompts
+    # groups of 3 read as groups of 2 mix prompts
+    with pytest.raises(ValueError, match="must share one prompt"):
         completion_logprobs(model, *(t[:8] for t in batch), group_size=2)
     with pytest.raises(ValueError, match="must share one prompt"):  # 9 rows are not groups of 2
         completion_logprobs(model, *batch, group_size=2)
 
 
 def test_shared_prompt_logprobs_equal_one_forward_per_completion_set():
-    """DPO's chosen and rejected replies on one prompt pass: the log-probs and gradients of two joined forwards."""
+    """DPO's chosen and rejected replies on one prompt pass: the log-probs and gradients of two
+    joined forwards."""
     model = tiny_model().train()
     p_ids, p_mask = left_pad([[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13]], 0)
-    sets = [right_pad(r, 0) for r in ([[15, 16], [17], [18, 19, 20]], [[21, 22, 23, 24, 25], [26], [27]])]
+    sets = [right_pad(r, 0)
+            for r in ([[15, 16], [17], [18, 19, 20]], [[21, 22, 23, 24, 25], [26], [27]])]
 
     def run(shared):
         model.zero_grad()
         if shared:
             logps = shared_prompt_logprobs(model, p_ids, p_mask, sets, temperature=0.7)
         else:
-            logps = [completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7) for ids, mask in sets]
+            logps = [completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7)
+                     for ids, mask in sets]
         sum(logp.sum() * (i + 1) for i, logp in enumerate(logps)).backward()
         return [logp.detach() for logp in logps], [p.grad.clone() for p in model.parameters()]
     (chosen, rejected), grads = run(False)
@@ -1083,11 +1628,14 @@ def test_shared_prompt_logprobs_equal_one_forward_per_completion_set():
     for g, shared in zip(grads, shared_grads):
         torch.testing.assert_close(shared, g, atol=1e-5, rtol=1e-4)
     shapes = []  # the 3 prompts once, then each reply set without its last token
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    hook = model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape))
+    )
     shared_prompt_logprobs(model, p_ids, p_mask, sets)
     hook.remove()
     assert shapes == [(3, 5), (3, 2), (3, 4)]
-    with pytest.raises(ValueError, match="only a grow=True cache can branch"):  # it would overwrite the prompt
+    # it would overwrite the prompt
+    with pytest.raises(ValueError, match="only a grow=True cache can branch"):
         KVCache(model.config, 3, 16).branch()
 
 
@@ -1099,32 +1647,39 @@ def test_generate_with_groups_prefills_each_prompt_once():
     grouped = generate(model, rows, 6, temperature=0, group_size=3)
     assert torch.equal(grouped[0], plain[0]) and torch.equal(grouped[2], plain[2])
     torch.testing.assert_close(grouped[1], plain[1], atol=1e-5, rtol=0)
-    # sampled: the rows of a group differ, and their log-probs are the model's (as completion_logprobs)
-    tokens, logps, mask = generate(model, rows, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                   group_size=3)
+    # sampled: the rows of a group differ, and their log-probs are the model's (as
+    # completion_logprobs)
+    tokens, logps, mask = generate(
+        model, rows, 6, temperature=1.0, generator=torch.Generator().manual_seed(0), group_size=3
+    )
     assert len({tuple(t) for t in tokens[:3].tolist()}) > 1
     p_ids, p_mask = left_pad(rows, 0)
-    torch.testing.assert_close(logps, completion_logprobs(model, p_ids, p_mask, tokens, mask, group_size=3),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logps,
+        completion_logprobs(model, p_ids, p_mask, tokens, mask, group_size=3),
+        atol=1e-5,
+        rtol=0,
+    )
     with pytest.raises(ValueError, match="must share one prompt"):
         generate(model, rows[1:] + rows[:1], 6, group_size=3)
     # the prefill runs 3 prompts, not 9 rows, then one token per step for the 9 rows
     shapes = []
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    hook = model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape))
+    )
     generate(model, rows, 2, temperature=0, group_size=3)
     hook.remove()
     assert shapes == [(3, 6), (9, 1)]
 
 
 def test_grouped_completion_logprobs_under_ddp(tmp_path):
-    """Two forward calls (prompts, then replies) before one backward: DDP's gradient hooks fire once per
-    parameter and the gradients are the plain model's (one process, gloo)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    """Two forward calls (prompts, then replies) before one backward: DDP's gradient hooks fire once
+    per parameter and the gradients are the plain model's (one process, gloo)."""
     model = tiny_model().train()
     batch = grouped_batch()
     completion_logprobs(model, *batch, group_size=3).sum().backward()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
     try:
         ddp_model = DDP(tiny_model().train())
         for _ in range(2):  # a second step: the reducer was left ready for the next backward
@@ -1138,45 +1693,67 @@ def test_grouped_completion_logprobs_under_ddp(tmp_path):
 
 def test_heldout_accuracy_by_hand():
     model, tokenizer = tiny_model(vocab_size=261, max_position_embeddings=128), Tokenizer(merges=[])
-    records = [{"prompt": "a", "answer": "x", "family": "add"}, {"prompt": "bb", "answer": "y", "family": "add"},
+    records = [{"prompt": "a", "answer": "x", "family": "add"},
+               {"prompt": "bb", "answer": "y", "family": "add"},
                {"prompt": "c", "answer": "z", "family": "sub"}]
-    replies = [generate(model, [tokenizer.encode_prompt(r["prompt"])], 6, temperature=0, eos_id=tokenizer.im_end_id)[0]
+    replies = [generate(model, [tokenizer.encode_prompt(r["prompt"])], 6, temperature=0,
+                        eos_id=tokenizer.im_end_id)[0]
                for r in records]
-    texts = [tokenizer.decode([t for t in reply[0].tolist() if t != tokenizer.im_end_id]) for reply in replies]
+    texts = [tokenizer.decode([t for t in reply[0].tolist() if t != tokenizer.im_end_id])
+             for reply in replies]
     records[1]["answer"] = " " + texts[1] + "\n"  # the second reply is right, up to whitespace
     result = heldout_accuracy(model.train(), tokenizer, records, max_new_tokens=6, batch_size=2)
     assert model.training  # restored
     closed = sum(tokenizer.im_end_id in reply[0].tolist() for reply in replies) / 3
-    expected = {"accuracy": sum(final_answer(t) == r["answer"].strip() for t, r in zip(texts, records)) / 3,
-                "think_rate": sum(map(thinks, texts)) / 3, "well_formed": closed,
-                "accuracy/add": (final_answer(texts[0]) == "x") / 2 + 0.5, "accuracy/sub": float(final_answer(texts[2]) == "z")}
+    expected = {
+        "accuracy": sum(final_answer(t) == r["answer"].strip() for t, r in zip(texts, records)) / 3,
+        "think_rate": sum(map(thinks, texts)) / 3,
+        "well_formed": closed,
+        "accuracy/add": (final_answer(texts[0]) == "x") / 2 + 0.5,
+        "accuracy/sub": float(final_answer(texts[2]) == "z"),
+    }
     assert result.pop("replies") == texts
     assert result == pytest.approx(expected)
-    assert format_accuracy({"accuracy": 0.5, "think_rate": 0.25, "well_formed": 1.0, "accuracy/add": 0.25}) == \
+    assert format_accuracy({"accuracy": 0.5, "think_rate": 0.25, "well_formed": 1.0,
+                            "accuracy/add": 0.25}) == \
         "accuracy 50.0% (add 25%) | think 25.0% | well-formed 100.0%"
 
 
 def test_heldout_accuracy_on_fixed_replies(monkeypatch):
     tokenizer = Tokenizer(merges=[])
     think, end = tokenizer.think_id, tokenizer.special_tokens["</think>"]
-    replies = [tokenizer.encode("12") + [tokenizer.im_end_id],  # closed and right
-               tokenizer.encode(" 7 ") + [tokenizer.im_end_id],  # closed, wrong (7 is not 8)
-               tokenizer.encode("12"),  # right, but never closed: counts as right, not as well formed
-               [think] + tokenizer.encode("6+6=12") + [end] + tokenizer.encode("12") + [tokenizer.im_end_id],  # thinks, right
-               [think] + tokenizer.encode("6+6=12 12") + [tokenizer.im_end_id],  # thinks, never closes the block: no answer
-               tokenizer.encode("<think>1</think>8") + [tokenizer.im_end_id]]  # a lookalike decodes the same: thinks, right
+    replies = [
+        tokenizer.encode("12") + [tokenizer.im_end_id],  # closed and right
+        tokenizer.encode(" 7 ") + [tokenizer.im_end_id],  # closed, wrong (7 is not 8)
+        # right, but never closed: counts as right, not as well formed
+        tokenizer.encode("12"),
+        # thinks, right
+        [think]
+        + tokenizer.encode("6+6=12")
+        + [end]
+        + tokenizer.encode("12")
+        + [tokenizer.im_end_id],
+        # thinks, never closes the block: no answer
+        [think] + tokenizer.encode("6+6=12 12") + [tokenizer.im_end_id],
+        # a lookalike decodes the same: thinks, right
+        tokenizer.encode("<think>1</think>8") + [tokenizer.im_end_id],
+    ]
     n = max(map(len, replies))
 
     def fixed_generate(model, prompts, max_new_tokens, **kwargs):
-        assert kwargs["temperature"] == 0 and kwargs["eos_id"] == tokenizer.im_end_id and len(prompts) == 6
+        assert (kwargs["temperature"] == 0 and kwargs["eos_id"] == tokenizer.im_end_id
+                and len(prompts) == 6)
         ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in replies])
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in replies])
         return ids, torch.zeros(6, n), mask
 
     monkeypatch.setattr(engine, "generate", fixed_generate)
-    records = [{"prompt": "a", "answer": "12", "family": "add"}, {"prompt": "b", "answer": "8", "family": "add"},
-               {"prompt": "c", "answer": " 12", "family": "sub"}, {"prompt": "d", "answer": "12", "family": "sub"},
-               {"prompt": "e", "answer": "12", "family": "sub"}, {"prompt": "f", "answer": "8", "family": "add"}]
+    records = [{"prompt": "a", "answer": "12", "family": "add"},
+               {"prompt": "b", "answer": "8", "family": "add"},
+               {"prompt": "c", "answer": " 12", "family": "sub"},
+               {"prompt": "d", "answer": "12", "family": "sub"},
+               {"prompt": "e", "answer": "12", "family": "sub"},
+               {"prompt": "f", "answer": "8", "family": "add"}]
     result = heldout_accuracy(tiny_model(vocab_size=261), tokenizer, records, max_new_tokens=n)
     assert result.pop("replies")[3] == "<think>6+6=12</think>12"
     assert result == pytest.approx({"accuracy": 4 / 6, "think_rate": 3 / 6, "well_formed": 5 / 6,
@@ -1188,241 +1765,400 @@ def test_prompt_longer_than_context_is_an_error():
         generate(tiny_model(), [[1] * 60], 10)
 
 
-# ----------------------------------------------------------------------------- checkpoints and CLI
-
-def test_checkpoint_round_trip(tmp_path):
-    model, tokenizer = tiny_model(tie_word_embeddings=False), Tokenizer(merges=[])
-
-    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
-        def __init__(self, module, name):
-            super().__init__()
-            setattr(self, name, module)
-    path = str(tmp_path / "out" / "sft.pt")
-    wrapped = Wrapper(Wrapper(model, "_orig_mod"), "module")  # DDP around a compiled model
-    save_checkpoint(path, wrapped, tokenizer, "sft", parent="out/pretrain.pt", step=7, args={"lr": 1e-3},
-                    metrics={"loss": 1.5}, optimizer={"state": {}})
-    assert not os.path.exists(path + ".tmp")
-    loaded, loaded_tokenizer, checkpoint = load_checkpoint(path, head="lm")
-    assert loaded.config == model.config and loaded_tokenizer.vocab_size == tokenizer.vocab_size
-    assert checkpoint["stage"] == "sft" and checkpoint["step"] == 7 and "optimizer" in checkpoint
-    assert list(checkpoint["model"]) == list(model.state_dict())
-    ids = torch.randint(0, 97, (2, 9))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids)[0], model(ids)[0])
+def test_batches_cover_every_example_and_are_random():
+    # 4 left over each epoch
+    epochs = [[batch_indices(100, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]
+    for batches in epochs:
+        seen = [i for batch in batches for i in batch]
+        assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
+    # the remainder too
+    assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))
+    # a fresh order per epoch and seed
+    assert epochs[0] != epochs[1] and batch_indices(100, 8, 1, 0) != epochs[0][0]
+    assert batch_indices(100, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
+    # not sorted by length: with 30 % long examples (thinking replies), batches mix them as
+    # the data does
+    long = set(range(0, 1000, 10)) | set(range(3, 1000, 10)) | set(range(7, 1000, 10))
+    shares = [sum(i in long for i in batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
+    assert min(shares) > 0.05 and max(shares) < 0.65 and abs(sum(shares) / len(shares) - 0.3) < 0.05
 
 
-class Evil:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))  # unpickling this would create a file
-
-
-def test_malicious_checkpoint_is_refused(tmp_path):
-    target = str(tmp_path / "pwned")
-    for i, write in enumerate((torch.save, lambda obj, f: pickle.dump(obj, open(f, "wb"), protocol=2))):
-        path = str(tmp_path / f"evil{i}.pt")
-        write({"model": Evil(target), "config": {}}, path)
-        with pytest.raises(ValueError, match="not a model.py checkpoint"):
-            load_checkpoint(path)
-        assert not os.path.exists(target)
-    pickle.load(open(path, "rb"))  # the payload is real: plain unpickling creates the file
-    assert os.path.exists(target)
-
-
-def test_checkpoint_errors_are_one_line(tmp_path):
-    def error(path, **kw):
-        with pytest.raises((ValueError, FileNotFoundError)) as info:
-            load_checkpoint(str(path), **kw)
-        assert "\n" not in str(info.value)
-        return str(info.value)
-    assert "run `python sft.py` first" in error(tmp_path / "out" / "sft.pt")
-    (tmp_path / "notes.pt").write_text("hello")
-    assert "not a model.py checkpoint" in error(tmp_path / "notes.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    assert "not a model.py checkpoint" in error(tmp_path / "other.pt")
-    save_checkpoint(str(tmp_path / "reward.pt"), tiny_model(head="score"), Tokenizer(merges=[]), "reward")
-    assert "'score' head, expected a 'lm' head" in error(tmp_path / "reward.pt", head="lm")
-    checkpoint = torch.load(tmp_path / "reward.pt", weights_only=True)
-    checkpoint["config"]["hidden_size"] = 48
-    torch.save(checkpoint, tmp_path / "bad.pt")
-    assert "do not match its config" in error(tmp_path / "bad.pt")
-
-
-def test_cli_sample_chat_and_errors(tmp_path):
+def test_preference_pairs_skip_and_count(tmp_path):
     tokenizer = Tokenizer(merges=[])
-    save_checkpoint(str(tmp_path / "sft.pt"), tiny_model(vocab_size=tokenizer.vocab_size,
-                                                          max_position_embeddings=128), tokenizer, "sft")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = "\n".join([  # one interpreter for all three commands: starting python + torch is the slow part
-        "import sys, serve",
-        "serve.main(['sample', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '5', '--temperature', '0'])",
-        "serve.main(['chat', sys.argv[1], '--max-new-tokens', '5'])",
-    ])
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.pt")], cwd=ROOT, env=env,
-                         input="hello\nsecond turn\n/quit\nnever read\n", capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "tokens/s" in run.stderr
-    # what the CLI must print: the greedy sample after "hi", then one greedy reply per line until /quit
-    model, _, _ = load_checkpoint(str(tmp_path / "sft.pt"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocess, so that the float sums are the same
+    records = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "kind": "wrong"},
+               {"prompt": "2+2?", "chosen": "4", "rejected": " 4 "},               # identical
+               {"prompt": "2+2?", "chosen": "4", "rejected": "  "},                # an empty side
+               {"prompt": "2+2?", "chosen": "", "rejected": "5"},                  # an empty side
+               # fills the context
+               {"prompt": "x" * 200, "chosen": "4", "rejected": "5"},
+               {"prompt": "2+2?", "chosen": "4", "rejected": "?", "margin": 2}]
+    pairs, skipped = preference_pairs(tokenizer, records, context=64, path="p.jsonl")
+    assert skipped == {"identical": 1, "empty side": 2, "longer than the context": 1}
+    assert len(pairs) == 2 and pairs[1]["margin"] == 2.0 and pairs[0]["kind"] == "wrong"
+    # a reply ends with <|im_end|>
+    assert pairs[0]["chosen"] == tokenizer.encode("4") + [tokenizer.im_end_id]
+    assert pairs[0]["prompt"] == tokenizer.encode_prompt("2+2?")
+    with pytest.raises(ValueError, match=r"p.jsonl: no usable preference pairs \(1 identical, 2 "
+                                         r"empty side, 1 longer"):
+        preference_pairs(tokenizer, records[1:5], 64, "p.jsonl")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: 'chosen' and 'rejected' must be strings"):
+        preference_pairs(tokenizer, [records[0], {"prompt": "a", "chosen": 3, "rejected": "b"}], 64,
+                         "p.jsonl")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: 'margin' must be a number"):
+        preference_pairs(tokenizer,
+                         [{"prompt": "a", "chosen": "a", "rejected": "b", "margin": "1"}], 64,
+                         "p.jsonl")
+
+
+def test_dpo_logps_by_hand_and_invariant_to_padding():
+    policy = tiny_model()
+    pairs = [pair([5, 6, 7], [8, 9, 3], [10]),
+             pair([1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16], [12])]
+    alone_chosen, alone_rejected = pair_logps(policy, pairs[:1], pad_id=0, device="cpu")
+    chosen, rejected = pair_logps(policy, pairs, pad_id=0, device="cpu")
+    other_chosen, other_rejected = pair_logps(policy, pairs, pad_id=96, device="cpu")
+    assert (torch.allclose(alone_chosen, chosen[:1], atol=1e-5)
+            and torch.allclose(alone_rejected, rejected[:1], atol=1e-5))
+    assert (torch.allclose(chosen, other_chosen, atol=1e-5)
+            and torch.allclose(rejected, other_rejected, atol=1e-5))
+    # by hand: sum over the reply tokens of log softmax(logits of the previous position)[token]
+    logits, _ = policy(torch.tensor([[5, 6, 7, 8, 9, 3]]))
+    logp = torch.log_softmax(logits[0].double(), -1)
+    assert chosen[0].item() == pytest.approx(
+        sum(logp[t - 1, tok].item() for t, tok in ((3, 8), (4, 9), (5, 3))), abs=1e-4
+    )
+
+
+def test_reply_texts_cut_at_eos():
+    """RL stages read replies through model.reply_texts: text before <|im_end|>, and whether it
+    ended."""
+    tokenizer = Tokenizer(merges=[])
+    ids = tokenizer.encode("12") + [tokenizer.im_end_id, tokenizer.pad_id]
+    completion_ids = torch.tensor([ids, tokenizer.encode("abcd")])
+    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
+    assert texts == ["12", "abcd"] and ended.tolist() == [True, False]
+
+
+# ==================================================================================================
+# 5. lora.py: adapters, and --lora-rank in the stages
+# ==================================================================================================
+
+ALL_TARGETS = ",".join(LORA_TARGETS)
+
+
+def lora_on(model, rank=4, targets=ALL_TARGETS, seed=1):
+    """model with adapters whose B is random (a trained adapter), not zero (a fresh one)."""
+    add_lora(model, rank, alpha=8.0, targets=targets)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def test_lora_fresh_adapter_gives_exactly_the_base_logits_and_peft_names():
+    base, model = tiny_model(), tiny_model()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, 4, targets=ALL_TARGETS)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
+    assert torch.equal(model(ids)[0], base(ids)[0])  # B = 0: the update is exactly zero
+    names = set(model.state_dict())
+    assert set(state_before) <= names  # the base keeps its Hugging Face names
+    layers = ([f"self_attn.{x}_proj" for x in "qkvo"]
+              + [f"mlp.{x}_proj" for x in ("gate", "up", "down")])
+    assert names - set(state_before) == {
+        f"model.layers.{i}.{layer}.lora_{x}.weight"
+        for i in range(2)
+        for layer in layers
+        for x in "AB"
+    }
+    for layer in lora_layers(model):
+        fan_in = layer.lora_A.weight.shape[1]
+        # Kaiming-uniform, a = sqrt(5): bound 1/sqrt(in)
+        assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(fan_in)
+        assert layer.lora_A.weight.std() > 0.3 / math.sqrt(fan_in) and not layer.lora_B.weight.any()
+        assert layer.scaling == 16.0 / 4
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    default = tiny_model()
+    add_lora(default, 2)
+    assert ({n.split(".")[-3] for n, p in default.named_parameters() if p.requires_grad}
+            == {"q_proj", "k_proj", "v_proj", "o_proj"})
+
+
+def test_lora_merged_equals_unmerged_and_the_checkpoint_holds_the_merged_weights(tmp_path):
+    model, plain = lora_on(tiny_model()), tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
+    with torch.no_grad():
+        unmerged = model(ids)[0]
+        assert (unmerged - plain(ids)[0]).abs().max() > 1e-3  # the adapter does something
+        for layer in lora_layers(model):
+            layer.merge()
+        assert torch.allclose(model(ids)[0], unmerged, atol=1e-5)
+        for layer in lora_layers(model):
+            layer.unmerge()
+        assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6)
+                   for k, v in plain.state_dict().items())
+        # the checkpoint: merged weights under "model" (a plain model loads them), the
+        # adapter under "lora"
+        save_checkpoint(str(tmp_path / "lora.pt"), model, None, "sft", parent="base.pt")
+        loaded, _, checkpoint = load_checkpoint(str(tmp_path / "lora.pt"))
+        assert set(checkpoint["model"]) == set(plain.state_dict()) and not lora_layers(loaded)
+        assert torch.allclose(loaded(ids)[0], unmerged, atol=1e-5)
+        lora = checkpoint["lora"]
+        assert ((lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+                == (4, 8.0, 0.0, list(LORA_TARGETS)))
+        assert set(lora["weights"]) == {k for k in model.state_dict() if ".lora_" in k}
+
+
+def test_lora_only_the_adapter_gets_gradients_and_changes():
+    model = lora_on(tiny_model())
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    adapter = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    optimizer = model.configure_optimizer(lr=1e-2, weight_decay=0.1)
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (4, 16))
+    for _ in range(3):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        assert all((p.grad is not None) == (".lora_" in n) for n, p in model.named_parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())            # the base is untouched
+    assert all(not torch.equal(state[k], v) for k, v in adapter.items())     # every A and B moved
+    # AdamW moments for the adapter only
+    assert len(optimizer.state) == len(adapter)
+
+
+def test_lora_disabled_reference_equals_a_frozen_copy_of_the_base():
+    """DPO's, GRPO's and PPO's reference with --lora-rank: the policy with its adapter off."""
+    policy, frozen = lora_on(tiny_model()).train(), tiny_model().eval()
+    prompt_ids, prompt_mask, completion_ids, completion_mask = grouped_batch(group_size=1)
+    with torch.no_grad():
+        with lora_disabled(policy):
+            assert not policy.training
+            reference = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids,
+                                            completion_mask)
+        assert policy.training and all(layer.enabled for layer in lora_layers(policy))
+        assert torch.equal(
+            reference,
+            completion_logprobs(frozen, prompt_ids, prompt_mask, completion_ids, completion_mask),
+        )
+        assert not torch.equal(
+            reference,
+            completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask),
+        )
+        with lora_disabled(frozen), lora_disabled(None):  # no adapters: nothing changes
+            assert not frozen.training
+
+
+@pytest.mark.parametrize("overrides",
+                         [dict(), dict(attention_bias=False, tie_word_embeddings=False)],
+                         ids=["qwen2", "llama"])
+def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, hf_tok, overrides):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft",
+                               reason="peft is not installed (pip install -r requirements-dev.txt)")
+    base_path, _ = hf_checkpoint(tmp_path, hf_tok, stage="sft", name="base.pt", **overrides)
+    model, tokenizer, _ = load_checkpoint(base_path)
+    lora_on(model, targets="q_proj,v_proj,o_proj,up_proj,down_proj")
+    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft", parent=base_path)
+    hf.export_hf(base_path, str(tmp_path / "hf_base"))
+    hf.main(["export-adapter", str(tmp_path / "lora.pt"), str(tmp_path / "adapter")])
+    assert (sorted(os.listdir(tmp_path / "adapter"))
+            == ["adapter_config.json", "adapter_model.safetensors"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base"))
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    config = theirs.peft_config["default"]
+    assert ((config.r, config.lora_alpha, set(config.target_modules))
+            == (4, 8.0, {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"}))
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        peft_logits = theirs(torch.tensor([ids])).logits[0]
+        ours = hf_logits_of(model, ids)
+    assert (peft_logits - ours).abs().max() < 1e-5
+    assert (peft_logits - hf_logits_of(load_checkpoint(str(tmp_path / "lora.pt"))[0],
+                                       ids)).abs().max() < 1e-4  # merged
+    line = None
     try:
-        ids, _, mask = generate(model, [[tokenizer.eot_id] + tokenizer.encode("hi")], 5, temperature=0)
-        expected = ["hi" + tokenizer.decode(ids[0][mask[0].bool()].tolist()), "-" * 40]
-        messages = []
-        for line in ("hello", "second turn"):
-            messages.append({"role": "user", "content": line})
-            ids, _, mask = generate(model, [tokenizer.encode_prompt(messages)], 5, temperature=0,
-                                    eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
-            reply = [t for t in ids[0][mask[0].bool()].tolist() if t != tokenizer.im_end_id]
-            messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
-            expected.append(messages[-1]["content"])
-    finally:
-        torch.set_num_threads(threads)
-    assert run.stdout == "\n".join(expected) + "\n"  # and "never read", after /quit, got no reply
-    run = subprocess.run([sys.executable, "serve.py", "sample", str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "python sft.py" in run.stderr
-    with pytest.raises(SystemExit) as info:
-        serve.main(["--help"])
-    assert info.value.code == 0
+        hf.export_adapter(base_path, str(tmp_path / "none"))
+    except ValueError as e:
+        line = str(e)
+    assert "holds no LoRA adapter" in line and not (tmp_path / "none").exists()
 
 
-# =================================================================================================
-# train
-# =================================================================================================
-
-# ---------------------------------------------------------------------------------------------
-# pretrain.py and sft.py
-# ---------------------------------------------------------------------------------------------
-
-
-
-
-def run_ok(*argv, cwd=None, timeout=300):
-    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{argv[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def run_error(*argv, cwd=None):
-    """A script that must refuse its input: exit 2 with one `error:` line on stderr."""
-    result = subprocess.run([PY, *argv], cwd=cwd or ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, f"{argv} exited {result.returncode}:\n{result.stderr[-2000:]}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+def test_lora_adapter_of_an_imported_model_fits_the_original_directory(tmp_path, hf_tok):
+    """README's LoRA recipe: import a Hugging Face directory, train an adapter, load it with PEFT on
+    the original."""
+    peft = pytest.importorskip("peft",
+                               reason="peft is not installed (pip install -r requirements-dev.txt)")
+    directory, original = hf_save_model(
+        tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True
+    )
+    hf.import_hf(directory, str(tmp_path / "imported.pt"))
+    model, tokenizer, _ = load_checkpoint(str(tmp_path / "imported.pt"))
+    lora_on(model)
+    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft",
+                    parent=str(tmp_path / "imported.pt"))
+    hf.export_adapter(str(tmp_path / "lora.pt"), str(tmp_path / "adapter"))
+    theirs = peft.PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()
+    ids = hf_tok.encode(HF_SAMPLE)[:60]
+    with torch.no_grad():
+        peft_logits = theirs(torch.tensor([ids])).logits[0]
+    with torch.no_grad(), theirs.disable_adapter():
+        base_logits = theirs(torch.tensor([ids])).logits[0]
+    assert (peft_logits - hf_logits_of(model.eval(), ids)).abs().max() < 1e-5
+    assert (peft_logits - base_logits).abs().max() > 1e-2  # and the adapter is not a no-op
 
 
-def losses(jsonl_path: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, open(jsonl_path)) if "loss" in r}
+# --------------------------------------------------------------------------------- end to end (e2e)
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A tiny built-in world: data, a tokenizer, a tiny pretrained model."""
-    d = tmp_path_factory.mktemp("world")
-    run_ok(os.path.join(ROOT, "data.py"), "--out", str(d / "data"), "--scale", "0.02")
-    run_ok(os.path.join(ROOT, "tokenizer.py"), "--data", str(d / "data" / "pretrain.txt"), "--vocab-size", "400",
-           "--out", str(d / "out" / "tokenizer.json"))
-    run_ok(os.path.join(ROOT, "pretrain.py"), *TINY_PRETRAIN(d), "--steps", "30", "--out", str(d / "out" / "pretrain.pt"))
-    return d
+@pytest.mark.e2e
+def test_lora_sft_lowers_the_loss_keeps_the_base_and_ddp_equals_single_process(world, tmp_path):
+    args = [*TINY_SFT(world), "--lora-rank", "4", "--lora-targets", ALL_TARGETS, "--lr", "1e-2",
+            "--warmup", "2"]
+    out = run_ok("sft.py", *args, "--steps", "40", "--out", str(tmp_path / "lora.pt"))
+    assert "sft | after:" in out
+    loss = losses(tmp_path / "lora.jsonl")
+    assert sum(loss[s] for s in range(36, 41)) < 0.8 * sum(loss[s] for s in range(1, 6))
+    checkpoint = torch.load(tmp_path / "lora.pt", weights_only=True)
+    init = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
+    # merged: every later stage reads it as any checkpoint
+    assert set(checkpoint["model"]) == set(init)
+    adapted = {k.removesuffix(".lora_A.weight") for k in checkpoint["lora"]["weights"]
+               if k.endswith("lora_A.weight")}
+    scale = checkpoint["lora"]["alpha"] / checkpoint["lora"]["rank"]
+    for name, tensor in init.items():
+        layer = name.removesuffix(".weight")
+        if layer in adapted:  # W + (alpha / r) B A
+            a, b = (checkpoint["lora"]["weights"][f"{layer}.lora_{x}.weight"] for x in "AB")
+            assert (torch.allclose(checkpoint["model"][name], tensor + scale * b @ a, atol=1e-6)
+                    and b.abs().max() > 0)
+        else:
+            # embeddings, norms, biases: frozen
+            assert torch.equal(checkpoint["model"][name], tensor), name
+    short = [*args, "--steps", "3", "--save-every", "1000"]
+    run_ok("sft.py", *short, "--out", str(tmp_path / "single.pt"))
+    run_ddp("sft.py", *short, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
+    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    assert all(abs(single[step] - ddp[step]) < 1e-5 for step in single), (single, ddp)
 
 
-@pytest.fixture(scope="session")
-def tiny_sft(world):
-    """out/sft.pt of the tiny world: the starting point of every post-training stage's tests."""
-    run_ok(os.path.join(ROOT, "sft.py"), *TINY_SFT(world), "--steps", "20", "--log-every", "10",
-           "--out", str(world / "out" / "sft.pt"))
-    return world / "out" / "sft.pt"
+@pytest.mark.e2e
+def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
+    """With --lora-rank the reference is the policy with its adapter off: after the first update the
+    implicit rewards (DPO) and the KL (GRPO, PPO) are no longer 0, as they would stay if the
+    reference were the policy. The reward model trains an adapter on its trunk and its new score
+    head in full."""
+    lora = ["--lora-rank", "4", "--lora-targets", ALL_TARGETS]
+    run_ok("reward.py", *TINY_REWARD(world), *lora, "--steps", "3", "--lr", "1e-2", "--out",
+           str(tmp_path / "reward.pt"))
+    checkpoint, sft = (
+        torch.load(tmp_path / "reward.pt", weights_only=True),
+        torch.load(tiny_sft, weights_only=True)["model"],
+    )
+    start = reward_model_from(load_checkpoint(str(tiny_sft))[0], seed=0).state_dict()
+    # the head: trained in full
+    assert not torch.equal(checkpoint["model"]["score.weight"], start["score.weight"])
+    assert checkpoint["lora"]["rank"] == 4 and all(
+        torch.equal(checkpoint["model"][k], sft[k])
+        for k in sft
+        if "norm" in k or "embed" in k or k.endswith("bias")
+    )  # frozen
+    # the adapter trained
+    assert all(b.abs().max() > 0 for k, b in checkpoint["lora"]["weights"].items() if "lora_B" in k)
+    assert "score head" in run_error("hf.py", "export-adapter", str(tmp_path / "reward.pt"),
+                                     str(tmp_path / "adapter"))
+    out = run_ok("dpo.py", *TINY_DPO(world), *lora, "--steps", "3", "--lr", "1e-2", "--out",
+                 str(tmp_path / "dpo.pt"))
+    assert "reference the policy, adapter off" in out
+    # the policy starts as the base
+    assert logged(tmp_path / "dpo.jsonl")[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert (logged(tmp_path / "dpo.jsonl", "rewards/margin")[1] == 0
+            != logged(tmp_path / "dpo.jsonl", "rewards/margin")[3])
+    rl = [*TINY_RL(world, tiny_sft), *lora, "--reward-model", str(tiny_reward), "--lr", "1e-2"]
+    out = run_ok("grpo.py", *rl, "--prompts-per-step", "4", "--group-size", "3", "--out",
+                 str(tmp_path / "grpo.pt"))
+    assert "reference the policy, adapter off" in out
+    assert "reference the policy, adapter off" in run_ok("ppo.py", *rl, "--prompts-per-step", "8",
+                                                         "--out", str(tmp_path / "ppo.pt"))
+    for stage in ("dpo", "grpo", "ppo"):
+        checkpoint = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
+        assert checkpoint["stage"] == stage and checkpoint["lora"]["rank"] == 4
+    for stage in ("grpo", "ppo"):
+        log = read_log(tmp_path / f"{stage}.jsonl")
+        assert abs(log[0]["kl"]) < 1e-6 and abs(log[1]["kl"]) > 1e-6, (stage, log)
 
 
-def TINY_PRETRAIN(d):
-    return ["--data", str(d / "data" / "pretrain.txt"), "--tokenizer", str(d / "out" / "tokenizer.json"),
-            "--hidden-size", "32", "--num-layers", "2", "--context", "64", "--batch-size", "8", "--lr", "3e-3",
-            "--warmup", "5", "--log-every", "1", "--eval-every", "1000", "--eval-batches", "2", "--device", "cpu"]
+@pytest.mark.e2e
+def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
+    out = tmp_path / "x.pt"
+    for flags, expected in ((["--lora-rank", "-1"], "--lora-rank -1"),
+                            (["--lora-rank", "4", "--lora-targets", "q_proj,wq"],
+                             "unknown layer 'wq'"),
+                            (["--lora-rank", "4", "--lora-alpha", "0"],
+                             "--lora-alpha 0.0 must be > 0"),
+                            (["--lora-rank", "4", "--lora-dropout", "1"],
+                             "--lora-dropout 1.0 in [0, 1)")):
+        assert expected in run_error("sft.py", *TINY_SFT(world), *flags, "--out", str(out))
+    assert "--lora-rank -2" in run_error("dpo.py", *TINY_DPO(world), "--lora-rank", "-2", "--out",
+                                         str(out))
+    assert "unknown layer 'lm_head'" in run_error("grpo.py", *TINY_RL(world, tiny_sft),
+                                                  "--lora-rank", "2", "--lora-targets", "lm_head",
+                                                  "--out", str(out))
+    for stage in ("grpo.py", "ppo.py"):  # sampling and training must be one network
+        assert "--lora-dropout 0.1: " in run_error(stage, *TINY_RL(world, tiny_sft), "--lora-rank",
+                                                   "2", "--lora-dropout", "0.1", "--out", str(out))
+    moe = tiny_model(num_experts=4, moe_intermediate_size=16)
+    # routed experts are fused 3-D tensors, not linear layers
+    for targets in ("gate_proj", "q_proj,gate_proj"):
+        with pytest.raises(ValueError, match="no linear layer named 'gate_proj'"):
+            add_lora(moe, 2, targets=targets)
+    # refused whole: nothing changed
+    assert not lora_layers(moe) and all(p.requires_grad for p in moe.parameters())
+    line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
+    assert "holds no LoRA adapter" in line
+    assert not out.exists() and not (tmp_path / "adapter").exists()
 
 
-def TINY_SFT(d):
-    return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
-            "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
-            "--max-new-tokens", "4", "--device", "cpu"]
+# ==================================================================================================
+# 6. pretrain.py
+# ==================================================================================================
 
 
 def test_lr_schedule_key_steps():
-    from pretrain import lr_at
-
     assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)  # first warmup step
     assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)  # end of warmup: the peak
     assert lr_at(10, 1.0, 10, 110) == pytest.approx(1.0)  # cosine starts at the peak
-    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: the mean of peak and floor
+    # half way: the mean of peak and floor
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)  # the floor, 10 % of the peak
     assert lr_at(500, 1.0, 10, 110) == pytest.approx(0.1)  # stays there
-    from sft import lr_at as sft_lr_at
-
-    assert [sft_lr_at(s, 3e-4, 7, 50) for s in range(60)] == [lr_at(s, 3e-4, 7, 50) for s in range(60)]
-
-
-def test_weight_decay_groups():
-    from model import ModelConfig, Transformer
-
-    model = Transformer(ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert decay | no_decay == set(names.values()) and not decay & no_decay
-    assert "model.layers.0.self_attn.q_proj.weight" in decay and "model.layers.1.mlp.down_proj.weight" in decay
-    assert "model.embed_tokens.weight" in no_decay
-    assert all(n.endswith(".bias") or "norm" in n or "embed" in n for n in no_decay)
-    assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay)
+    assert ([sft_lr_at(s, 3e-4, 7, 50) for s in range(60)]
+            == [lr_at(s, 3e-4, 7, 50) for s in range(60)])
 
 
-def test_assistant_only_loss_by_hand(world):
-    from model import load_checkpoint
-    from sft import sft_example
-
-    model, tokenizer, _ = load_checkpoint(str(world / "out" / "pretrain.pt"))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
-                {"role": "assistant", "content": "8"}]
-    inputs, targets, truncated = sft_example(tokenizer, messages, context=200)
-    assert not truncated
-    ids, mask = tokenizer.encode_chat(messages)
-    # the targets are exactly the assistant tokens: "5", <|im_end|>, "8", <|im_end|>
-    kept = [t for t in targets if t != -100]
-    assert kept == [i for i, m in zip(ids, mask) if m] and tokenizer.decode(kept) == "5<|im_end|>8<|im_end|>"
-    x, y = torch.tensor([inputs]), torch.tensor([targets])
-    _, loss = model(x, y)
-    logits, _ = model(x)
-    logp = torch.log_softmax(logits[0].double(), dim=-1)
-    by_hand = -sum(logp[t, y[0, t]] for t in range(len(targets)) if targets[t] != -100) / len(kept)
-    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+# --------------------------------------------------------------------------------- end to end (e2e)
 
 
-def test_sft_example_keeps_the_head_and_aligns_targets():
-    from sft import sft_example
-
-    tokenizer = Tokenizer(merges=[])
-    messages = [{"role": "user", "content": "x" * 10}, {"role": "assistant", "content": "y" * 50}]
-    ids, mask = tokenizer.encode_chat(messages)
-    n = len(ids)
-    for context, cut in ((n - 1, False), (n - 2, True), (40, True)):  # n tokens fill a context of n - 1 exactly
-        inputs, targets, truncated = sft_example(tokenizer, messages, context)
-        assert truncated == cut and inputs == ids[:min(n, context + 1) - 1]
-        assert targets == [t if m else -100 for t, m in zip(ids[1:context + 1], mask[1:context + 1])]
-    assert 0 < sum(t != -100 for t in targets) < 50  # context 40 cuts inside the assistant turn
-
-
+@pytest.mark.e2e
 def test_pretrain_ddp_equals_single_process(world, tmp_path):
-    """2 ranks x 2 micro-steps with the same global batch give the losses of one process (to float rounding)."""
+    """2 ranks x 2 micro-steps with the same global batch give the losses of one process (to float
+    rounding)."""
     args = [*TINY_PRETRAIN(world), "--steps", "4", "--save-every", "1000"]
     run_ok(os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "single.pt"))
-    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "pretrain.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             "2", os.path.join(ROOT, "pretrain.py"), *args, "--grad-accum", "2",
+                             "--out", str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
@@ -1432,25 +2168,116 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path):
     assert result.stdout.count("pretrain | step 4/4") == 1  # only rank 0 prints
 
 
-def test_batches_cover_every_example_and_are_random():
-    epochs = [[batch_indices(100, 8, 0, e * 12 + b) for b in range(12)] for e in range(8)]  # 4 left over each epoch
-    for batches in epochs:
-        seen = [i for batch in batches for i in batch]
-        assert len(seen) == len(set(seen)) == 96  # an epoch sees each example at most once
-    assert set(i for batches in epochs for batch in batches for i in batch) == set(range(100))  # the remainder too
-    assert epochs[0] != epochs[1] and batch_indices(100, 8, 1, 0) != epochs[0][0]  # a fresh order per epoch and seed
-    assert batch_indices(100, 8, 0, 30) == epochs[2][6]  # a function of (seed, step) only
-    # not sorted by length: with 30 % long examples (thinking replies), batches mix them as the data does
-    long = set(range(0, 1000, 10)) | set(range(3, 1000, 10)) | set(range(7, 1000, 10))
-    shares = [sum(i in long for i in batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
-    assert min(shares) > 0.05 and max(shares) < 0.65 and abs(sum(shares) / len(shares) - 0.3) < 0.05
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-lora"])
+def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
+    """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run:
+    its frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint).
+    """
+    script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
+    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120",
+            "--save-every", "4", *(["--lora-rank", "4"] if stage == "sft-lora" else [])]
+    run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
+    process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
+    # killed mid-run, after a save
+    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 120
+    line = run_error(script, *args, "--batch-size", "4", "--out", str(tmp_path / "killed.pt"),
+                     "--resume")
+    # not another run
+    assert "ran with other settings (--batch-size 8 -> 4): resume with the same ones" in line
+    run_ok(script, *args, "--out", str(tmp_path / "killed.pt"), "--resume")
+    full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
+    assert sorted(full) == sorted(resumed) == list(range(1, 121))
+    assert full == resumed  # exact: same batches, same weights, same optimizer state
+    final = torch.load(tmp_path / "killed.pt", weights_only=True)
+    assert "optimizer" not in final and final["step"] == 120
+    assert all(torch.equal(final["model"][k], v)
+               for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
 
 
+@pytest.mark.e2e
+def test_pretrain_bad_input(world, tmp_path):
+    out = tmp_path / "p.pt"
+    line = run_error("pretrain.py", *TINY_PRETRAIN(world), "--tokenizer",
+                     str(tmp_path / "none.json"), "--out", str(out))
+    assert "tokenizer.py" in line
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    assert "empty" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data",
+                                str(tmp_path / "empty.txt"), "--out", str(out))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    assert "bad.jsonl:2" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data",
+                                      str(tmp_path / "bad.jsonl"), "--out", str(out))
+    assert "--steps 0: at least 1" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--steps",
+                                                "0", "--out", str(out))
+    # fp16 would have run in fp32, saying float16
+    for flag, value in (("--dtype", "float16"), ("--preset", "7b")):
+        result = subprocess.run([PY, "pretrain.py", *TINY_PRETRAIN(world), flag, value, "--out",
+                                 str(out)], cwd=ROOT,
+                                env=ENV, capture_output=True, text=True, timeout=120)
+        assert (result.returncode == 2
+                and f"argument {flag}: invalid choice: '{value}'" in result.stderr)
+    assert not out.exists()
+
+
+# ==================================================================================================
+# 7. sft.py
+# ==================================================================================================
+
+
+def test_sft_example_keeps_the_head_and_aligns_targets():
+    tokenizer = Tokenizer(merges=[])
+    messages = [{"role": "user", "content": "x" * 10}, {"role": "assistant", "content": "y" * 50}]
+    ids, mask = tokenizer.encode_chat(messages)
+    n = len(ids)
+    # n tokens fill a context of n - 1 exactly
+    for context, cut in ((n - 1, False), (n - 2, True), (40, True)):
+        inputs, targets, truncated = sft_example(tokenizer, messages, context)
+        assert truncated == cut and inputs == ids[:min(n, context + 1) - 1]
+        assert (targets
+                == [t if m else -100 for t, m in zip(ids[1:context + 1], mask[1:context + 1])])
+    assert 0 < sum(t != -100 for t in targets) < 50  # context 40 cuts inside the assistant turn
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
+def test_assistant_only_loss_by_hand(world):
+    model, tokenizer, _ = load_checkpoint(str(world / "out" / "pretrain.pt"))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
+                {"role": "assistant", "content": "8"}]
+    inputs, targets, truncated = sft_example(tokenizer, messages, context=200)
+    assert not truncated
+    ids, mask = tokenizer.encode_chat(messages)
+    # the targets are exactly the assistant tokens: "5", <|im_end|>, "8", <|im_end|>
+    kept = [t for t in targets if t != -100]
+    assert (kept == [i for i, m in zip(ids, mask) if m]
+            and tokenizer.decode(kept) == "5<|im_end|>8<|im_end|>")
+    x, y = torch.tensor([inputs]), torch.tensor([targets])
+    _, loss = model(x, y)
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    by_hand = -sum(logp[t, y[0, t]] for t in range(len(targets)) if targets[t] != -100) / len(kept)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.e2e
 def test_sft_ddp_equals_single_process(world, tmp_path):
     args = [*TINY_SFT(world), "--steps", "3", "--save-every", "1000"]
     run_ok(os.path.join(ROOT, "sft.py"), *args, "--out", str(tmp_path / "single.pt"))
-    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "sft.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             "2", os.path.join(ROOT, "sft.py"), *args, "--grad-accum", "2", "--out",
+                             str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
@@ -1459,146 +2286,54 @@ def test_sft_ddp_equals_single_process(world, tmp_path):
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-lora"])
-def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
-    """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run: its
-    frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint)."""
-    script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
-    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120", "--save-every", "4",
-            *(["--lora-rank", "4"] if stage == "sft-lora" else [])]
-    run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
-    process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "killed.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
-    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 120  # killed mid-run, after a save
-    line = run_error(script, *args, "--batch-size", "4", "--out", str(tmp_path / "killed.pt"), "--resume")
-    assert "ran with other settings (--batch-size 8 -> 4): resume with the same ones" in line  # not another run
-    run_ok(script, *args, "--out", str(tmp_path / "killed.pt"), "--resume")
-    full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
-    assert sorted(full) == sorted(resumed) == list(range(1, 121))
-    assert full == resumed  # exact: same batches, same weights, same optimizer state
-    final = torch.load(tmp_path / "killed.pt", weights_only=True)
-    assert "optimizer" not in final and final["step"] == 120
-    assert all(torch.equal(final["model"][k], v) for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
-
-
-def test_pretrain_bad_input(world, tmp_path):
-    out = tmp_path / "p.pt"
-    line = run_error("pretrain.py", *TINY_PRETRAIN(world), "--tokenizer", str(tmp_path / "none.json"), "--out", str(out))
-    assert "tokenizer.py" in line
-    (tmp_path / "empty.txt").write_text("\n\n\n")
-    assert "empty" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "empty.txt"), "--out", str(out))
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
-    assert "bad.jsonl:2" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--data", str(tmp_path / "bad.jsonl"), "--out", str(out))
-    for flag, value in (("--dtype", "float16"), ("--steps", "0")):  # fp16 would have run in fp32, saying float16
-        assert "--dtype must be auto, bfloat16 or float32" in run_error("pretrain.py", *TINY_PRETRAIN(world), flag, value, "--out", str(out))
-    assert not out.exists()
-
-
+@pytest.mark.e2e
 def test_sft_bad_input(world, tmp_path):
     out = tmp_path / "s.pt"
-    assert "pretrain.py" in run_error("sft.py", *TINY_SFT(world), "--init", str(tmp_path / "pretrain.pt"), "--out", str(out))
-    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n')
-    assert "broken.jsonl:2" in run_error("sft.py", *TINY_SFT(world), "--data", str(tmp_path / "broken.jsonl"), "--out", str(out))
-    (tmp_path / "noassistant.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    line = run_error("sft.py", *TINY_SFT(world), "--data", str(tmp_path / "noassistant.jsonl"), "--out", str(out))
+    assert "pretrain.py" in run_error("sft.py", *TINY_SFT(world), "--init",
+                                      str(tmp_path / "pretrain.pt"), "--out", str(out))
+    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                           '{"role": "assistant", "content": "yo"}]}\n{"messages": '
+                                           '[\n')
+    assert "broken.jsonl:2" in run_error("sft.py", *TINY_SFT(world), "--data",
+                                         str(tmp_path / "broken.jsonl"), "--out", str(out))
+    (tmp_path / "noassistant.jsonl").write_text('{"messages": [{"role": "user", "content": '
+                                                '"hi"}]}\n')
+    line = run_error("sft.py", *TINY_SFT(world), "--data", str(tmp_path / "noassistant.jsonl"),
+                     "--out", str(out))
     assert "noassistant.jsonl:1" in line and "assistant" in line
     assert not out.exists() and not (tmp_path / "s.jsonl").exists()
 
 
-# =================================================================================================
-# prefs
-# =================================================================================================
+# ==================================================================================================
+# 8. reward.py: a reward model from preference pairs
+# ==================================================================================================
 
-# ---------------------------------------------------------------------------------------------
-# reward.py and dpo.py: learning from preference pairs
-# ---------------------------------------------------------------------------------------------
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # MERGE: drop in test_all.py
-
-TINY_MODEL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-
-
-def head(path, n):
-    """The first n lines of a data file, written next to it (small held-out sets keep the runs fast)."""
-    small = f"{path}.head{n}.jsonl"
-    if not os.path.exists(small):
-        with open(path) as f, open(small, "w") as out:
-            out.writelines(line for _, line in zip(range(n), f))
-    return small
-
-
-def TINY_REWARD(d):
-    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
-            "--eval-data", head(d / "data" / "prefs_eval.jsonl", 60), "--batch-size", "8", "--log-every", "1",
-            "--stats-pairs", "16", "--device", "cpu"]
-
-
-def TINY_DPO(d):
-    return ["--init", str(d / "out" / "sft.pt"), "--data", str(d / "data" / "prefs.jsonl"),
-            "--eval-data", head(d / "data" / "prefs_eval.jsonl", 60), "--task-data", head(d / "data" / "eval.jsonl", 30),
-            "--batch-size", "8", "--log-every", "1", "--max-new-tokens", "4", "--device", "cpu"]
-
-
-def logged(jsonl_path, key="loss"):
-    return {r["step"]: r[key] for r in map(json.loads, open(jsonl_path))}
-
-
-def run_ddp(script, *argv):
-    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, script), *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def tiny_lm(seed=0):
-    from model import ModelConfig, Transformer
-
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**TINY_MODEL)).eval()
-
-
-def pair(prompt, chosen, rejected, kind="x"):
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 0.0, "kind": kind}
-
-
-# ----------------------------------------------------------------------------- reward.py: the math
 
 def test_bradley_terry_loss_by_hand():
-    from reward import reward_loss
-
     equal = torch.tensor([0.3, -2.0, 5.0])
     assert torch.allclose(reward_loss(equal, equal), torch.full((3,), math.log(2)))  # σ(0) = 1/2
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0])
     # -log σ(1.5) = log(1 + e^-1.5), -log σ(-1) = log(1 + e^1)
-    assert torch.allclose(reward_loss(chosen, rejected), torch.tensor([math.log(1 + math.exp(-1.5)), math.log(1 + math.e)]))
+    assert torch.allclose(reward_loss(chosen, rejected),
+                          torch.tensor([math.log(1 + math.exp(-1.5)), math.log(1 + math.e)]))
     # margin 1: -log σ(2 - 0.5 - 1) = log(1 + e^-0.5); centering 0.1 adds 0.1 (2 + 0.5)^2 = 0.625
     margin = torch.tensor([1.0, 0.0])
-    assert reward_loss(chosen, rejected, margin)[0].item() == pytest.approx(math.log(1 + math.exp(-0.5)))
-    assert reward_loss(chosen, rejected, margin, center_coef=0.1)[0].item() == pytest.approx(math.log(1 + math.exp(-0.5)) + 0.625)
+    assert (reward_loss(chosen, rejected, margin)[0].item()
+            == pytest.approx(math.log(1 + math.exp(-0.5))))
+    assert (reward_loss(chosen, rejected, margin, center_coef=0.1)[0].item()
+            == pytest.approx(math.log(1 + math.exp(-0.5)) + 0.625))
 
 
 def test_bradley_terry_shift_invariance_and_centering():
-    from reward import reward_loss
-
     torch.manual_seed(0)
     chosen, rejected = torch.randn(16), torch.randn(16)
     assert torch.allclose(reward_loss(chosen + 7.5, rejected + 7.5), reward_loss(chosen, rejected))
     # the centering term is what pins the offset: it grows when every reward moves away from 0
-    assert (reward_loss(chosen + 7.5, rejected + 7.5, center_coef=0.01).mean() > reward_loss(chosen, rejected, center_coef=0.01).mean())
+    assert (reward_loss(chosen + 7.5, rejected + 7.5, center_coef=0.01).mean()
+            > reward_loss(chosen, rejected, center_coef=0.01).mean())
 
 
 def test_pairwise_accuracy_by_hand_and_swap():
-    from reward import pairwise_accuracy
-
     chosen, rejected = torch.tensor([3.0, 1.0, 2.0, -1.0]), torch.tensor([1.0, 2.0, 0.0, -3.0])
     assert pairwise_accuracy(chosen, rejected) == pytest.approx(0.75)
     torch.manual_seed(0)
@@ -1609,16 +2344,16 @@ def test_pairwise_accuracy_by_hand_and_swap():
 
 
 def test_reward_model_copies_the_body_and_reads_the_last_real_token():
-    from reward import pair_rewards, reward_model_from
-
-    lm = tiny_lm()
+    lm = tiny_model()
     reward_model = reward_model_from(lm, seed=0).eval()
     assert reward_model.config.head == "score" and not hasattr(reward_model, "lm_head")
     body = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
     assert all(torch.equal(reward_model.state_dict()[k], v) for k, v in body.items())
     assert reward_model.score.weight.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.3)
-    # the reward of a pair does not depend on the other pairs of its batch (padding) nor on the pad id
-    pairs = [pair([5, 6, 7], [8, 9], [10]), pair([5, 6, 7, 1, 2, 3, 4], [8, 9, 11, 12, 13], [10, 1, 2, 3, 4, 5, 6])]
+    # the reward of a pair does not depend on the other pairs of its batch (padding) nor on
+    # the pad id
+    pairs = [pair([5, 6, 7], [8, 9], [10]),
+             pair([5, 6, 7, 1, 2, 3, 4], [8, 9, 11, 12, 13], [10, 1, 2, 3, 4, 5, 6])]
     alone = pair_rewards(reward_model, pairs[:1], 0, "cpu")
     batched = pair_rewards(reward_model, pairs, 0, "cpu")
     other_pad = pair_rewards(reward_model, pairs, 3, "cpu")
@@ -1629,138 +2364,62 @@ def test_reward_model_copies_the_body_and_reads_the_last_real_token():
     assert alone[1].item() == pytest.approx(values[0, -1].item(), abs=1e-5)
 
 
-def test_preference_pairs_skip_and_count(tmp_path):
-    from reward import preference_pairs
-    from tokenizer import Tokenizer
+def trl_reward_loss(chosen_rewards, rejected_rewards, margin, center_coef):
+    ("""TRL's RewardTrainer.compute_loss (loss, metrics) for a model whose scores are these """
+     """rewards.""")
+    from trl import RewardTrainer
 
-    tokenizer = Tokenizer(merges=[])
-    records = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "kind": "wrong"},
-               {"prompt": "2+2?", "chosen": "4", "rejected": " 4 "},               # identical
-               {"prompt": "2+2?", "chosen": "4", "rejected": "  "},                # an empty side
-               {"prompt": "2+2?", "chosen": "", "rejected": "5"},                  # an empty side
-               {"prompt": "x" * 200, "chosen": "4", "rejected": "5"},              # fills the context
-               {"prompt": "2+2?", "chosen": "4", "rejected": "?", "margin": 2}]
-    pairs, skipped = preference_pairs(tokenizer, records, context=64, path="p.jsonl")
-    assert skipped == {"identical": 1, "empty side": 2, "longer than the context": 1}
-    assert len(pairs) == 2 and pairs[1]["margin"] == 2.0 and pairs[0]["kind"] == "wrong"
-    assert pairs[0]["chosen"] == tokenizer.encode("4") + [tokenizer.im_end_id]  # a reply ends with <|im_end|>
-    assert pairs[0]["prompt"] == tokenizer.encode_prompt("2+2?")
-    with pytest.raises(ValueError, match=r"p.jsonl: no usable preference pairs \(1 identical, 2 empty side, 1 longer"):
-        preference_pairs(tokenizer, records[1:5], 64, "p.jsonl")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: 'chosen' and 'rejected' must be strings"):
-        preference_pairs(tokenizer, [records[0], {"prompt": "a", "chosen": 3, "rejected": "b"}], 64, "p.jsonl")
-    with pytest.raises(ValueError, match=r"p.jsonl:1: 'margin' must be a number"):
-        preference_pairs(tokenizer, [{"prompt": "a", "chosen": "a", "rejected": "b", "margin": "1"}], 64, "p.jsonl")
+    stand_in = trl_stand_in(args=types.SimpleNamespace(center_rewards_coefficient=center_coef))
+    # (2B, 1), the batch is [chosen; rejected]
+    logits = torch.cat([chosen_rewards, rejected_rewards])[:, None]
+    inputs = {"attention_mask": torch.ones(len(logits), 3, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = margin
+    loss = RewardTrainer.compute_loss(stand_in,
+                                      lambda **kwargs: types.SimpleNamespace(logits=logits), inputs)
+    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
 
 
-# ----------------------------------------------------------------------------- dpo.py: the math
-
-def test_dpo_loss_is_log2_when_policy_is_the_reference():
-    from dpo import LOSS_TYPES, dpo_loss
-
-    logp_chosen, logp_rejected = torch.tensor([-3.0, -10.0]), torch.tensor([-7.0, -1.0])
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, logp_chosen, logp_rejected)
-    assert torch.allclose(losses, torch.full((2,), math.log(2)))
-    assert torch.equal(chosen_rewards - rejected_rewards, torch.zeros(2))  # margin 0
-    assert (chosen_rewards > rejected_rewards).float().mean() == 0  # accuracy 0
-    for loss_type, at_zero in zip(LOSS_TYPES, (math.log(2), math.log(2), 1.0, 25.0)):  # ipo: (0 - 1/(2·0.1))²
-        losses, _, _ = dpo_loss(logp_chosen, logp_rejected, logp_chosen, logp_rejected, 0.1, loss_type, 0.1)
-        assert torch.allclose(losses, torch.full((2,), at_zero)), loss_type
-
-
-def test_dpo_loss_types_by_hand():
-    from dpo import dpo_loss
-
-    # h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)) = (-1 + 2) - (-3 + 2) = 2
-    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
-    softplus = lambda x: math.log(1 + math.exp(x))  # -log σ(x) = softplus(-x)
-    expected = {("sigmoid", 0.5, 0.0): softplus(-1.0),
-                ("sigmoid", 0.5, 0.2): 0.8 * softplus(-1.0) + 0.2 * softplus(1.0),
-                ("robust", 0.5, 0.2): (0.8 * softplus(-1.0) - 0.2 * softplus(1.0)) / 0.6,
-                ("hinge", 0.25, 0.0): 0.5,          # max(0, 1 - 0.25 · 2)
-                ("hinge", 0.5, 0.0): 0.0,           # max(0, 1 - 0.5 · 2)
-                ("ipo", 0.5, 0.0): 1.0,             # (2 - 1/(2 · 0.5))²
-                ("ipo", 0.1, 0.0): 9.0}             # (2 - 5)²
-    for (loss_type, beta, eps), value in expected.items():
-        losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers, beta, loss_type, eps)
-        assert losses.item() == pytest.approx(value, rel=1e-6), (loss_type, beta, eps)
-        assert chosen_rewards.item() == pytest.approx(beta) and rejected_rewards.item() == pytest.approx(-beta)
-    with pytest.raises(ValueError, match="loss-type"):
-        dpo_loss(*numbers, 0.1, "kto")
+@pytest.mark.parametrize("center_coef", [0.0, 0.01])
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_trl_reward_loss_parity(with_margin, center_coef):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = (torch.randn(9, generator=generator, dtype=torch.float64) for _ in range(2))
+    margin = torch.rand(9, generator=generator, dtype=torch.float64) if with_margin else None
+    leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+    trl_leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
+    trl_loss, metrics = trl_reward_loss(*trl_leaves, margin, center_coef or None)
+    # reward.py detail 6: the mean over the pairs
+    loss = reward_loss(*leaves, margin, center_coef).mean()
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    for ours, theirs in zip(
+        torch.autograd.grad(loss, leaves), torch.autograd.grad(trl_loss, trl_leaves)
+    ):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    # TRL's mean is float32
+    assert metrics["accuracy"] == pytest.approx(pairwise_accuracy(chosen, rejected), rel=1e-6)
+    assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-12)
 
 
-def test_robust_with_eps_zero_equals_sigmoid():
-    from dpo import dpo_loss
-
-    torch.manual_seed(0)
-    numbers = [torch.randn(32) * 5 for _ in range(4)]
-    sigmoid, _, _ = dpo_loss(*numbers, 0.3, "sigmoid", 0.0)
-    robust, _, _ = dpo_loss(*numbers, 0.3, "robust", 0.0)
-    assert torch.allclose(sigmoid, robust)
-    assert not torch.allclose(dpo_loss(*numbers, 0.3, "robust", 0.1)[0], sigmoid)
+# --------------------------------------------------------------------------------- end to end (e2e)
 
 
-def test_dpo_gradient_is_zero_on_prompt_and_padding_positions():
-    """The loss sees only the log-probs of reply tokens: the prompts run once and only their last position
-    (which predicts a reply's first token) gets logits; d loss / d logits is 0 at every reply position
-    that predicts a pad, and not 0 where it predicts a reply token."""
-    from dpo import dpo_loss, pair_logps
-
-    pairs = [pair([5, 6, 7], [8, 9], [10]), pair([1, 2, 3, 4, 5], [11], [12, 13, 14])]
-    V = 17
-    prompt_logits = torch.randn(2, 1, V, requires_grad=True)      # the prompt pass: the last position only
-    chosen_logits = torch.randn(2, 1, V, requires_grad=True)      # chosen replies (2 tokens at most), minus the last
-    rejected_logits = torch.randn(2, 2, V, requires_grad=True)    # rejected replies (3 tokens at most), minus the last
-
-    class FakeModel:  # the logits of a model, as leaves
-        config = ModelConfig(**TINY)
-
-        def __call__(self, ids, attention_mask=None, kv_cache=None, logits_to_keep=0):
-            if kv_cache.length == 0:
-                kv_cache.length = ids.shape[1]
-                assert logits_to_keep == 1
-                return prompt_logits, None
-            return (chosen_logits if ids.shape[1] == 1 else rejected_logits), None
-
-    logp_chosen, logp_rejected = pair_logps(FakeModel(), pairs, pad_id=0, device="cpu")
-    losses, _, _ = dpo_loss(logp_chosen, logp_rejected, torch.zeros(2), torch.zeros(2))
-    losses.sum().backward()
-    assert (prompt_logits.grad.abs().sum(-1) > 0).all()  # both prompts predict their replies' first tokens
-    assert torch.equal(chosen_logits.grad.abs().sum(-1) > 0, torch.tensor([[True], [False]]))  # lengths 2, 1
-    assert torch.equal(rejected_logits.grad.abs().sum(-1) > 0, torch.tensor([[False, False], [True, True]]))  # 1, 3
-
-
-def test_dpo_logps_by_hand_and_invariant_to_padding():
-    from dpo import pair_logps
-
-    policy = tiny_lm()
-    pairs = [pair([5, 6, 7], [8, 9, 3], [10]), pair([1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 15, 16], [12])]
-    alone_chosen, alone_rejected = pair_logps(policy, pairs[:1], pad_id=0, device="cpu")
-    chosen, rejected = pair_logps(policy, pairs, pad_id=0, device="cpu")
-    other_chosen, other_rejected = pair_logps(policy, pairs, pad_id=96, device="cpu")
-    assert torch.allclose(alone_chosen, chosen[:1], atol=1e-5) and torch.allclose(alone_rejected, rejected[:1], atol=1e-5)
-    assert torch.allclose(chosen, other_chosen, atol=1e-5) and torch.allclose(rejected, other_rejected, atol=1e-5)
-    # by hand: sum over the reply tokens of log softmax(logits of the previous position)[token]
-    logits, _ = policy(torch.tensor([[5, 6, 7, 8, 9, 3]]))
-    logp = torch.log_softmax(logits[0].double(), -1)
-    assert chosen[0].item() == pytest.approx(sum(logp[t - 1, tok].item() for t, tok in ((3, 8), (4, 9), (5, 3))), abs=1e-4)
-
-
-# ----------------------------------------------------------------------------- end to end
-
+@pytest.mark.e2e
 def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
-    from model import load_checkpoint
-
     world = tiny_sft.parent.parent
     args = [*TINY_REWARD(world), "--steps", "3"]
     out = run_ok("reward.py", *args, "--out", str(tmp_path / "single.pt"))
     assert "longer than the context skipped" in out and "reward | after:  pairwise accuracy" in out
-    model, _, checkpoint = load_checkpoint(str(tmp_path / "single.pt"), head="score")  # a standard checkpoint
-    assert checkpoint["stage"] == "reward" and checkpoint["parent"] == str(tiny_sft) and checkpoint["step"] == 3
+    # a standard checkpoint
+    model, _, checkpoint = load_checkpoint(str(tmp_path / "single.pt"), head="score")
+    assert (checkpoint["stage"] == "reward" and checkpoint["parent"] == str(tiny_sft)
+            and checkpoint["step"] == 3)
     metrics = checkpoint["metrics"]
     assert metrics["reward_std"] > 0 and math.isfinite(metrics["reward_mean"])
     assert 0 <= metrics["before"]["accuracy"] <= 1 and "accuracy/cut_off" in metrics["after"]
-    stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))  # 2 ranks x 2 micro-steps
+    # 2 ranks x 2 micro-steps
+    stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
     assert stdout.count("reward | step 3/3") == 1  # only rank 0 prints
     single, ddp = logged(tmp_path / "single.jsonl"), logged(tmp_path / "ddp.jsonl")
     assert sorted(single) == sorted(ddp) == [1, 2, 3]
@@ -1768,77 +2427,198 @@ def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
 
 
-def test_dpo_end_to_end_ddp_with_precomputed_reference_equals_single_process_with_reference_model(tiny_sft, tmp_path):
-    """One process holding a reference model and two ranks with precomputed reference log-probs
-    give the same losses: the precomputation is exact and DDP splits the batch without changing it."""
-    world = tiny_sft.parent.parent
-    args = [*TINY_DPO(world), "--steps", "3"]
-    out = run_ok("dpo.py", *args, "--out", str(tmp_path / "model.pt"))
-    assert "dpo | after:  task accuracy" in out and "dpo | after:  preference accuracy" in out
-    with_model = logged(tmp_path / "model.jsonl")
-    assert with_model[1] == pytest.approx(math.log(2), abs=1e-5)  # step 1: the policy is the reference
-    assert logged(tmp_path / "model.jsonl", "rewards/accuracy")[1] == 0.0
-    assert logged(tmp_path / "model.jsonl", "rewards/margin")[1] == pytest.approx(0.0, abs=1e-6)
-    stdout = run_ddp("dpo.py", *args, "--precompute-ref", "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
-    assert stdout.count("dpo | step 3/3") == 1 and "reference precomputed" in stdout
-    ddp = logged(tmp_path / "ddp.jsonl")
-    assert sorted(ddp) == sorted(with_model) == [1, 2, 3]
-    for step in with_model:
-        assert abs(with_model[step] - ddp[step]) < 1e-5, (step, with_model[step], ddp[step])
-    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert checkpoint["stage"] == "dpo" and checkpoint["step"] == 3 and set(checkpoint["metrics"]["after"]) == {"pairs", "task"}
-    assert checkpoint["metrics"]["before"]["pairs"]["implicit_accuracy"] == 0.0
+# ==================================================================================================
+# 9. ppo.py
+# ==================================================================================================
 
 
-def test_reward_and_dpo_bad_input(tiny_sft, tmp_path):
-    """Unusable pairs are skipped and counted; nothing usable left is one error line and no file.
-    (Malformed lines, file:line, are checked on preference_pairs above.)"""
-    world = tiny_sft.parent.parent
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "a"}\n{"prompt": "hi", "chosen": "a", "rejected": ""}\n'
-                   '{"prompt": "' + "long " * 100 + '", "chosen": "a", "rejected": "b"}\n')
-    for script, args in (("reward.py", TINY_REWARD(world)), ("dpo.py", TINY_DPO(world))):
-        line = run_error(script, *args, "--data", str(bad), "--out", str(tmp_path / "x.pt"))
-        assert "no usable preference pairs (1 identical, 1 empty side, 1 longer than the context)" in line
-        assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.jsonl").exists()
-    assert "--beta must be > 0" in run_error("dpo.py", *TINY_DPO(world), "--beta", "0", "--out", str(tmp_path / "x.pt"))
+def test_gae_with_gamma_lambda_one_is_reward_to_go():
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.3, 0.1, -0.4, 9.0], [1.0, -1.0, 9.0, 9.0]])  # 9 = junk on padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = torch.tensor([[0.9, 0.8, 1.0, 0.0], [2.5, 2.0, 0.0, 0.0]])
+    assert torch.allclose(returns, reward_to_go, atol=1e-6)
+    assert torch.allclose(advantages, (reward_to_go - values) * mask, atol=1e-6)
+    # lambda 0.95 by hand, rewards (0, 1), values (0.5, 0.2): delta = (0 + 0.2 - 0.5, 1 - 0.2)
+    # = (-0.3, 0.8)
+    advantages, returns = gae(
+        torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 0.95
+    )
+    assert advantages[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8, 0.8])
+    assert returns[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8 + 0.5, 1.0])
 
 
-# =================================================================================================
-# rl
-# =================================================================================================
+def test_whitened_advantages_mean_zero_std_one_over_the_mask():
+    torch.manual_seed(0)
+    x = 3 + 5 * torch.randn(4, 6)
+    mask = torch.ones(4, 6)
+    mask[1, 3:] = mask[2, 1:] = 0
+    x[mask == 0] = 1e3  # padding must not leak into the statistics
+    white = masked_whiten(x, mask)
+    kept = white[mask.bool()]
+    assert kept.mean().abs() < 1e-5 and kept.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert white[mask == 0].abs().max() == 0
 
-# ---------------------------------------------------------------------------------------------
-# grpo.py and ppo.py
-# ---------------------------------------------------------------------------------------------
+
+def test_value_loss_and_adaptive_kl_by_hand():
+    one = torch.ones(1, 1)
+    # V = 1, V_old = 0.5, R = 2: unclipped (1 - 2)^2 = 1, clipped V = 0.7: (0.7 - 2)^2 = 1.69;
+    # 0.5 * max = 0.845
+    assert ppo_value_loss(one * 1.0, one * 0.5, one * 2.0, one, 0.2).item() == pytest.approx(0.845)
+    # V = 1, V_old = 0.5, R = 0: unclipped 1, clipped 0.49; 0.5 * max = 0.5
+    assert ppo_value_loss(one * 1.0, one * 0.5, one * 0.0, one, 0.2).item() == pytest.approx(0.5)
+    values = torch.tensor([[1.0, 5.0]])
+    assert ppo_value_loss(values, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]),
+                          torch.tensor([[1.0, 0.0]]), 0.2) == 0
+    assert adaptive_kl_coef(0.05, 1.0, 1.0, 10000, 64) == pytest.approx(0.05)
+    assert (adaptive_kl_coef(0.05, 10.0, 1.0, 10000, 64)
+            == pytest.approx(0.05 * (1 + 0.2 * 64 / 10000)))
+    assert (adaptive_kl_coef(0.05, 0.0, 1.0, 10000, 64)
+            == pytest.approx(0.05 * (1 - 0.2 * 64 / 10000)))
 
 
+def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
+    """ppo.py detail 4, by hand: the score sits on a reply's last real token and nothing past it is
+    trained (TRL's former PPOTrainer put the score one token after the EOS and trained a value
+    there). TRL no longer ships PPO."""
+    junk = 9.0  # padding: whatever a model returns there must change nothing
+    # a reply that ended (<|im_end|> at t = 1), one cut at 4 tokens
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+    logp = torch.tensor([[-1.0, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
+    ref_logp = torch.tensor([[-1.2, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
+    values = torch.tensor([[0.4, 0.9, junk, junk], [0.1, 0.2, 0.3, 0.4]])
+    scores = torch.tensor([1.5, -0.5])
+
+    def losses(pad):
+        """rewards, advantages, returns, d policy loss / d logp, d value loss / d values, with `pad`
+        more padding columns."""
+        widen = lambda x, value: torch.cat([x, torch.full((2, pad), value)], dim=1)  # noqa: E731
+        m, lp, vals = (
+            widen(mask, 0.0),
+            widen(logp, junk).requires_grad_(),
+            widen(values, junk).requires_grad_(),
+        )
+        rewards = ppo_rewards(lp.detach(), widen(ref_logp, junk), scores, m, kl_coef=0.1)
+        advantages, returns = gae(rewards, vals.detach(), m, gamma=1.0, lam=0.95)
+        policy_loss, _ = ppo_policy_loss(lp, lp.detach(), masked_whiten(advantages, m), m, clip=0.2)
+        value_loss = ppo_value_loss(vals, vals.detach(), returns, m, vf_clip=0.2)
+        return (
+            rewards,
+            advantages,
+            returns,
+            torch.autograd.grad(policy_loss, lp)[0],
+            torch.autograd.grad(value_loss, vals)[0],
+        )
+
+    rewards, advantages, returns, logp_grad, value_grad = losses(pad=0)
+    # KL reward -0.1 (-1.0 + 1.2) = -0.02 at t = 0; each score once, on the last real token,
+    # nothing past it
+    assert rewards.tolist() == [pytest.approx(r) for r in ([-0.02, 1.5, 0, 0], [0, 0, 0, -0.5])]
+    # GAE, gamma 1, lambda 0.95: deltas (-0.02 + 0.9 - 0.4, 1.5 - 0.9) = (0.48, 0.6) and (0.1,
+    # 0.1, 0.1, -0.9)
+    expected = [[0.48 + 0.95 * 0.6, 0.6, 0, 0], [-0.4863875, -0.61725, -0.755, -0.9]]
+    assert advantages.tolist() == [pytest.approx(a) for a in expected]
+    # the value target of the last real token is its score: no bootstrap from a position past it
+    assert returns.tolist() == [
+        pytest.approx(r) for r in ([1.45, 1.5, 0, 0], [-0.3863875, -0.41725, -0.455, -0.5])
+    ]
+    # nothing past the last real token is trained: no gradient reaches the padding
+    assert (torch.equal(logp_grad[mask == 0], torch.zeros(2))
+            and torch.equal(value_grad[mask == 0], torch.zeros(2)))
+    # on the 6 real tokens, at ratio 1: d/dlogp = -A_white / 6; d/dV = (V - R) / 6 = -A / 6
+    assert torch.allclose(logp_grad, -masked_whiten(advantages, mask) / 6, atol=1e-7)
+    assert torch.allclose(value_grad, -advantages / 6, atol=1e-7)
+    # and more padding changes nothing
+    for ours, wider in zip((rewards, advantages, returns, logp_grad, value_grad), losses(pad=3)):
+        assert (torch.allclose(wider[:, :4], ours, atol=1e-7)
+                and torch.equal(wider[:, 4:], torch.zeros(2, 3)))
 
 
-# ----------------------------------------------------------------------------- GRPO math
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
+def test_kl_reward_is_zero_when_policy_equals_reference_and_score_lands_once(tiny_sft):
+    policy, tokenizer, _ = load_checkpoint(str(tiny_sft))
+    reference, _, _ = load_checkpoint(str(tiny_sft))
+    prompts = [tokenizer.encode_prompt(p)
+               for p in ("What is 2 + 3?", "Sort these digits: 5 2 9", "hi")]
+    completion_ids, _, completion_mask = generate(policy, prompts, 8, temperature=1.0,
+                                                  eos_id=tokenizer.im_end_id,
+                                                  pad_id=tokenizer.pad_id,
+                                                  generator=torch.Generator().manual_seed(0))
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
+    rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logp, ref_logp = completion_logprobs(policy, *rollout), completion_logprobs(reference, *rollout)
+    scores = torch.tensor([0.7, -1.3, 2.0])
+    rewards = ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef=0.05)
+    last = completion_mask.sum(dim=1).long() - 1
+    expected = torch.zeros_like(rewards)
+    expected[torch.arange(3), last] = scores
+    # no KL reward at all, and the score once, at the last real token
+    assert torch.equal(rewards, expected)
+
+    # by hand, with a KL term and replies of length 1, 3 and 4 (the full width)
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    logp, ref_logp = -torch.rand(3, 4) * mask, -torch.rand(3, 4) * mask
+    rewards = ppo_rewards(logp, ref_logp, scores, mask, kl_coef=0.1)
+    kl_part = -0.1 * (logp - ref_logp) * mask
+    assert torch.allclose(rewards - kl_part,
+                          torch.tensor([[0.7, 0, 0, 0], [0, 0, -1.3, 0], [0, 0, 0, 2.0]]),
+                          atol=1e-6)
+    assert torch.equal(rewards[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
+@pytest.mark.e2e
+def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
+    args = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward), "--prompts-per-step",
+            "8", "--ppo-epochs", "3", "--minibatches", "2"]
+    out = run_ok("ppo.py", *args, "--adaptive-kl", "--out", str(tmp_path / "ppo.pt"))
+    assert "ppo | step 2/2" in out and "score" in out.splitlines()[-1]
+    checkpoint = torch.load(tmp_path / "ppo.pt", weights_only=True)
+    assert checkpoint["stage"] == "ppo" and "score" in checkpoint["metrics"]["after"]
+    log = read_log(tmp_path / "ppo.jsonl")
+    assert all({"score", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy",
+                "length"} <= r.keys() for r in log)
+    # KL 0 < target: it falls from the default
+    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[0]["kl_coef"] < 0.2
+    # 2 ranks with a KL limit nothing passes: the first update of a step sees the rollout
+    # policy itself (approx KL 0), the second does not, so every rank stops after 2 of the 6
+    # updates (a rank that went on alone would wait forever for the other in DDP's gradient
+    # all-reduce)
+    out = run_ddp("ppo.py", *args, "--target-kl", "1e-12", "--out", str(tmp_path / "ddp.pt"))
+    assert out.count("ppo | step 2/2") == 1
+    assert [r["updates"] for r in read_log(tmp_path / "ddp.jsonl")] == [2, 2]
+
+
+# ==================================================================================================
+# 10. grpo.py
+# ==================================================================================================
+
 
 def test_grpo_advantages_by_hand():
-    from grpo import grpo_advantages
-
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # two groups of 4
     advantages = grpo_advantages(rewards, group_size=4)
-    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3); group 2: mean 0.25, std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3); group 2: mean 0.25, std sqrt((3 *
+    # 0.0625 + 0.5625) / 3) = 0.5
     s1, s2 = math.sqrt(1 / 3) + 1e-4, 0.5 + 1e-4
-    expected = [0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, -0.25 / s2, -0.25 / s2, -0.25 / s2, 0.75 / s2]
+    expected = [0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, -0.25 / s2, -0.25 / s2, -0.25 / s2,
+                0.75 / s2]
     assert advantages.tolist() == pytest.approx(expected, rel=1e-6)
     assert advantages.view(2, 4).sum(dim=1).abs().max() < 1e-6  # zero mean per group
     batch = grpo_advantages(rewards, 4, scale="batch")
     centred = [0.5, -0.5, -0.5, 0.5, -0.25, -0.25, -0.25, 0.75]
-    assert batch.tolist() == pytest.approx([c / (rewards.std().item() + 1e-4) for c in centred], rel=1e-6)
+    assert (batch.tolist()
+            == pytest.approx([c / (rewards.std().item() + 1e-4) for c in centred], rel=1e-6))
     assert grpo_advantages(rewards, 4, scale="none").tolist() == pytest.approx(centred)
-    assert grpo_advantages(torch.full((4,), 0.7), 4).abs().max() == 0  # equal rewards: no advantage at all
+    # equal rewards: no advantage at all
+    assert grpo_advantages(torch.full((4,), 0.7), 4).abs().max() == 0
     with pytest.raises(ValueError):
         grpo_advantages(rewards, 4, scale="bogus")
 
 
 def test_grpo_equal_rewards_give_zero_policy_gradient():
-    from grpo import aggregate_loss, grpo_advantages, grpo_token_loss
-
     torch.manual_seed(0)
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # group 1 all equal, group 2 not
     advantages = grpo_advantages(rewards, 3)
@@ -1853,8 +2633,6 @@ def test_grpo_equal_rewards_give_zero_policy_gradient():
 
 
 def test_k3_kl():
-    from grpo import k3_kl
-
     logp = torch.log(torch.tensor([0.5, 0.2, 0.9]))
     assert k3_kl(logp, logp).abs().max() == 0
     ref_logp = torch.log(torch.tensor([0.25, 0.4, 0.1]))
@@ -1862,14 +2640,12 @@ def test_k3_kl():
     expected = [r - math.log(r) - 1 for r in (0.5, 2.0, 0.1 / 0.9)]
     assert k3_kl(logp, ref_logp).tolist() == pytest.approx(expected, rel=1e-5)
     assert (k3_kl(logp, ref_logp) > 0).all()
-    assert k3_kl(logp, ref_logp)[0].item() == pytest.approx(0.5 + math.log(2) - 1, rel=1e-5)  # 0.19315
+    # 0.19315
+    assert k3_kl(logp, ref_logp)[0].item() == pytest.approx(0.5 + math.log(2) - 1, rel=1e-5)
 
 
 @pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.2, 0.28)])
 def test_clip_removes_the_gradient_exactly_where_it_should(eps_low, eps_high):
-    from grpo import grpo_token_loss
-    from ppo import ppo_policy_loss
-
     ratios = torch.tensor([0.5, 0.79, 0.9, 1.0, 1.1, 1.19, 1.25, 1.5])
     for sign in (1.0, -1.0):
         old_logp = torch.full((1, 8), -1.0)
@@ -1884,32 +2660,35 @@ def test_clip_removes_the_gradient_exactly_where_it_should(eps_low, eps_high):
         assert clipped[0].tolist() == should_clip.tolist()
         if eps_low == eps_high:  # ppo.py's loss is the same surrogate, with a token mean
             logp.grad = None
-            loss, clipped_ppo = ppo_policy_loss(logp, old_logp, torch.full((1, 8), sign), torch.ones(1, 8), eps_low)
+            loss, clipped_ppo = ppo_policy_loss(
+                logp, old_logp, torch.full((1, 8), sign), torch.ones(1, 8), eps_low
+            )
             loss.backward()
-            assert torch.allclose(logp.grad[0], expected / 8, atol=1e-6) and torch.equal(clipped_ppo, clipped)
+            assert (torch.allclose(logp.grad[0], expected / 8, atol=1e-6)
+                    and torch.equal(clipped_ppo, clipped))
 
 
 def test_loss_aggregations_by_hand_and_padding():
-    from grpo import aggregate_loss
-
     token_loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])  # 99 = after EOS / padding
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert aggregate_loss(token_loss, mask, "grpo", 4).item() == pytest.approx((2.0 + 4.0) / 2)  # 3.0
+    # 3.0
+    assert aggregate_loss(token_loss, mask, "grpo", 4).item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate_loss(token_loss, mask, "dapo", 4).item() == pytest.approx(10 / 4)  # 2.5
-    assert aggregate_loss(token_loss, mask, "dr_grpo", 4).item() == pytest.approx(10 / (2 * 4))  # 1.25
+    # 1.25
+    assert aggregate_loss(token_loss, mask, "dr_grpo", 4).item() == pytest.approx(10 / (2 * 4))
     # extra padding columns (a batch whose longest reply is longer) change nothing, dr_grpo included
     padded_loss = torch.cat([token_loss, torch.full((2, 3), 7.0)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(2, 3)], dim=1)
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        assert aggregate_loss(padded_loss, padded_mask, loss_type, 4) == aggregate_loss(token_loss, mask, loss_type, 4)
+        assert (aggregate_loss(padded_loss, padded_mask, loss_type, 4)
+                == aggregate_loss(token_loss, mask, loss_type, 4))
     # with equal lengths grpo and dapo agree; they differ only when lengths differ
     full = torch.ones(2, 3)
-    assert aggregate_loss(token_loss, full, "grpo", 4) == pytest.approx(aggregate_loss(token_loss, full, "dapo", 4).item())
+    assert (aggregate_loss(token_loss, full, "grpo", 4)
+            == pytest.approx(aggregate_loss(token_loss, full, "dapo", 4).item()))
 
 
 def test_post_eos_and_padding_tokens_contribute_nothing():
-    from grpo import aggregate_loss, grpo_token_loss, k3_kl
-
     torch.manual_seed(0)
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     old_logp, ref_logp = -torch.rand(2, 4), -torch.rand(2, 4)
@@ -1923,190 +2702,483 @@ def test_post_eos_and_padding_tokens_contribute_nothing():
         assert logp.grad[1, 2:].abs().max() == 0 and logp.grad[1, :2].abs().min() > 0
         changed = logp.detach().clone()
         changed[1, 2:] = -50.0  # whatever sits after EOS
-        token_loss, _ = grpo_token_loss(changed, old_logp, advantages, 0.2, 0.2, ref_logp, beta=0.04)
-        assert aggregate_loss(token_loss, mask, loss_type, 4).item() == pytest.approx(loss.item(), rel=1e-6)
+        token_loss, _ = grpo_token_loss(
+            changed, old_logp, advantages, 0.2, 0.2, ref_logp, beta=0.04
+        )
+        assert (aggregate_loss(token_loss, mask, loss_type, 4).item()
+                == pytest.approx(loss.item(), rel=1e-6))
     assert k3_kl(logp, ref_logp).min() >= 0
 
 
-# ----------------------------------------------------------------------------- PPO math
+def trl_grpo_advantages(rewards, group_size, scale):
+    """The advantages TRL's GRPOTrainer._generate_and_score_completions computes from these rewards
+    (one reward function), with generation and reward calls stubbed out."""
+    from trl import GRPOTrainer
 
-def test_gae_with_gamma_lambda_one_is_reward_to_go():
-    from ppo import gae
-
-    rewards = torch.tensor([[0.1, -0.2, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
-    values = torch.tensor([[0.3, 0.1, -0.4, 9.0], [1.0, -1.0, 9.0, 9.0]])  # 9 = junk on padding
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    reward_to_go = torch.tensor([[0.9, 0.8, 1.0, 0.0], [2.5, 2.0, 0.0, 0.0]])
-    assert torch.allclose(returns, reward_to_go, atol=1e-6)
-    assert torch.allclose(advantages, (reward_to_go - values) * mask, atol=1e-6)
-    # lambda 0.95 by hand, rewards (0, 1), values (0.5, 0.2): delta = (0 + 0.2 - 0.5, 1 - 0.2) = (-0.3, 0.8)
-    advantages, returns = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), 1.0, 0.95)
-    assert advantages[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8, 0.8])
-    assert returns[0].tolist() == pytest.approx([-0.3 + 0.95 * 0.8 + 0.5, 1.0])
-
-
-def test_whitened_advantages_mean_zero_std_one_over_the_mask():
-    from ppo import masked_whiten
-
-    torch.manual_seed(0)
-    x = 3 + 5 * torch.randn(4, 6)
-    mask = torch.ones(4, 6)
-    mask[1, 3:] = mask[2, 1:] = 0
-    x[mask == 0] = 1e3  # padding must not leak into the statistics
-    white = masked_whiten(x, mask)
-    kept = white[mask.bool()]
-    assert kept.mean().abs() < 1e-5 and kept.std().item() == pytest.approx(1.0, abs=1e-5)
-    assert white[mask == 0].abs().max() == 0
-
-
-def test_kl_reward_is_zero_when_policy_equals_reference_and_score_lands_once(tiny_sft):
-    from engine import completion_logprobs, generate, left_pad
-    from model import load_checkpoint
-    from ppo import ppo_rewards
-
-    policy, tokenizer, _ = load_checkpoint(str(tiny_sft))
-    reference, _, _ = load_checkpoint(str(tiny_sft))
-    prompts = [tokenizer.encode_prompt(p) for p in ("What is 2 + 3?", "Sort these digits: 5 2 9", "hi")]
-    completion_ids, _, completion_mask = generate(policy, prompts, 8, temperature=1.0, eos_id=tokenizer.im_end_id,
-                                                  pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(0))
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id)
-    rollout = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-    logp, ref_logp = completion_logprobs(policy, *rollout), completion_logprobs(reference, *rollout)
-    scores = torch.tensor([0.7, -1.3, 2.0])
-    rewards = ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef=0.05)
-    last = completion_mask.sum(dim=1).long() - 1
-    expected = torch.zeros_like(rewards)
-    expected[torch.arange(3), last] = scores
-    assert torch.equal(rewards, expected)  # no KL reward at all, and the score once, at the last real token
-
-    # by hand, with a KL term and replies of length 1, 3 and 4 (the full width)
-    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
-    logp, ref_logp = -torch.rand(3, 4) * mask, -torch.rand(3, 4) * mask
-    rewards = ppo_rewards(logp, ref_logp, scores, mask, kl_coef=0.1)
-    kl_part = -0.1 * (logp - ref_logp) * mask
-    assert torch.allclose(rewards - kl_part, torch.tensor([[0.7, 0, 0, 0], [0, 0, -1.3, 0], [0, 0, 0, 2.0]]), atol=1e-6)
-    assert torch.equal(rewards[mask == 0], torch.zeros(int((mask == 0).sum())))
+    n = len(rewards)
+    stand_in = trl_stand_in(
+        environment_factories=None,
+        tools=None,
+        environments=None,
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
+        _generate=lambda prompts: (
+            [[1]] * n,
+            [[2, 3]] * n,
+            None,
+            ["reply"] * n,
+            None,
+            {},
+            None,
+            None,
+        ),
+        _tokenizer=types.SimpleNamespace(pad_token_id=0),
+        num_iterations=1,
+        use_vllm=False,
+        beta=0.0,
+        log_multimodal=False,
+        args=types.SimpleNamespace(
+            per_device_train_batch_size=n,
+            steps_per_generation=1,
+            gradient_accumulation_steps=1,
+            gradient_checkpointing_kwargs=None,
+        ),
+        _calculate_rewards=lambda *args: rewards[:, None],
+        num_generations=group_size,
+        scale_rewards=scale,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=torch.ones(1, dtype=rewards.dtype),
+        reward_func_names=["answer"],
+        _pending_extra_logs={},
+        _pending_metrics={},
+        _logs={"prompt": [], "completion": [], "advantages": [], "rewards": defaultdict(list)},
+    )
+    return GRPOTrainer._generate_and_score_completions(stand_in,
+                                                       [{"prompt": "p"}] * n)["advantages"]
 
 
-def test_value_loss_and_adaptive_kl_by_hand():
-    from ppo import adaptive_kl_coef, ppo_value_loss
-
-    one = torch.ones(1, 1)
-    # V = 1, V_old = 0.5, R = 2: unclipped (1 - 2)^2 = 1, clipped V = 0.7: (0.7 - 2)^2 = 1.69; 0.5 * max = 0.845
-    assert ppo_value_loss(one * 1.0, one * 0.5, one * 2.0, one, 0.2).item() == pytest.approx(0.845)
-    # V = 1, V_old = 0.5, R = 0: unclipped 1, clipped 0.49; 0.5 * max = 0.5
-    assert ppo_value_loss(one * 1.0, one * 0.5, one * 0.0, one, 0.2).item() == pytest.approx(0.5)
-    values = torch.tensor([[1.0, 5.0]])
-    assert ppo_value_loss(values, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), 0.2) == 0
-    assert adaptive_kl_coef(0.05, 1.0, 1.0, 10000, 64) == pytest.approx(0.05)
-    assert adaptive_kl_coef(0.05, 10.0, 1.0, 10000, 64) == pytest.approx(0.05 * (1 + 0.2 * 64 / 10000))
-    assert adaptive_kl_coef(0.05, 0.0, 1.0, 10000, 64) == pytest.approx(0.05 * (1 - 0.2 * 64 / 10000))
-
-
-# ----------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope="session")
-def tiny_reward(world, tiny_sft):
-    """A reward model for the tiny world: the tiny SFT trunk with a fresh score head."""
-    from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
-
-    _, tokenizer, checkpoint = load_checkpoint(str(tiny_sft))
-    torch.manual_seed(0)
-    reward_model = Transformer(ModelConfig(**{**checkpoint["config"], "head": "score"}))
-    reward_model.load_state_dict({k: v for k, v in checkpoint["model"].items() if not k.startswith("lm_head")}, strict=False)
-    path = world / "out" / "reward_rl.pt"
-    save_checkpoint(str(path), reward_model, tokenizer, "reward", parent=str(tiny_sft), metrics={"reward_mean": 0.1, "reward_std": 2.0})
-    return path
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_trl_grpo_advantages_parity(scale):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    rewards = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rewards[4:8] = 1.0   # a group whose rewards are all equal: advantage 0
+    rewards[8:12] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    ours, theirs = grpo_advantages(rewards, 4, scale), trl_grpo_advantages(rewards, 4, scale)
+    assert (torch.equal(ours[4:8], torch.zeros(4, dtype=torch.float64))
+            and torch.equal(theirs[4:8], ours[4:8]))
+    # TRL's nanstd computes Bessel's factor count / (count - 1) in float32: equal to ~1e-8,
+    # not 1e-15
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
 
 
-def TINY_RL(world, tiny_sft):
-    small_eval = world / "data" / "eval_rl.jsonl"  # every 10th held-out prompt: the before/after numbers in a second
-    if not small_eval.exists():
-        small_eval.write_text("".join(open(world / "data" / "eval.jsonl").readlines()[::10]))
-    return ["--init", str(tiny_sft), "--data", str(world / "data" / "prompts.jsonl"), "--eval-data", str(small_eval),
-            "--steps", "2", "--max-new-tokens", "6", "--log-every", "1", "--device", "cpu"]
+def trl_grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, loss_type, beta, eps_low,
+                  eps_high, max_new_tokens):
+    """TRL's GRPOTrainer._compute_loss (loss, metrics) with the policy's per-token log-probs (B, N)
+    given."""
+    from trl import GRPOTrainer
+
+    stand_in = trl_stand_in(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (
+            logp,
+            torch.zeros_like(logp),
+            None,
+        ),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        max_completion_length=max_new_tokens,
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        args=types.SimpleNamespace(
+            use_bias_correction_kl=False, delta=None, steps_per_generation=1
+        ),
+    )
+    rows, width = logp.shape
+    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long),
+              "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(rows, width, dtype=torch.long),
+              "completion_mask": completion_mask, "advantages": advantages,
+              "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
+              "num_items_in_batch": completion_mask.sum()}
+    loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
 
 
-def read_log(path):
-    return [json.loads(line) for line in open(path)]
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize(
+    "ours,theirs", [("grpo", "grpo"), ("dapo", "bnpo"), ("dapo", "dapo"), ("dr_grpo", "dr_grpo")]
+)
+def test_trl_grpo_loss_clip_fraction_and_kl_parity(ours, theirs, beta):
+    """Our dapo (sum over all tokens / their count) is TRL's bnpo, and on one process TRL's dapo
+    too."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    generator = torch.Generator().manual_seed(0)
+    rows, width, max_new_tokens = 8, 7, 10
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    # (B, N)
+    completion_mask = (torch.arange(width) < lengths[:, None]).long()
+    old_logp = -2 * torch.rand(rows, width, generator=generator, dtype=torch.float64)
+    # ratios off 1: clipping acts
+    logp = old_logp + 0.3 * torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    ref_logp = old_logp + 0.2 * torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(rows, generator=generator, dtype=torch.float64)
+    ours_leaf, trl_leaf = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    trl_loss, metrics = trl_grpo_loss(
+        trl_leaf,
+        old_logp,
+        ref_logp,
+        advantages,
+        completion_mask,
+        theirs,
+        beta,
+        0.2,
+        0.28,
+        max_new_tokens,
+    )
+    token_loss, clipped = grpo_token_loss(
+        ours_leaf, old_logp, advantages, 0.2, 0.28, ref_logp, beta
+    )
+    loss = aggregate_loss(token_loss, completion_mask, ours, max_new_tokens)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(loss, ours_leaf)[0],
+                          torch.autograd.grad(trl_loss, trl_leaf)[0], rtol=1e-10, atol=1e-14)
+    # as grpo.py logs it
+    clip_fraction = ((clipped * completion_mask).sum() / completion_mask.sum()).item()
+    assert (0 < clip_fraction
+            and metrics["clip_ratio/region_mean"] == pytest.approx(clip_fraction, rel=1e-12))
+    if beta > 0:
+        kl = ((k3_kl(logp, ref_logp) * completion_mask).sum() / completion_mask.sum()).item()
+        assert metrics["kl"] == pytest.approx(kl, rel=1e-12)
 
 
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
 def test_grpo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
     args = [*TINY_RL(world, tiny_sft), "--prompts-per-step", "4", "--group-size", "3"]
-    out = run_ok("grpo.py", *args, "--reward-model", str(tiny_reward), "--out", str(tmp_path / "grpo.pt"))
-    assert "grpo | step 2/2" in out and "grpo | before: accuracy" in out and "grpo | after:  accuracy" in out
+    out = run_ok("grpo.py", *args, "--reward-model", str(tiny_reward), "--out",
+                 str(tmp_path / "grpo.pt"))
+    assert ("grpo | step 2/2" in out and "grpo | before: accuracy" in out
+            and "grpo | after:  accuracy" in out)
     checkpoint = torch.load(tmp_path / "grpo.pt", weights_only=True)
     assert checkpoint["stage"] == "grpo" and {"before", "after"} <= checkpoint["metrics"].keys()
     log = read_log(tmp_path / "grpo.jsonl")
     assert [r["step"] for r in log] == [1, 2]
-    assert all({"reward", "accuracy", "kl", "clip", "entropy", "length", "equal"} <= r.keys() for r in log)
-    assert log[0]["kl"] == 0 and log[0]["equal"] < 1  # the policy starts at the reference; a learned reward varies
-    out = run_ddp("grpo.py", *args, "--beta", "0", "--loss-type", "dapo", "--out", str(tmp_path / "ddp.pt"))
-    assert out.count("grpo | step 2/2") == 1 and torch.load(tmp_path / "ddp.pt", weights_only=True)["stage"] == "grpo"
+    assert all({"reward", "accuracy", "kl", "clip", "entropy", "length", "equal"} <= r.keys()
+               for r in log)
+    # the policy starts at the reference; a learned reward varies
+    assert log[0]["kl"] == 0 and log[0]["equal"] < 1
+    out = run_ddp("grpo.py", *args, "--beta", "0", "--loss-type", "dapo", "--out",
+                  str(tmp_path / "ddp.pt"))
+    assert (out.count("grpo | step 2/2") == 1
+            and torch.load(tmp_path / "ddp.pt", weights_only=True)["stage"] == "grpo")
 
 
-def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
-    args = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward), "--prompts-per-step", "8", "--ppo-epochs", "3", "--minibatches", "2"]
-    out = run_ok("ppo.py", *args, "--adaptive-kl", "--out", str(tmp_path / "ppo.pt"))
-    assert "ppo | step 2/2" in out and "score" in out.splitlines()[-1]
-    checkpoint = torch.load(tmp_path / "ppo.pt", weights_only=True)
-    assert checkpoint["stage"] == "ppo" and "score" in checkpoint["metrics"]["after"]
-    log = read_log(tmp_path / "ppo.jsonl")
-    assert all({"score", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy", "length"} <= r.keys() for r in log)
-    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[0]["kl_coef"] < 0.2  # KL 0 < target: it falls from the default
-    # 2 ranks with a KL limit nothing passes: the first update of a step sees the rollout policy itself
-    # (approx KL 0), the second does not, so every rank stops after 2 of the 6 updates (a rank that went
-    # on alone would wait forever for the other in DDP's gradient all-reduce)
-    out = run_ddp("ppo.py", *args, "--target-kl", "1e-12", "--out", str(tmp_path / "ddp.pt"))
-    assert out.count("ppo | step 2/2") == 1
-    assert [r["updates"] for r in read_log(tmp_path / "ddp.jsonl")] == [2, 2]
-
-
+@pytest.mark.e2e
 def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
-    import grpo
-    import ppo
-
     out = tmp_path / "x.pt"
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n')
-    line = run_error("grpo.py", *TINY_RL(world, tiny_sft), "--data", str(prompts), "--out", str(out))
+    prompts.write_text(
+        '{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n'
+    )
+    line = run_error("grpo.py", *TINY_RL(world, tiny_sft), "--data", str(prompts), "--out",
+                     str(out))
     assert "prompts.jsonl:2" in line and "answer" in line  # the verifiable reward needs it
-    # the same checks in-process (no interpreter start-up): one-line errors, raised before any training
-    common = dict(init=str(tiny_sft), eval_data=TINY_RL(world, tiny_sft)[5], steps=1, max_new_tokens=6, device="cpu", out=str(out))
+    # the same checks in-process (no interpreter start-up): one-line errors, raised before any
+    # training
+    common = dict(init=str(tiny_sft), eval_data=TINY_RL(world, tiny_sft)[5], steps=1,
+                  max_new_tokens=6, device="cpu", out=str(out))
     with pytest.raises(ValueError, match="group-size 1"):
         grpo.main(grpo.Args(**common, group_size=1))
-    with pytest.raises(ValueError, match="--temperature 0"):  # the log-probs would divide by it: NaN
+    # the log-probs would divide by it: NaN
+    with pytest.raises(ValueError, match="--temperature 0"):
         grpo.main(grpo.Args(**common, temperature=0.0))
     if not torch.cuda.is_available():  # a one-line error, not a traceback from deep inside torch
         with pytest.raises(ValueError, match="no CUDA device here"):
             grpo.main(grpo.Args(**{**common, "device": "cuda"}))
     with pytest.raises(ValueError, match="--temperature 0"):
-        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tiny_reward),
-                          temperature=0.0))
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"),
+                          reward_model=str(tiny_reward), temperature=0.0))
     with pytest.raises(FileNotFoundError, match="reward.py"):
-        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tmp_path / "reward.pt")))
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"),
+                          reward_model=str(tmp_path / "reward.pt")))
     with pytest.raises(ValueError, match="'lm' head"):
-        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"), reward_model=str(tiny_sft)))
+        ppo.main(ppo.Args(**common, data=str(world / "data" / "prompts.jsonl"),
+                          reward_model=str(tiny_sft)))
     assert not out.exists()
-    # a prompt that fills the context (64 tokens) is skipped and counted; one without an answer is fine
-    # with a learned reward
+    # a prompt that fills the context (64 tokens) is skipped and counted; one without an
+    # answer is fine with a learned reward
     rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
     rows += [{"prompt": "x " * 80, "answer": "1"}, {"prompt": "What is 9 + 9?"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grpo.main(grpo.Args(**common, data=str(prompts), prompts_per_step=4, group_size=2, reward_model=str(tiny_reward)))
-    assert "skipped 1 prompts" in capsys.readouterr().out and out.exists()
+    grpo.main(grpo.Args(**common, data=str(prompts), prompts_per_step=4, group_size=2,
+                        reward_model=str(tiny_reward)))
+    assert "(1 too long for the context)" in capsys.readouterr().out and out.exists()
+    # a reply whose think block never closes has no final answer: it never matches a missing answer
+    tokenizer = load_checkpoint(str(tiny_sft))[1]
+    unclosed = tokenizer.encode("<think>1 + 1", allowed_special="all") + [tokenizer.im_end_id]
+    correct, _, accuracy, _ = judge_replies(
+        tokenizer, torch.tensor([unclosed] * 2), torch.ones(2, len(unclosed)), [None, "2"]
+    )
+    assert correct.tolist() == [0.0, 0.0] and accuracy == 0.0
 
 
-# =================================================================================================
-# pipeline
-# =================================================================================================
-
-# ---------------------------------------------------------------------------------------------
-# distill.py, eval.py, pipeline.sh
-# ---------------------------------------------------------------------------------------------
+# ==================================================================================================
+# 11. dpo.py
+# ==================================================================================================
 
 
+def test_dpo_loss_is_log2_when_policy_is_the_reference():
+    logp_chosen, logp_rejected = torch.tensor([-3.0, -10.0]), torch.tensor([-7.0, -1.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logp_chosen, logp_rejected, logp_chosen, logp_rejected
+    )
+    assert torch.allclose(losses, torch.full((2,), math.log(2)))
+    assert torch.equal(chosen_rewards - rejected_rewards, torch.zeros(2))  # margin 0
+    assert (chosen_rewards > rejected_rewards).float().mean() == 0  # accuracy 0
+    # ipo: (0 - 1/(2·0.1))²
+    for loss_type, at_zero in zip(LOSS_TYPES, (math.log(2), math.log(2), 1.0, 25.0)):
+        losses, _, _ = dpo_loss(
+            logp_chosen, logp_rejected, logp_chosen, logp_rejected, 0.1, loss_type, 0.1
+        )
+        assert torch.allclose(losses, torch.full((2,), at_zero)), loss_type
+
+
+def test_dpo_loss_types_by_hand():
+    # h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)) = (-1 + 2) - (-3 + 2) = 2
+    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    def softplus(x):  # -log σ(x) = softplus(-x)
+        return math.log(1 + math.exp(x))
+
+    expected = {("sigmoid", 0.5, 0.0): softplus(-1.0),
+                ("sigmoid", 0.5, 0.2): 0.8 * softplus(-1.0) + 0.2 * softplus(1.0),
+                ("robust", 0.5, 0.2): (0.8 * softplus(-1.0) - 0.2 * softplus(1.0)) / 0.6,
+                ("hinge", 0.25, 0.0): 0.5,          # max(0, 1 - 0.25 · 2)
+                ("hinge", 0.5, 0.0): 0.0,           # max(0, 1 - 0.5 · 2)
+                ("ipo", 0.5, 0.0): 1.0,             # (2 - 1/(2 · 0.5))²
+                ("ipo", 0.1, 0.0): 9.0}             # (2 - 5)²
+    for (loss_type, beta, eps), value in expected.items():
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers, beta, loss_type, eps)
+        assert losses.item() == pytest.approx(value, rel=1e-6), (loss_type, beta, eps)
+        assert (chosen_rewards.item() == pytest.approx(beta)
+                and rejected_rewards.item() == pytest.approx(-beta))
+    with pytest.raises(ValueError, match="loss-type"):
+        dpo_loss(*numbers, 0.1, "kto")
+
+
+def test_robust_with_eps_zero_equals_sigmoid():
+    torch.manual_seed(0)
+    numbers = [torch.randn(32) * 5 for _ in range(4)]
+    sigmoid, _, _ = dpo_loss(*numbers, 0.3, "sigmoid", 0.0)
+    robust, _, _ = dpo_loss(*numbers, 0.3, "robust", 0.0)
+    assert torch.allclose(sigmoid, robust)
+    assert not torch.allclose(dpo_loss(*numbers, 0.3, "robust", 0.1)[0], sigmoid)
+
+
+def test_dpo_gradient_is_zero_on_prompt_and_padding_positions():
+    """The loss sees only the log-probs of reply tokens: the prompts run once and only their last
+    position (which predicts a reply's first token) gets logits; d loss / d logits is 0 at every
+    reply position that predicts a pad, and not 0 where it predicts a reply token."""
+    pairs = [pair([5, 6, 7], [8, 9], [10]), pair([1, 2, 3, 4, 5], [11], [12, 13, 14])]
+    V = 17
+    # the prompt pass: the last position only
+    prompt_logits = torch.randn(2, 1, V, requires_grad=True)
+    # chosen replies (2 tokens at most), minus the last
+    chosen_logits = torch.randn(2, 1, V, requires_grad=True)
+    # rejected replies (3 tokens at most), minus the last
+    rejected_logits = torch.randn(2, 2, V, requires_grad=True)
+
+    class FakeModel:  # the logits of a model, as leaves
+        config = ModelConfig(**TINY)
+
+        def __call__(self, ids, attention_mask=None, kv_cache=None, logits_to_keep=0):
+            if kv_cache.length == 0:
+                kv_cache.length = ids.shape[1]
+                assert logits_to_keep == 1
+                return prompt_logits, None
+            return (chosen_logits if ids.shape[1] == 1 else rejected_logits), None
+
+    logp_chosen, logp_rejected = pair_logps(FakeModel(), pairs, pad_id=0, device="cpu")
+    losses, _, _ = dpo_loss(logp_chosen, logp_rejected, torch.zeros(2), torch.zeros(2))
+    losses.sum().backward()
+    # both prompts predict their replies' first tokens
+    assert (prompt_logits.grad.abs().sum(-1) > 0).all()
+    # lengths 2, 1
+    assert torch.equal(chosen_logits.grad.abs().sum(-1) > 0, torch.tensor([[True], [False]]))
+    assert torch.equal(rejected_logits.grad.abs().sum(-1) > 0,
+                       torch.tensor([[False, False], [True, True]]))  # 1, 3
+
+
+def trl_dpo_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_type, beta,
+                 label_smoothing=0.0):
+    """TRL's DPOTrainer._compute_loss (mean loss, metrics) on the rows [chosen; rejected]:
+    per_token_logps (2B, T - 1), 0 off the completion, as the model's fused head returns them;
+    completion_mask (2B, T); precomputed ref sums (B,)."""
+    from trl import DPOTrainer
+
+    stand_in = trl_stand_in(ld_alpha=None, precompute_ref_logps=True,
+                            f_divergence_type="reverse_kl", loss_types=[loss_type],
+                            loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
+                            use_weighting=False)
+    zeros = torch.zeros_like(per_token_logps)
+    outputs = types.SimpleNamespace(log_probs=per_token_logps, entropy=zeros, mean_logits=zeros,
+                                    is_top1=zeros.bool())
+    inputs = {"input_ids": torch.zeros_like(completion_mask),
+              "attention_mask": torch.ones_like(completion_mask),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen,
+              "ref_rejected_logps": ref_rejected}
+    loss = DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, inputs, False)
+    return loss, {
+        k: v[0] for k, v in stand_in._metrics["train"].items() if k.startswith("rewards/")
+    }
+
+
+def random_dpo_batch(pairs=6, width=9, seed=0):
+    """Per-token log-probs (2B, width - 1) of chosen then rejected replies of 1..width-3 tokens
+    after a 2-token prompt, their completion mask (2B, width) and reference sums (2B,), float64."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width - 2, (2 * pairs,), generator=generator)
+    # (2B, width)
+    completion_mask = (torch.arange(width) >= 2) & (torch.arange(width) < 2 + lengths[:, None])
+    per_token = -3 * torch.rand(2 * pairs, width - 1, generator=generator,
+                                dtype=torch.float64) * completion_mask[:, 1:]
+    ref = -3 * torch.rand(2 * pairs, generator=generator, dtype=torch.float64) * lengths
+    return per_token, completion_mask.long(), ref, lengths
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing",
+                         [("sigmoid", 0.0), ("robust", 0.2), ("hinge", 0.0)])
+def test_trl_dpo_loss_parity(loss_type, label_smoothing):
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    per_token, completion_mask, ref, _ = random_dpo_batch()
+    pairs = len(ref) // 2
+    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
+    trl_loss, metrics = trl_dpo_loss(
+        trl_leaf, completion_mask, ref[:pairs], ref[pairs:], loss_type, 0.3, label_smoothing
+    )
+    logps = ours_leaf.sum(dim=1)  # dpo.py detail 2: the summed log-probs of each reply
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, loss_type, label_smoothing
+    )
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    # per-pair: d loss / d log-prob of every reply token
+    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0],
+                          torch.autograd.grad(trl_loss, trl_leaf)[0], rtol=1e-10, atol=1e-14)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-12)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=1e-12)
+    assert (metrics["rewards/margins"]
+            == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-12))
+    assert (metrics["rewards/accuracies"]
+            == (chosen_rewards > rejected_rewards).double().mean().item())
+
+
+def test_trl_dpo_sigmoid_label_smoothing_differs_by_design():
+    """dpo.py detail 4: e > 0 smooths our sigmoid loss (cDPO, as TRL up to 0.28); TRL 1.x's sigmoid
+    ignores it."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    per_token, completion_mask, ref, _ = random_dpo_batch(seed=1)
+    pairs, logps = len(ref) // 2, per_token.sum(dim=1)
+    trl_loss, _ = trl_dpo_loss(
+        per_token, completion_mask, ref[:pairs], ref[pairs:], "sigmoid", 0.3, 0.2
+    )
+    plain, _, _ = dpo_loss(
+        logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.0
+    )
+    smoothed, _, _ = dpo_loss(
+        logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.2
+    )
+    assert plain.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert smoothed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
+
+
+def test_trl_dpo_ipo_length_normalized_parity_and_summed_form_by_hand():
+    """dpo.py detail 4: with the replies' token counts (--ipo-length-normalized) our IPO is TRL's,
+    whose log-ratios are per token; without them it is IPO on summed log-probs, so the same beta
+    asks for another margin."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    per_token, completion_mask, ref, lengths = random_dpo_batch(seed=2)
+    pairs = len(ref) // 2
+    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
+    trl_loss, _ = trl_dpo_loss(trl_leaf, completion_mask, ref[:pairs], ref[pairs:], "ipo", 0.5)
+    logps = ours_leaf.sum(dim=1)
+    losses, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo",
+                            chosen_tokens=lengths[:pairs], rejected_tokens=lengths[pairs:])
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0],
+                          torch.autograd.grad(trl_loss, trl_leaf)[0], rtol=1e-10, atol=1e-14)
+    summed, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo")
+    assert summed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
+    # by hand: log-ratios 2 (chosen, 4 tokens) and -2 (rejected, 2 tokens), beta 0.5, target
+    # 1/(2 beta) = 1
+    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-3.0]), torch.tensor([-1.0])
+    # h = 4
+    assert dpo_loss(*numbers, 0.5, "ipo")[0].item() == pytest.approx((2 + 2 - 1) ** 2)
+    per_token_loss = dpo_loss(*numbers, 0.5, "ipo", chosen_tokens=torch.tensor([4]),
+                              rejected_tokens=torch.tensor([2]))[0]
+    # h = 1.5
+    assert per_token_loss.item() == pytest.approx((2 / 4 + 2 / 2 - 1) ** 2)
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
+def test_dpo_end_to_end_ddp_with_precomputed_reference_equals_single_process_with_reference_model(
+    tiny_sft, tmp_path
+):
+    """One process holding a reference model and two ranks with precomputed reference log-probs give
+    the same losses: the precomputation is exact and DDP splits the batch without changing it."""
+    world = tiny_sft.parent.parent
+    args = [*TINY_DPO(world), "--steps", "3"]
+    out = run_ok("dpo.py", *args, "--out", str(tmp_path / "model.pt"))
+    assert "dpo | after:  task accuracy" in out and "dpo | after:  preference accuracy" in out
+    with_model = logged(tmp_path / "model.jsonl")
+    # step 1: the policy is the reference
+    assert with_model[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert logged(tmp_path / "model.jsonl", "rewards/accuracy")[1] == 0.0
+    assert logged(tmp_path / "model.jsonl", "rewards/margin")[1] == pytest.approx(0.0, abs=1e-6)
+    stdout = run_ddp("dpo.py", *args, "--precompute-ref", "--grad-accum", "2", "--out",
+                     str(tmp_path / "ddp.pt"))
+    assert stdout.count("dpo | step 3/3") == 1 and "reference precomputed" in stdout
+    ddp = logged(tmp_path / "ddp.jsonl")
+    assert sorted(ddp) == sorted(with_model) == [1, 2, 3]
+    for step in with_model:
+        assert abs(with_model[step] - ddp[step]) < 1e-5, (step, with_model[step], ddp[step])
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert (checkpoint["stage"] == "dpo" and checkpoint["step"] == 3
+            and set(checkpoint["metrics"]["after"]) == {"pairs", "task"})
+    assert checkpoint["metrics"]["before"]["pairs"]["implicit_accuracy"] == 0.0
+
+
+@pytest.mark.e2e
+def test_reward_and_dpo_bad_input(tiny_sft, tmp_path):
+    """Unusable pairs are skipped and counted; nothing usable left is one error line and no file.
+    (Malformed lines, file:line, are checked on preference_pairs above.)"""
+    world = tiny_sft.parent.parent
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "a"}\n{"prompt": "hi", "chosen": '
+                   '"a", "rejected": ""}\n'
+                   '{"prompt": "' + "long " * 100 + '", "chosen": "a", "rejected": "b"}\n')
+    for script, args in (("reward.py", TINY_REWARD(world)), ("dpo.py", TINY_DPO(world))):
+        line = run_error(script, *args, "--data", str(bad), "--out", str(tmp_path / "x.pt"))
+        assert (
+            "no usable preference pairs (1 identical, 1 empty side, 1 longer than the context)"
+            in line
+        )
+        assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.jsonl").exists()
+    assert "--beta must be > 0" in run_error("dpo.py", *TINY_DPO(world), "--beta", "0", "--out",
+                                             str(tmp_path / "x.pt"))
+
+
+# ==================================================================================================
+# 12. distill.py
+# ==================================================================================================
 
 
 def kl_by_hand(p, q):
@@ -2114,16 +3186,22 @@ def kl_by_hand(p, q):
 
 
 def test_distill_student_data_are_the_teachers_replies(monkeypatch):
-    """Sequence-level KD: the student's conversations are the prompts with the teacher's own replies; with
-    keep_correct (rejection sampling) only those whose final answer is right."""
-    import distill
-
+    """Sequence-level KD: the student's conversations are the prompts with the teacher's own
+    replies; with keep_correct (rejection sampling) only those whose final answer is right."""
     tokenizer = Tokenizer(merges=[])
     think, end = tokenizer.think_id, tokenizer.special_tokens["</think>"]
-    replies = {"What is 1 + 2?": [think] + tokenizer.encode("1+2=3") + [end] + tokenizer.encode("3") + [tokenizer.im_end_id],
-               "What is 5 - 1?": tokenizer.encode("5") + [tokenizer.im_end_id],    # wrong
-               "What is 2 + 2?": [think] + tokenizer.encode("2+2=4"),               # cut off in its think block
-               "What is 3 + 3?": tokenizer.encode("6")}                             # right, cut off after the answer
+    replies = {
+        "What is 1 + 2?": [think]
+        + tokenizer.encode("1+2=3")
+        + [end]
+        + tokenizer.encode("3")
+        + [tokenizer.im_end_id],
+        "What is 5 - 1?": tokenizer.encode("5") + [tokenizer.im_end_id],  # wrong
+        # cut off in its think block
+        "What is 2 + 2?": [think] + tokenizer.encode("2+2=4"),
+        # right, cut off after the answer
+        "What is 3 + 3?": tokenizer.encode("6"),
+    }
     calls = []
 
     def fixed_generate(model, prompts, max_new_tokens, **kwargs):
@@ -2136,26 +3214,45 @@ def test_distill_student_data_are_the_teachers_replies(monkeypatch):
         mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
         return ids, torch.zeros_like(mask), mask
 
-    monkeypatch.setattr(engine, "generate", fixed_generate)  # the teacher answers through model.heldout_accuracy
-    records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 5 - 1?", "answer": "4"},
-               {"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]
+    # the teacher answers through model.heldout_accuracy
+    monkeypatch.setattr(engine, "generate", fixed_generate)
+    records = [{"prompt": "What is 1 + 2?", "answer": "3"},
+               {"prompt": "What is 5 - 1?", "answer": "4"},
+               {"prompt": "What is 2 + 2?", "answer": "4"},
+               {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]
     teacher = tiny_model(vocab_size=261).eval()
-    kept, right = distill.teacher_replies(teacher, tokenizer, records, 16, keep_correct=True, batch_size=3)
+    kept, right = distill.teacher_replies(
+        teacher, tokenizer, records, 16, keep_correct=True, batch_size=3
+    )
     assert right == 2 and calls == [3, 1]
-    assert kept == [{"messages": [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "<think>1+2=3</think>3"}]},
-                    {"messages": [{"role": "user", "content": "What is 3 + 3?"}, {"role": "assistant", "content": "6"}]}]
+    assert kept == [
+        {
+            "messages": [
+                {"role": "user", "content": "What is 1 + 2?"},
+                {"role": "assistant", "content": "<think>1+2=3</think>3"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "What is 3 + 3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        },
+    ]
     kept, right = distill.teacher_replies(teacher, tokenizer, records, 16, keep_correct=False)
-    assert right == 2 and [k["messages"][-1]["content"] for k in kept] == ["<think>1+2=3</think>3", "5", "<think>2+2=4", "6"]
-    # what the student is taught from a kept conversation: the teacher's reply tokens (think tokens special) and the end
+    assert (right == 2
+            and [k["messages"][-1]["content"] for k in kept]
+            == ["<think>1+2=3</think>3", "5", "<think>2+2=4", "6"])
+    # what the student is taught from a kept conversation: the teacher's reply tokens (think
+    # tokens special) and the end
     inputs, targets, prompt, _ = distill.distill_example(tokenizer, kept[0], 64)
     taught = [t for t in targets if t != -100]
-    assert taught == [think] + tokenizer.encode("1+2=3") + [end] + tokenizer.encode("3") + [tokenizer.im_end_id]
+    assert (taught == [think] + tokenizer.encode("1+2=3") + [end] + tokenizer.encode("3")
+            + [tokenizer.im_end_id])
     assert prompt == tokenizer.encode_prompt("What is 1 + 2?")
 
 
 def test_kd_term_is_zero_when_student_equals_teacher():
-    from distill import kd_loss
-
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11) * 3
     targets = torch.randint(0, 11, (2, 5))
@@ -2164,13 +3261,13 @@ def test_kd_term_is_zero_when_student_equals_teacher():
     assert kd.item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(0.3 * ce.item(), rel=1e-6)
     for beta in (0.5, 1.0):
-        assert kd_loss(logits, logits, targets, 0.7, 2.0, beta)[2].item() == pytest.approx(0.0, abs=1e-6)
+        assert (kd_loss(logits, logits, targets, 0.7, 2.0, beta)[2].item()
+                == pytest.approx(0.0, abs=1e-6))
 
 
 def test_kd_loss_by_hand_with_temperature_squared():
-    from distill import kd_loss
-
-    # T = 2: teacher logits (2 ln 3, 0) / T -> p_t = (3/4, 1/4); student logits (0, 0) -> p_s = (1/2, 1/2)
+    # T = 2: teacher logits (2 ln 3, 0) / T -> p_t = (3/4, 1/4); student logits (0, 0) -> p_s
+    # = (1/2, 1/2)
     teacher = torch.tensor([[[2 * math.log(3), 0.0]]])
     student = torch.zeros(1, 1, 2)
     targets = torch.tensor([[0]])
@@ -2181,16 +3278,18 @@ def test_kd_loss_by_hand_with_temperature_squared():
     assert loss.item() == pytest.approx(0.5 * math.log(2) + 0.5 * 2.0 ** 2 * kl, rel=1e-6)
     # alpha 0 is plain cross-entropy; only counted tokens enter the mean
     targets = torch.tensor([[0, -100]])
-    student2, teacher2 = torch.cat([student, torch.randn(1, 1, 2)], 1), torch.cat([teacher, torch.randn(1, 1, 2)], 1)
-    assert kd_loss(student2, teacher2, targets, 0.0, 2.0)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+    student2, teacher2 = (
+        torch.cat([student, torch.randn(1, 1, 2)], 1),
+        torch.cat([teacher, torch.randn(1, 1, 2)], 1),
+    )
+    assert (kd_loss(student2, teacher2, targets, 0.0, 2.0)[0].item()
+            == pytest.approx(math.log(2), rel=1e-6))
     assert kd_loss(student2, teacher2, targets, 0.5, 2.0)[2].item() == pytest.approx(kl, rel=1e-6)
 
 
 def test_temperature_squared_keeps_the_gradient_scale():
-    """d(T^2 KL)/d z_s = T (p_s - p_t) -> (z_s - z_t - mean) / V for large T (Hinton et al. section 2.1):
-    without the T^2 the soft-target gradient would shrink as 1 / T^2."""
-    from distill import kd_loss
-
+    """d(T^2 KL)/d z_s = T (p_s - p_t) -> (z_s - z_t - mean) / V for large T (Hinton et al. section
+    2.1): without the T^2 the soft-target gradient would shrink as 1 / T^2."""
     torch.manual_seed(0)
     student, teacher = torch.randn(1, 1, 7), torch.randn(1, 1, 7)
     targets = torch.zeros(1, 1, dtype=torch.long)
@@ -2202,7 +3301,8 @@ def test_temperature_squared_keeps_the_gradient_scale():
     diff = (student - teacher).flatten()
     limit = (diff - diff.mean()) / 7
     assert torch.allclose(grads[100.0], limit, atol=2e-3)  # O(1 / T) away from the limit
-    assert grads[10.0].norm() / grads[100.0].norm() == pytest.approx(1.0, abs=0.1)  # without T^2 it would be 100
+    # without T^2 it would be 100
+    assert grads[10.0].norm() / grads[100.0].norm() == pytest.approx(1.0, abs=0.1)
     # and by hand at T = 2: T^2 * (1/T) * (p_s - p_t) = T (p_s - p_t)
     z = student.clone().requires_grad_(True)
     kd_loss(z, teacher, targets, alpha=1.0, temperature=2.0)[0].backward()
@@ -2211,20 +3311,24 @@ def test_temperature_squared_keeps_the_gradient_scale():
 
 
 def test_generalized_jsd_endpoints_and_bound():
-    from distill import generalized_jsd
-
     p_t, p_s = [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]
     teacher, student = torch.tensor(p_t).log(), torch.tensor(p_s).log()
-    assert generalized_jsd(student, teacher, 0.0).item() == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-5)  # forward
-    assert generalized_jsd(student, teacher, 1.0).item() == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-5)  # reverse
+    assert (generalized_jsd(student, teacher, 0.0).item()
+            == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-5))  # forward
+    assert (generalized_jsd(student, teacher, 1.0).item()
+            == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-5))  # reverse
     m = [(a + b) / 2 for a, b in zip(p_t, p_s)]
     jsd = 0.5 * kl_by_hand(p_t, m) + 0.5 * kl_by_hand(p_s, m)
     assert generalized_jsd(student, teacher, 0.5).item() == pytest.approx(jsd, rel=1e-5)
-    assert generalized_jsd(teacher, student, 0.5).item() == pytest.approx(jsd, rel=1e-5)  # symmetric at 0.5
-    # the endpoints are the limits up to a factor: JSD(b) / b -> KL(t || s), JSD(b) / (1 - b) -> KL(s || t)
+    # symmetric at 0.5
+    assert generalized_jsd(teacher, student, 0.5).item() == pytest.approx(jsd, rel=1e-5)
+    # the endpoints are the limits up to a factor: JSD(b) / b -> KL(t || s), JSD(b) / (1 - b)
+    # -> KL(s || t)
     b = 1e-3
-    assert generalized_jsd(student, teacher, b).item() / b == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-2)
-    assert generalized_jsd(student, teacher, 1 - b).item() / b == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-2)
+    assert (generalized_jsd(student, teacher, b).item() / b
+            == pytest.approx(kl_by_hand(p_t, p_s), rel=1e-2))
+    assert (generalized_jsd(student, teacher, 1 - b).item() / b
+            == pytest.approx(kl_by_hand(p_s, p_t), rel=1e-2))
     # JSD(0.5) <= log 2, reached by distributions with disjoint support
     torch.manual_seed(0)
     values = generalized_jsd(torch.randn(1000, 5) * 10, torch.randn(1000, 5) * 10, 0.5)
@@ -2233,166 +3337,183 @@ def test_generalized_jsd_endpoints_and_bound():
     assert far.item() == pytest.approx(math.log(2), rel=1e-5)
 
 
+def random_distill_batch(seed=0):
+    """Student and teacher logits (B, T, V), float64, and targets (B, T) with -100 where a token
+    does not count."""
+    generator = torch.Generator().manual_seed(seed)
+    student, teacher = (
+        2 * torch.randn(3, 5, 11, generator=generator, dtype=torch.float64) for _ in range(2)
+    )
+    targets = torch.randint(0, 11, (3, 5), generator=generator)
+    targets[0, :2] = targets[2, 3:] = -100
+    return student, teacher, targets
+
+
+def gkd_trainer():
+    with warnings.catch_warnings():  # "You are importing from 'trl.experimental'"
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("trl.experimental.gkd", reason="no trl, or a trl without "
+                                                                  "trl.experimental.gkd").GKDTrainer
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_trl_generalized_jsd_parity(beta):
+    """Against GKDTrainer.generalized_jsd_loss and the divergence of TRL's DistillationTrainer (its
+    chunked kernel, fed the logits as hidden states through an identity lm_head; it computes in
+    float32)."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    student, teacher, targets = random_distill_batch()
+    counts = targets != -100
+    ours_leaf, trl_leaf = student.clone().requires_grad_(), student.clone().requires_grad_()
+    # distill.py computes in float32
+    ours = generalized_jsd(ours_leaf, teacher, beta)[counts].mean()
+    gkd = gkd_trainer().generalized_jsd_loss(trl_leaf, teacher, labels=targets, beta=beta)
+    assert ours.item() == pytest.approx(gkd.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(ours, ours_leaf)[0].double(),
+                          torch.autograd.grad(gkd, trl_leaf)[0], rtol=1e-5, atol=1e-7)
+    identity = torch.eye(student.shape[-1], dtype=torch.float64)
+    chunked, _, _ = _chunked_divergence_loss(
+        student, teacher, identity, identity, counts.long(), beta
+    )
+    assert ours.item() == pytest.approx(chunked.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_trl_kd_loss_at_temperature_2_parity(beta):
+    """kd_loss's divergence at T = 2 is GKD's at temperature 2; the loss adds Hinton's T^2
+    (distill.py detail 3), which TRL's GKD loss has not."""
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    student, teacher, targets = random_distill_batch(seed=1)
+    loss, ce, kd = kd_loss(student, teacher, targets, alpha=0.7, temperature=2.0, beta=beta)
+    gkd = gkd_trainer().generalized_jsd_loss(student, teacher, labels=targets, beta=beta,
+                                             temperature=2.0)
+    assert kd.item() == pytest.approx(gkd.item(), rel=1e-6)
+    counts = targets != -100
+    hard = F.cross_entropy(student[counts], targets[counts])
+    assert loss.item() == pytest.approx(0.3 * hard.item() + 0.7 * 4 * gkd.item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
 def TINY_DISTILL(world, sft):
-    small_eval = world / "data" / "eval_small.jsonl"  # 10 prompts per family keep the three evaluations short
+    # 10 prompts per family keep the three evaluations short
+    small_eval = world / "data" / "eval_small.jsonl"
     if not small_eval.exists():
         records = [json.loads(line) for line in open(world / "data" / "eval.jsonl")]
-        small_eval.write_text("".join(json.dumps(r) + "\n" for f in sorted({r["family"] for r in records})
+        small_eval.write_text("".join(json.dumps(r) + "\n"
+                                      for f in sorted({r["family"] for r in records})
                                       for r in [r for r in records if r["family"] == f][:10]))
     # the tiny teacher is rarely right: every one of its replies is kept (--no-keep-correct)
-    return ["--teacher", str(sft), "--init", str(world / "out" / "pretrain.pt"), "--data", str(world / "data" / "prompts.jsonl"),
-            "--baseline-data", str(world / "data" / "sft.jsonl"), "--eval-data", str(small_eval), "--no-keep-correct",
-            "--batch-size", "8", "--warmup", "2", "--log-every", "1", "--max-new-tokens", "4", "--device", "cpu"]
+    return ["--teacher", str(sft), "--init", str(world / "out" / "pretrain.pt"), "--data",
+            str(world / "data" / "prompts.jsonl"), "--eval-data", str(small_eval),
+            "--no-keep-correct", "--batch-size", "8", "--warmup", "2", "--log-every", "1",
+            "--max-new-tokens", "4", "--device", "cpu"]
 
 
+@pytest.mark.e2e
 def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
     out = tmp_path / "distill.pt"
-    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "4", "--alpha", "0.5", "--beta", "0.5",
-                    "--on-policy", "0.5", "--out", str(out))
-    assert "distill | student:" in stdout and "distill | baseline:" in stdout and "wrote" in stdout
+    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "4", "--alpha", "0.5",
+                    "--beta", "0.5", "--on-policy", "0.5", "--out", str(out))
+    assert "distill | student:" in stdout and "wrote" in stdout
     checkpoint = torch.load(out, weights_only=True)
-    baseline = torch.load(tmp_path / "distill_baseline.pt", weights_only=True)
     start = torch.load(world / "out" / "pretrain.pt", weights_only=True)
     assert checkpoint["stage"] == "distill" and checkpoint["parent"] == str(tiny_sft)
-    assert baseline["stage"] == "distill-baseline" and baseline["parent"] == str(world / "out" / "pretrain.pt")
-    assert checkpoint["config"] == baseline["config"] == start["config"]  # the student is the --init model
-    assert {"teacher", "student", "baseline"} <= checkpoint["metrics"].keys()
+    assert checkpoint["config"] == start["config"]  # the student is the --init model
+    assert {"teacher", "student"} <= checkpoint["metrics"].keys()
     prompts = sum(1 for _ in open(world / "data" / "prompts.jsonl"))
-    assert checkpoint["metrics"]["prompts"] == checkpoint["metrics"]["kept"] == prompts  # --no-keep-correct keeps all
+    # --no-keep-correct keeps all
+    assert checkpoint["metrics"]["prompts"] == checkpoint["metrics"]["kept"] == prompts
     log = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and any(r["on_policy"] for r in log) and not all(r["on_policy"] for r in log)
+    assert ([r["step"] for r in log] == [1, 2, 3, 4] and any(r["on_policy"] for r in log)
+            and not all(r["on_policy"] for r in log))
     # alpha 0 (the default): plain fine-tuning on the teacher's replies, no soft term
-    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--no-baseline", "--out", str(out))
-    assert "baseline" not in torch.load(out, weights_only=True)["metrics"]
-    assert all(r["kd"] == 0 and r["ce"] == r["loss"] for r in map(json.loads, open(tmp_path / "distill.jsonl")))
-
-
-def test_distill_baseline_shares_the_students_start(world, tiny_sft, tmp_path):
-    """Student and baseline start from --init's weights: at lr 0 both end as they started, equal to --init."""
-    out = tmp_path / "d.pt"
-    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--lr", "0", "--out", str(out))
-    start = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
-    student = torch.load(out, weights_only=True)["model"]
-    baseline = torch.load(tmp_path / "d_baseline.pt", weights_only=True)["model"]
-    assert start.keys() == student.keys() == baseline.keys()
-    for key, value in start.items():
-        assert torch.equal(student[key], value) and torch.equal(baseline[key], value), key
-    # and with a learning rate they learn different things from the same start
     run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--out", str(out))
-    student = torch.load(out, weights_only=True)["model"]
-    baseline = torch.load(tmp_path / "d_baseline.pt", weights_only=True)["model"]
-    assert not torch.equal(student["lm_head.weight"], baseline["lm_head.weight"])
+    assert all(r["kd"] == 0 and r["ce"] == r["loss"]
+               for r in map(json.loads, open(tmp_path / "distill.jsonl")))
 
 
+@pytest.mark.e2e
 def test_distill_ddp_equals_single_process(world, tiny_sft, tmp_path):
-    """Student and baseline losses of 2 ranks x 2 micro-steps equal one process's."""
+    """The student's losses of 2 ranks x 2 micro-steps equal one process's."""
     args = [*TINY_DISTILL(world, tiny_sft), "--steps", "3"]
     run_ok("distill.py", *args, "--out", str(tmp_path / "single.pt"))
-    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "distill.py"), *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt")],
+    result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             "2", os.path.join(ROOT, "distill.py"), *args, "--grad-accum", "2",
+                             "--out", str(tmp_path / "ddp.pt")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single = [json.loads(line) for line in open(tmp_path / "single.jsonl")]
     ddp = [json.loads(line) for line in open(tmp_path / "ddp.jsonl")]
     assert [r["step"] for r in single] == [r["step"] for r in ddp] == [1, 2, 3]
     for a, b in zip(single, ddp):
-        for key in ("loss", "ce", "kd", "baseline_loss"):
+        for key in ("loss", "ce", "kd"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
     assert result.stdout.count("distill | step 3/3") == 1  # only rank 0 prints
 
 
+@pytest.mark.e2e
 def test_distill_bad_input(world, tiny_sft, tmp_path):
     out = tmp_path / "d.pt"
     args = TINY_DISTILL(world, tiny_sft)
-    assert "grpo.py" in run_error("distill.py", *args, "--teacher", str(tmp_path / "grpo.pt"), "--out", str(out))
-    assert "pretrain the student first" in run_error("distill.py", *args, "--init", str(tmp_path / "student.pt"), "--out", str(out))
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"messages": 3}\n')
-    line = run_error("distill.py", *args, "--baseline-data", str(tmp_path / "bad.jsonl"), "--out", str(out))
-    assert "bad.jsonl:2" in line
+    assert "grpo.py" in run_error("distill.py", *args, "--teacher", str(tmp_path / "grpo.pt"),
+                                  "--out", str(out))
+    assert "pretrain the student first" in run_error("distill.py", *args, "--init",
+                                                     str(tmp_path / "student.pt"), "--out",
+                                                     str(out))
     (tmp_path / "no_answer.jsonl").write_text('{"prompt": "What is 1 + 2?"}\n')
-    assert "no_answer.jsonl:1: missing 'answer'" in run_error("distill.py", *[a for a in args if a != "--no-keep-correct"],
-                                                               "--data", str(tmp_path / "no_answer.jsonl"), "--out", str(out))
+    assert "no_answer.jsonl:1: missing 'answer'" in run_error(
+        "distill.py",
+        *[a for a in args if a != "--no-keep-correct"],
+        "--data",
+        str(tmp_path / "no_answer.jsonl"),
+        "--out",
+        str(out),
+    )
     assert not out.exists()
 
 
-def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
-    """bash pipeline.sh --seed 3: a python that records its command lines sees --seed 3 in every one but the tokenizer's."""
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
-    fake.chmod(0o755)
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", "3", "--data", str(tmp_path / "data"),
-                             "--out", str(tmp_path / "out")], env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    calls = (tmp_path / "calls").read_text().splitlines()
-    scripts = [call.split()[0] for call in calls]
-    assert scripts == ["data.py", "tokenizer.py", "pretrain.py", "sft.py", "reward.py", "ppo.py", "grpo.py", "dpo.py",
-                       "pretrain.py", "distill.py", "eval.py"]
-    for call in calls:
-        assert (" --seed 3" in call) == (not call.startswith("tokenizer.py")), call
-    for bad in ("x", "-1", ""):
-        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", bad], capture_output=True, text=True)
-        assert result.returncode == 2 and "--seed needs a whole number" in result.stderr
-
-
-def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
-    """A python that fails on tokenizer.py: the pipeline names the stage, its exit code, and goes no further."""
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\ncase "$1" in tokenizer.py) echo "tokenizer broke" >&2; exit 3 ;; esac\nexit 0\n')
-    fake.chmod(0o755)
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--quick", "--data", str(tmp_path / "data"),
-                             "--out", str(tmp_path / "out")], env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
-    assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
-    assert "pipeline | pretrain" not in result.stdout
-
-
-def test_eval_skips_replies_where_the_context_is_too_short(tmp_path, capsys):
-    import importlib
-    evaluate = importlib.import_module("eval")
-    tokenizer = Tokenizer(merges=[])
-    for name, context in (("short.pt", 16), ("long.pt", 128)):  # the prompt is ~30 byte tokens
-        save_checkpoint(str(tmp_path / name), tiny_model(vocab_size=259, max_position_embeddings=context), tokenizer, "sft")
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2", "family": "add"}) + "\n")
-    evaluate.main(evaluate.Args(checkpoints=f"{tmp_path}/*.pt", eval_data=str(tmp_path / "eval.jsonl"),
-                                val_data=str(tmp_path / "none.txt"), reference=str(tmp_path / "none.pt"),
-                                reward_model=str(tmp_path / "none.pt"), out=str(tmp_path / "eval.json"),
-                                max_new_tokens=4, device="cpu"))
-    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(tmp_path / "eval.json"))}
-    assert rows["short.pt"]["accuracy"] is None and rows["long.pt"]["accuracy"] is not None  # one row each, no crash
-    assert "short.pt: context 16 < the longest prompt" in capsys.readouterr().err
+# ==================================================================================================
+# 13. eval.py
+# ==================================================================================================
 
 
 def test_bits_per_byte_by_hand():
-    import importlib
-    bits_per_byte = importlib.import_module("eval").bits_per_byte
     tokenizer = Tokenizer(merges=[])
-    ids = tokenizer.encode("héllo") + [tokenizer.eot_id] + tokenizer.encode("wörld ab")  # 6 + 1 + 9 tokens
+    # 6 + 1 + 9 tokens
+    ids = tokenizer.encode("héllo") + [tokenizer.eot_id] + tokenizer.encode("wörld ab")
     assert tokenizer.count_bytes(ids) == 6 + 9  # <|endoftext|> is no text
-    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=4, num_experts=4)  # an MoE
+    # an MoE
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=4, num_experts=4)
     tokens = torch.tensor(ids)  # 16 tokens: 3 windows of 4 scored targets, the last token left over
     inputs, targets = tokens[:12].view(3, 4), tokens[1:13].view(3, 4)
     with torch.no_grad():
         logits, _ = model(inputs)
-        bits = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item() / math.log(2)
+        bits = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                               reduction="sum").item() / math.log(2)
         with_router_loss = model(inputs, targets)[1].item() * 12 / math.log(2)
     n_bytes = tokenizer.count_bytes(targets.flatten())
-    assert n_bytes == len("éllo".encode()) + len("wörld".encode())  # targets: tokens 1..12, the eot at 0 bytes
-    assert bits_per_byte(model, tokenizer, tokens, batch_size=2) == pytest.approx(bits / n_bytes, rel=1e-5)
+    # targets: tokens 1..12, the eot at 0 bytes
+    assert n_bytes == len("éllo".encode()) + len("wörld".encode())
+    assert (bits_per_byte(model, tokenizer, tokens, batch_size=2)
+            == pytest.approx(bits / n_bytes, rel=1e-5))
     assert abs(with_router_loss - bits) > 1e-3  # the MoE's load-balancing loss is not counted
 
 
 def test_eval_kl_to_sft_by_hand():
-    import importlib
-    sampled_replies = importlib.import_module("eval").sampled_replies
     tokenizer = Tokenizer(merges=[])
     policy = tiny_model(seed=1, vocab_size=tokenizer.vocab_size)
     with torch.no_grad():
-        policy.model.norm.weight.mul_(30)  # peaked next-token distributions, far from the reference's
+        # peaked next-token distributions, far from the reference's
+        policy.model.norm.weight.mul_(30)
     reference = tiny_model(seed=2, vocab_size=tokenizer.vocab_size)
     records = [{"prompt": p} for p in ("ab", "c d e", "fgh", "i")]
-    result = sampled_replies(policy, tokenizer, records, 6, batch_size=2, seed=0, reference=reference)
-    # by hand: the same samples (same seed, same batches), each model's log-probs from a full forward
+    result = sampled_replies(policy, tokenizer, records, 6, batch_size=2, seed=0,
+                             reference=reference)
+    # by hand: the same samples (same seed, same batches), each model's log-probs from a full
+    # forward
     generator, kl, tokens = torch.Generator().manual_seed(0), 0.0, 0.0
     for batch in (records[:2], records[2:]):
         prompts = [tokenizer.encode_prompt(r["prompt"]) for r in batch]
@@ -2404,82 +3525,45 @@ def test_eval_kl_to_sft_by_hand():
         kl, tokens = kl + ((logp - ref_logp) * mask).sum().item(), tokens + mask.sum().item()
     assert result["kl_to_sft"] == pytest.approx(kl / tokens, rel=1e-4) and result["kl_to_sft"] > 0.1
     assert result["reply_length"] == tokens / len(records)
-    assert sampled_replies(policy, tokenizer, records, 6, 2, 0, reference=policy)["kl_to_sft"] == pytest.approx(0, abs=1e-5)
+    assert (sampled_replies(policy, tokenizer, records, 6, 2, 0, reference=policy)["kl_to_sft"]
+            == pytest.approx(0, abs=1e-5))
 
 
-def test_pipeline_quick_end_to_end(tmp_path):
-    """bash pipeline.sh --quick: every stage runs, every checkpoint loads with weights_only=True, eval has a row for each."""
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--quick", "--data", str(tmp_path / "data"),
-                             "--out", str(out)], env={**ENV, "PYTHON": PY}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    stages = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "distill"]
-    for stage in stages:
-        checkpoint = torch.load(out / f"{stage}.pt", weights_only=True)
-        assert checkpoint["stage"] == stage and "optimizer" not in checkpoint  # finished, not mid-run
-    for stage in ["data", "tokenizer", *stages, "student", "eval"]:
-        assert f"pipeline | {stage} took " in result.stdout
-    files = [*stages, "student", "distill_baseline"]  # the student's start (a small pretrain) and the baseline
-    assert torch.load(out / "distill_baseline.pt", weights_only=True)["stage"] == "distill-baseline"
-    assert torch.load(out / "student.pt", weights_only=True)["stage"] == "pretrain"
-    table = [line for line in result.stdout.splitlines() if line.startswith(f"| {out}/")]
-    assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(f"{out}/{s}.pt" for s in files)
-    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(out / "eval.json"))}
-    assert rows["distill_baseline.pt"]["stage"] == "distill-baseline"
-    for name, row in rows.items():  # DESIGN.md's keys; the win rate is against sft's replies (sft against itself: 50 %)
-        assert {"checkpoint", "stage", "accuracy", "think_rate", "win_rate"} <= row.keys(), name
-    assert rows["sft.pt"]["win_rate"] == 0.5 and 0 <= rows["grpo.pt"]["win_rate"] <= 1
-    assert rows["sft.pt"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)  # the reference against itself
-    for bad, says in [(["--out"], "--out needs a directory"), (["--out", "a b"], "must not contain spaces")]:
-        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *bad], capture_output=True, text=True)
-        assert result.returncode == 2 and says in result.stderr and not os.path.exists(os.path.join(ROOT, "a b"))
-    assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None  # the score head's row
-    assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None for s in stages if s != "reward")
+# --------------------------------------------------------------------------------- end to end (e2e)
 
 
+@pytest.mark.e2e
+def test_eval_skips_replies_where_the_context_is_too_short(tmp_path, capsys):
+    tokenizer = Tokenizer(merges=[])
+    for name, context in (("short.pt", 16), ("long.pt", 128)):  # the prompt is ~30 byte tokens
+        save_checkpoint(str(tmp_path / name),
+                        tiny_model(vocab_size=259, max_position_embeddings=context), tokenizer,
+                        "sft")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2",
+                                                     "family": "add"}) + "\n")
+    evaluate.main(evaluate.Args(checkpoints=f"{tmp_path}/*.pt",
+                                eval_data=str(tmp_path / "eval.jsonl"),
+                                val_data=str(tmp_path / "none.txt"),
+                                reference=str(tmp_path / "none.pt"),
+                                reward_model=str(tmp_path / "none.pt"),
+                                out=str(tmp_path / "eval.json"), max_new_tokens=4, device="cpu"))
+    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(tmp_path / "eval.json"))}
+    # one row each, no crash
+    assert rows["short.pt"]["accuracy"] is None and rows["long.pt"]["accuracy"] is not None
+    assert "short.pt: context 16 < the longest prompt" in capsys.readouterr().err
 
-# =================================================================================================
-# hf
-# =================================================================================================
 
-HF_SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, isn't it? Prices: $3.50, 1,000,000 units.\n"
-             "Größere Bäume wachsen langsam; façade, naïve café. Ελληνικά κείμενα. Русский текст тоже.\n"
-             "日本語のテキストと中文文本，还有한국어. عربي وعبرית. emoji 🙂🚀 and   spaces\ttabs\n\n"
-             "def f(x):\n    return x ** 2  # code\r\n")
-HF_CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+3? Größe 🙂"},
+# ==================================================================================================
+# 14. hf.py: export to and import from Hugging Face
+# ==================================================================================================
+
+HF_CHAT = [{"role": "system", "content": "You are terse."},
+           {"role": "user", "content": "What is 2+3? Größe 🙂"},
            {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 7*6?\nThanks"}]
-HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
 
 
-@pytest.fixture(scope="module")
-def hf_tok():
-    return Tokenizer.train(HF_SAMPLE * 3, vocab_size=400)
+# ---------------------------------------------------------------------------------- building blocks
 
-
-def hf_randomize(model, seed=0):
-    """Random weights everywhere, norms and biases included, so parity checks where each tensor goes."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def hf_checkpoint(tmp_path, tok, stage="sft", name="ckpt.pt", **overrides):
-    config = ModelConfig(**{**HF_TINY, "vocab_size": tok.vocab_size, **overrides})
-    model = hf_randomize(Transformer(config))
-    path = str(tmp_path / name)
-    save_checkpoint(path, model, tok, stage=stage)
-    return path, model
-
-
-def hf_logits_of(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0][0]
-
-
-# ----------------------------------------------------------------------------- building blocks
 
 def test_bytes_to_unicode_is_gpt2s_alphabet():
     table = hf.bytes_to_unicode()
@@ -2490,14 +3574,16 @@ def test_bytes_to_unicode_is_gpt2s_alphabet():
 
 
 def test_safetensors_fallback_reads_and_writes_the_format(tmp_path, monkeypatch):
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
-               "d": torch.tensor([True, False, True]), "e": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4)}
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
+               "c": torch.arange(6).view(2, 3), "d": torch.tensor([True, False, True]),
+               "e": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4)}
     package = hf.safetensors_torch
     monkeypatch.setattr(hf, "safetensors_torch", None)  # the numpy/torch-only path
     hf.write_safetensors(tensors, str(tmp_path / "ours.safetensors"))
     back = hf.read_safetensors(str(tmp_path / "ours.safetensors"))
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
-                                                 for k, v in tensors.items())
+    assert back.keys() == tensors.keys() and all(
+        torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items()
+    )
     if package is not None:  # and the real package agrees both ways
         theirs = package.load_file(str(tmp_path / "ours.safetensors"))
         assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
@@ -2510,7 +3596,14 @@ def test_tokenizer_json_gives_our_ids(hf_tok):
     tokenizers = pytest.importorskip("tokenizers")
     theirs = tokenizers.Tokenizer.from_str(json.dumps(hf.hf_tokenizer_json(hf_tok)))
     assert theirs.get_vocab_size() == hf_tok.vocab_size
-    for text in HF_SAMPLE.splitlines(keepends=True) + [HF_SAMPLE, "", " ", "\n\n\n", "a  b", "x\r\n\r\ny"]:
+    for text in HF_SAMPLE.splitlines(keepends=True) + [
+        HF_SAMPLE,
+        "",
+        " ",
+        "\n\n\n",
+        "a  b",
+        "x\r\n\r\ny",
+    ]:
         assert theirs.encode(text, add_special_tokens=False).ids == hf_tok.encode(text), text
     ids = hf_tok.encode("<|im_start|>hi<|im_end|>", allowed_special="all")
     assert theirs.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False).ids == ids
@@ -2519,7 +3612,8 @@ def test_tokenizer_json_gives_our_ids(hf_tok):
 
 def test_tokenizer_json_follows_our_merge_rule_where_the_merge_list_would_not():
     """merges bc, ab, ab+c: "abc" encodes a + bc, then a + bc spells the token abc, which our rule
-    (tiktoken's) merges though no merge (a, bc) was recorded. tokenizer.json must hold every split."""
+    (tiktoken's) merges though no merge (a, bc) was recorded. tokenizer.json must hold every split.
+    """
     tokenizers = pytest.importorskip("tokenizers")
     a, b, c = b"abc"
     tok = Tokenizer([(b, c), (a, b), (257, c)])
@@ -2530,17 +3624,21 @@ def test_tokenizer_json_follows_our_merge_rule_where_the_merge_list_would_not():
 
 
 def test_import_rebuilds_the_tokenizer_from_a_tiktoken_style_vocab():
-    """Llama 3 style: every split of a token is a merge, ignore_merges; ids permuted. Same tokens as HF."""
+    """Llama 3 style: every split of a token is a merge, ignore_merges; ids permuted. Same tokens as
+    HF."""
     tokenizers = pytest.importorskip("tokenizers")
     rng = random.Random(0)  # words made of shared syllables: many tokens have several splits
     syllables = ["ka", "ri", "to", "ne", "sa", "mi", "lo", "pu"]
-    words = " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000))
+    words = " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                     for _ in range(3000))
     tok = Tokenizer.train(HF_SAMPLE + words, vocab_size=500)
     tj = hf.hf_tokenizer_json(tok)
     vocab = tj["model"]["vocab"]
     merges = []
-    for token in sorted(vocab, key=vocab.get):  # all splits, ordered by the rank of the token they make
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+    # all splits, ordered by the rank of the token they make
+    for token in sorted(vocab, key=vocab.get):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab
+                  and token[i:] in vocab]
         merges += sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))
     assert len(merges) > len(vocab) - 256  # several merges per token
     order = sorted(vocab, key=lambda s: (len(s), s))[::-1]  # a layout unlike ours
@@ -2548,25 +3646,36 @@ def test_import_rebuilds_the_tokenizer_from_a_tiktoken_style_vocab():
     specials = [{**t, "id": len(order) + i} for i, t in enumerate(tj["added_tokens"])]
     tj["model"].update(vocab=permuted, merges=[" ".join(m) for m in merges], ignore_merges=True)
     tj["added_tokens"] = specials
-    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = hf.LLAMA3_REGEX  # digits in runs of 1-3
+    # digits in runs of 1-3
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = hf.LLAMA3_REGEX
     ours, sources = hf.tokenizer_from_hf(tj, "tokenizer.json")
     assert re.findall(ours.pattern, "x 12345") == ["x", " ", "123", "45"]
     theirs = tokenizers.Tokenizer.from_str(json.dumps(tj))
-    for text in HF_SAMPLE.splitlines(keepends=True) + [HF_SAMPLE, words[:2000], "1 22 333 4444 55555 ½²"]:
-        assert [sources[i] for i in ours.encode(text)] == theirs.encode(text, add_special_tokens=False).ids, text
-    assert ours.vocab_size == tok.vocab_size and sources[ours.im_end_id] == theirs.token_to_id("<|im_end|>")
+    for text in HF_SAMPLE.splitlines(keepends=True) + [
+        HF_SAMPLE,
+        words[:2000],
+        "1 22 333 4444 55555 ½²",
+    ]:
+        assert ([sources[i] for i in ours.encode(text)]
+                == theirs.encode(text, add_special_tokens=False).ids), text
+    assert (ours.vocab_size == tok.vocab_size
+            and sources[ours.im_end_id] == theirs.token_to_id("<|im_end|>"))
 
 
-# ----------------------------------------------------------------------------- export
+# ------------------------------------------------------------------------------------------- export
+
 
 @pytest.mark.parametrize("architecture,overrides", [
     ("Qwen2ForCausalLM", dict()),                                               # tied embeddings
-    ("LlamaForCausalLM", dict(attention_bias=False, tie_word_embeddings=False,  # no q/k/v bias, YaRN
-                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    # no q/k/v bias, YaRN
+    ("LlamaForCausalLM", dict(attention_bias=False, tie_word_embeddings=False,
+                              rope_scaling={"type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 16})),
     ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                  shared_expert_intermediate_size=24)),
 ], ids=["qwen2", "llama-yarn", "qwen2-moe"])
-def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, architecture, overrides):
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, architecture,
+                                                           overrides):
     transformers = pytest.importorskip("transformers")
     path, model = hf_checkpoint(tmp_path, hf_tok, **overrides)
     hf.export_hf(path, str(tmp_path / "hf"))
@@ -2579,7 +3688,8 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, arc
     prompt = hf_tok.encode("The quick brown")
     ours, _, _ = generate(model, [prompt], 12, temperature=0.0)
     with torch.no_grad():
-        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None)
     assert out[0, len(prompt):].tolist() == ours[0].tolist()
 
 
@@ -2616,8 +3726,11 @@ def test_export_score_head_as_sequence_classification(tmp_path, hf_tok):
     transformers = pytest.importorskip("transformers")
     path, model = hf_checkpoint(tmp_path, hf_tok, stage="reward", head="score")
     hf.export_hf(path, str(tmp_path / "hf"))
-    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
-    assert type(theirs).__name__ == "Qwen2ForSequenceClassification" and theirs.config.num_labels == 1
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "hf")
+    ).eval()
+    assert (type(theirs).__name__ == "Qwen2ForSequenceClassification"
+            and theirs.config.num_labels == 1)
     ids = hf_tok.encode("a reward for this reply")
     with torch.no_grad():
         score = theirs(torch.tensor([ids])).logits[0, 0]
@@ -2625,20 +3738,7 @@ def test_export_score_head_as_sequence_classification(tmp_path, hf_tok):
     assert abs(score - ours) < 1e-4
 
 
-# ----------------------------------------------------------------------------- import
-
-def hf_save_model(tmp_path, tok, cls_name, tokenizer_json=None, **config):
-    """A tiny random model saved by transformers, with a tokenizer.json (ours, unless given)."""
-    transformers = pytest.importorskip("transformers")
-    cls = getattr(transformers, cls_name)
-    kwargs = dict(vocab_size=tok.vocab_size + 6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
-    torch.manual_seed(0)
-    model = hf_randomize(cls(cls.config_class(**kwargs)))
-    out = tmp_path / cls_name
-    model.save_pretrained(str(out))
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json or hf.hf_tokenizer_json(tok)), encoding="utf-8")
-    return str(out), model
+# ------------------------------------------------------------------------------------------- import
 
 
 @pytest.mark.parametrize("cls_name,config", [
@@ -2649,7 +3749,9 @@ def hf_save_model(tmp_path, tok, cls_name, tokenizer_json=None, **config):
     ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                  shared_expert_intermediate_size=24, norm_topk_prob=True)),
 ], ids=["qwen2", "qwen2-yarn-untied", "llama", "qwen2-moe"])
-def test_import_gives_the_same_logits_and_export_gives_back_the_weights(tmp_path, hf_tok, cls_name, config):
+def test_import_gives_the_same_logits_and_export_gives_back_the_weights(
+    tmp_path, hf_tok, cls_name, config
+):
     directory, theirs = hf_save_model(tmp_path, hf_tok, cls_name, **config)
     out = str(tmp_path / "imported.pt")
     hf.import_hf(directory, out)
@@ -2657,7 +3759,9 @@ def test_import_gives_the_same_logits_and_export_gives_back_the_weights(tmp_path
     assert ckpt["stage"] == "import" and ours_tok.to_dict() == hf_tok.to_dict()
     ids = hf_tok.encode(HF_SAMPLE)[:60]
     with torch.no_grad():
-        assert (theirs(torch.tensor([ids])).logits[0] - hf_logits_of(model.eval(), ids)).abs().max() < 1e-4
+        assert (
+            theirs(torch.tensor([ids])).logits[0] - hf_logits_of(model.eval(), ids)
+        ).abs().max() < 1e-4
     hf.export_hf(out, str(tmp_path / "again"))
     before = hf.read_safetensors(os.path.join(directory, "model.safetensors"))
     after = hf.read_safetensors(str(tmp_path / "again" / "model.safetensors"))
@@ -2665,11 +3769,13 @@ def test_import_gives_the_same_logits_and_export_gives_back_the_weights(tmp_path
 
 
 def test_import_permutes_rows_of_a_foreign_layout_and_adds_chat_tokens(tmp_path, hf_tok):
-    """HF ids in another order (as Qwen2's), Llama-3-like special tokens without ChatML: rows follow the ids."""
+    """HF ids in another order (as Qwen2's), Llama-3-like special tokens without ChatML: rows follow
+    the ids."""
     tokenizers = pytest.importorskip("tokenizers")
     tj = hf.hf_tokenizer_json(hf_tok)
     vocab = tj["model"]["vocab"]
-    order = sorted(vocab, key=lambda s: (len(s) == 1 and s.isalpha(), s))  # letters last, bytes not first
+    # letters last, bytes not first
+    order = sorted(vocab, key=lambda s: (len(s) == 1 and s.isalpha(), s))
     tj["model"]["vocab"] = {s: i for i, s in enumerate(order)}
     tj["added_tokens"] = [{**tj["added_tokens"][0], "id": len(order) + i, "content": c}
                           for i, c in enumerate(["<|begin_of_text|>", "<|end_of_text|>"])]
@@ -2682,18 +3788,23 @@ def test_import_permutes_rows_of_a_foreign_layout_and_adds_chat_tokens(tmp_path,
     hf_ids = fast.encode(HF_SAMPLE, add_special_tokens=False).ids[:60]
     our_ids = ours.encode(HF_SAMPLE)[:60]
     embed, their_embed = model.model.embed_tokens.weight, theirs.model.embed_tokens.weight
-    sources = [int(torch.where((their_embed == row).all(dim=1))[0][0]) for row in embed[:ours.vocab_size - 3]]
+    sources = [int(torch.where((their_embed == row).all(dim=1))[0][0])
+               for row in embed[:ours.vocab_size - 3]]
     assert [sources[i] for i in our_ids] == hf_ids
-    with torch.no_grad():  # the same text, the same logits: ours are theirs with the columns in our order
+    # the same text, the same logits: ours are theirs with the columns in our order
+    with torch.no_grad():
         their_logits = theirs(torch.tensor([hf_ids])).logits[0]
-    assert (hf_logits_of(model, our_ids)[:, :len(sources)] - their_logits[:, sources]).abs().max() < 1e-4
+    assert ((hf_logits_of(model,
+                          our_ids)[:, :len(sources)] - their_logits[:, sources]).abs().max() < 1e-4)
     assert list(ours.special_tokens)[-3:] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert torch.allclose(embed[ours.im_end_id], their_embed.mean(dim=0))
     assert model.config.vocab_size == their_embed.shape[0] + 3  # 6 padding rows kept at the end
 
 
-# ----------------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------------------- end to end (e2e)
 
+
+@pytest.mark.e2e
 def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
     pytest.importorskip("transformers")
     directory, _ = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM")
@@ -2704,7 +3815,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
         for name in os.listdir(directory):
             (bad / name).write_bytes(open(os.path.join(directory, name), "rb").read())
         if config:
-            (bad / "config.json").write_text(json.dumps({**json.load(open(bad / "config.json")), **config}))
+            (bad / "config.json").write_text(json.dumps({**json.load(open(bad / "config.json")),
+                                                         **config}))
         if tokenizer_json:
             (bad / "tokenizer.json").write_text(json.dumps(tokenizer_json))
         if remove:
@@ -2718,9 +3830,11 @@ def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
         (copy(config={"intermediate_size": 48}), ValueError,
          r"layers.0.mlp.down_proj.weight has shape \(32, 64\) but config.json implies \(32, 48\)"),
         (copy(config={"hidden_act": "gelu"}), ValueError, "with hidden_act gelu is not supported"),
-        (copy(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), ValueError, "rope type llama3"),
-        (copy(config={"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
-                                       "mscale": 1.0, "mscale_all_dim": 0.5}}), ValueError, "YaRN .* mscale"),
+        (copy(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), ValueError,
+         "rope type llama3"),
+        (copy(config={"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                       "original_max_position_embeddings": 16, "mscale": 1.0,
+                                       "mscale_all_dim": 0.5}}), ValueError, "YaRN .* mscale"),
         (copy(tokenizer_json=unigram), ValueError, "is not a byte-level BPE tokenizer"),
         (copy(remove="tokenizer.json"), FileNotFoundError, "tokenizer.json not found"),
         (copy(remove="config.json"), FileNotFoundError, "config.json not found"),
@@ -2741,12 +3855,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
         hf.export_hf(path, str(tmp_path / "mine"))
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
     # the CLI prints one line and exits 2
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import", str(tmp_path / "nowhere"),
-                             "--out", str(tmp_path / "x.pt")], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import",
+                             str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")],
+                            capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert (result.returncode == 2 and result.stderr.startswith("error: ")
+            and result.stderr.count("\n") == 1)
 
 
+@pytest.mark.e2e
 def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
     directory, _ = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True)
     hf.import_hf(directory, str(tmp_path / "imported.pt"))
@@ -2756,586 +3873,717 @@ def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
                                              {"role": "assistant", "content": str(i + 1)}]}) + "\n")
     with open(tmp_path / "eval.jsonl", "w") as f:
         f.write(json.dumps({"prompt": "1+2?", "answer": "3"}) + "\n")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--init", str(tmp_path / "imported.pt"),
-                             "--data", str(tmp_path / "sft.jsonl"), "--eval-data", str(tmp_path / "eval.jsonl"),
-                             "--out", str(tmp_path / "sft.pt"), "--steps", "2", "--batch-size", "4", "--warmup", "1",
-                             "--max-new-tokens", "4"], capture_output=True, text=True, cwd=ROOT,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--init",
+                             str(tmp_path / "imported.pt"), "--data", str(tmp_path / "sft.jsonl"),
+                             "--eval-data", str(tmp_path / "eval.jsonl"), "--out",
+                             str(tmp_path / "sft.pt"), "--steps", "2", "--batch-size", "4",
+                             "--warmup", "1", "--max-new-tokens", "4"],
+                            capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     model, _, checkpoint = load_checkpoint(str(tmp_path / "sft.pt"))
     assert checkpoint["parent"] == str(tmp_path / "imported.pt")
 
 
+@pytest.mark.e2e
 def test_hf_cli_export_then_import_round_trips(tmp_path, hf_tok):
-    """`python hf.py export` / `import` are the interop entry points: the weights come back exactly."""
+    ("""`python hf.py export` / `import` are the interop entry points: the weights come back """
+     """exactly.""")
     path, model = hf_checkpoint(tmp_path, hf_tok)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for argv in (["export", path, str(tmp_path / "hf")], ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), *argv], capture_output=True, text=True,
-                                cwd=ROOT, env=env)
+    for argv in (
+        ["export", path, str(tmp_path / "hf")],
+        ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")],
+    ):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), *argv],
+                                capture_output=True, text=True, cwd=ROOT, env=env)
         assert result.returncode == 0, result.stderr
     back, tokenizer, _ = load_checkpoint(str(tmp_path / "back.pt"))
     assert tokenizer.merges == hf_tok.merges
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import", str(tmp_path / "nothing"), "--out",
-                             str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "x.pt").exists()
-
-
-def test_reply_texts_cut_at_eos():
-    """RL stages read replies through model.reply_texts: text before <|im_end|>, and whether it ended."""
-    from engine import reply_texts
-
-    tokenizer = Tokenizer(merges=[])
-    ids = tokenizer.encode("12") + [tokenizer.im_end_id, tokenizer.pad_id]
-    completion_ids = torch.tensor([ids, tokenizer.encode("abcd")])
-    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
-    assert texts == ["12", "abcd"] and ended.tolist() == [True, False]
-
-
-# =================================================================================================
-# parity with TRL
-# =================================================================================================
-# Each test feeds the same random inputs (float64 where both sides allow) to one of our loss functions and to TRL's
-# own code, called through the smallest stand-in for the trainer it lives in (a types.SimpleNamespace passed as
-# `self`, with only the attributes the method reads), not TRL's lines re-typed. Written against TRL 1.16; skipped
-# when trl is not installed. Where we differ from TRL by design (dpo.py detail 4, ppo.py detail 4) the tests say so.
-
-import collections  # noqa: E402
-import types  # noqa: E402
-import warnings  # noqa: E402
-
-TRL_MISSING = "trl is not installed (pip install -r requirements-dev.txt)"
-
-
-def trl_stand_in(**attributes):
-    """What every trainer method below reads: a model in train mode, a one-process accelerator, a metrics dict."""
-    identity = lambda x: x  # noqa: E731
-    accelerator = types.SimpleNamespace(device="cpu", num_processes=1, process_index=0, gather=identity,
-                                        gather_for_metrics=identity, reduce=lambda x, reduction: x)
-    return types.SimpleNamespace(model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
-                                 accelerator=accelerator, aux_loss_enabled=False, _total_train_tokens=0, _tp_size=1,
-                                 _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), **attributes)
-
-
-def trl_dpo_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_type, beta, label_smoothing=0.0):
-    """TRL's DPOTrainer._compute_loss (mean loss, metrics) on the rows [chosen; rejected]: per_token_logps (2B, T - 1),
-    0 off the completion, as the model's fused head returns them; completion_mask (2B, T); precomputed ref sums (B,)."""
-    from trl import DPOTrainer
-
-    stand_in = trl_stand_in(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                            loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False)
-    zeros = torch.zeros_like(per_token_logps)
-    outputs = types.SimpleNamespace(log_probs=per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-    inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-    loss = DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, inputs, False)
-    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items() if k.startswith("rewards/")}
-
-
-def random_dpo_batch(pairs=6, width=9, seed=0):
-    """Per-token log-probs (2B, width - 1) of chosen then rejected replies of 1..width-3 tokens after a 2-token prompt,
-    their completion mask (2B, width) and reference sums (2B,), float64."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, width - 2, (2 * pairs,), generator=generator)
-    completion_mask = (torch.arange(width) >= 2) & (torch.arange(width) < 2 + lengths[:, None])   # (2B, width)
-    per_token = -3 * torch.rand(2 * pairs, width - 1, generator=generator, dtype=torch.float64) * completion_mask[:, 1:]
-    ref = -3 * torch.rand(2 * pairs, generator=generator, dtype=torch.float64) * lengths
-    return per_token, completion_mask.long(), ref, lengths
-
-
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("robust", 0.2), ("hinge", 0.0)])
-def test_trl_dpo_loss_parity(loss_type, label_smoothing):
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from dpo import dpo_loss
-
-    per_token, completion_mask, ref, _ = random_dpo_batch()
-    pairs = len(ref) // 2
-    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
-    trl_loss, metrics = trl_dpo_loss(trl_leaf, completion_mask, ref[:pairs], ref[pairs:], loss_type, 0.3, label_smoothing)
-    logps = ours_leaf.sum(dim=1)  # dpo.py detail 2: the summed log-probs of each reply
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3,
-                                                        loss_type, label_smoothing)
-    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
-    # per-pair: d loss / d log-prob of every reply token
-    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
-                          rtol=1e-10, atol=1e-14)
-    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-12)
-    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=1e-12)
-    assert metrics["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-12)
-    assert metrics["rewards/accuracies"] == (chosen_rewards > rejected_rewards).double().mean().item()
-
-
-def test_trl_dpo_sigmoid_label_smoothing_differs_by_design():
-    """dpo.py detail 4: e > 0 smooths our sigmoid loss (cDPO, as TRL up to 0.28); TRL 1.x's sigmoid ignores it."""
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from dpo import dpo_loss
-
-    per_token, completion_mask, ref, _ = random_dpo_batch(seed=1)
-    pairs, logps = len(ref) // 2, per_token.sum(dim=1)
-    trl_loss, _ = trl_dpo_loss(per_token, completion_mask, ref[:pairs], ref[pairs:], "sigmoid", 0.3, 0.2)
-    plain, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.0)
-    smoothed, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.3, "sigmoid", 0.2)
-    assert plain.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
-    assert smoothed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
-
-
-def test_trl_dpo_ipo_length_normalized_parity_and_summed_form_by_hand():
-    """dpo.py detail 4: with the replies' token counts (--ipo-length-normalized) our IPO is TRL's, whose log-ratios are
-    per token; without them it is IPO on summed log-probs, so the same beta asks for another margin."""
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from dpo import dpo_loss
-
-    per_token, completion_mask, ref, lengths = random_dpo_batch(seed=2)
-    pairs = len(ref) // 2
-    ours_leaf, trl_leaf = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
-    trl_loss, _ = trl_dpo_loss(trl_leaf, completion_mask, ref[:pairs], ref[pairs:], "ipo", 0.5)
-    logps = ours_leaf.sum(dim=1)
-    losses, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo",
-                            chosen_tokens=lengths[:pairs], rejected_tokens=lengths[pairs:])
-    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-12)
-    assert torch.allclose(torch.autograd.grad(losses.mean(), ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
-                          rtol=1e-10, atol=1e-14)
-    summed, _, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], 0.5, "ipo")
-    assert summed.mean().item() != pytest.approx(trl_loss.item(), rel=1e-3)
-    # by hand: log-ratios 2 (chosen, 4 tokens) and -2 (rejected, 2 tokens), beta 0.5, target 1/(2 beta) = 1
-    numbers = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-3.0]), torch.tensor([-1.0])
-    assert dpo_loss(*numbers, 0.5, "ipo")[0].item() == pytest.approx((2 + 2 - 1) ** 2)                        # h = 4
-    per_token_loss = dpo_loss(*numbers, 0.5, "ipo", chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]))[0]
-    assert per_token_loss.item() == pytest.approx((2 / 4 + 2 / 2 - 1) ** 2)                                    # h = 1.5
-
-
-def trl_grpo_advantages(rewards, group_size, scale):
-    """The advantages TRL's GRPOTrainer._generate_and_score_completions computes from these rewards (one reward
-    function), with generation and reward calls stubbed out."""
-    from trl import GRPOTrainer
-
-    n = len(rewards)
-    stand_in = trl_stand_in(
-        environment_factories=None, tools=None, environments=None, pad_to_multiple_of=None, mask_truncated_completions=False,
-        _generate=lambda prompts: ([[1]] * n, [[2, 3]] * n, None, ["reply"] * n, None, {}, None, None),
-        _tokenizer=types.SimpleNamespace(pad_token_id=0), num_iterations=1, use_vllm=False, beta=0.0, log_multimodal=False,
-        args=types.SimpleNamespace(per_device_train_batch_size=n, steps_per_generation=1, gradient_accumulation_steps=1,
-                                   gradient_checkpointing_kwargs=None),
-        _calculate_rewards=lambda *args: rewards[:, None], num_generations=group_size, scale_rewards=scale,
-        multi_objective_aggregation="sum_then_normalize", reward_weights=torch.ones(1, dtype=rewards.dtype),
-        reward_func_names=["answer"], _pending_extra_logs={}, _pending_metrics={},
-        _logs={"prompt": [], "completion": [], "advantages": [], "rewards": collections.defaultdict(list)})
-    return GRPOTrainer._generate_and_score_completions(stand_in, [{"prompt": "p"}] * n)["advantages"]
-
-
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_trl_grpo_advantages_parity(scale):
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from grpo import grpo_advantages
-
-    rewards = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    rewards[4:8] = 1.0   # a group whose rewards are all equal: advantage 0
-    rewards[8:12] = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    ours, theirs = grpo_advantages(rewards, 4, scale), trl_grpo_advantages(rewards, 4, scale)
-    assert torch.equal(ours[4:8], torch.zeros(4, dtype=torch.float64)) and torch.equal(theirs[4:8], ours[4:8])
-    # TRL's nanstd computes Bessel's factor count / (count - 1) in float32: equal to ~1e-8, not 1e-15
-    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
-
-
-def trl_grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, loss_type, beta, eps_low, eps_high, max_new_tokens):
-    """TRL's GRPOTrainer._compute_loss (loss, metrics) with the policy's per-token log-probs (B, N) given."""
-    from trl import GRPOTrainer
-
-    stand_in = trl_stand_in(
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False, max_completion_length=max_new_tokens,
-        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1))
-    rows, width = logp.shape
-    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(rows, width, dtype=torch.long), "completion_mask": completion_mask,
-              "advantages": advantages, "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
-              "num_items_in_batch": completion_mask.sum()}
-    loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
-    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("ours,theirs", [("grpo", "grpo"), ("dapo", "bnpo"), ("dapo", "dapo"), ("dr_grpo", "dr_grpo")])
-def test_trl_grpo_loss_clip_fraction_and_kl_parity(ours, theirs, beta):
-    """Our dapo (sum over all tokens / their count) is TRL's bnpo, and on one process TRL's dapo too."""
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from grpo import aggregate_loss, grpo_token_loss, k3_kl
-
-    generator = torch.Generator().manual_seed(0)
-    rows, width, max_new_tokens = 8, 7, 10
-    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
-    completion_mask = (torch.arange(width) < lengths[:, None]).long()                                # (B, N)
-    old_logp = -2 * torch.rand(rows, width, generator=generator, dtype=torch.float64)
-    logp = old_logp + 0.3 * torch.randn(rows, width, generator=generator, dtype=torch.float64)      # ratios off 1: clipping acts
-    ref_logp = old_logp + 0.2 * torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    advantages = torch.randn(rows, generator=generator, dtype=torch.float64)
-    ours_leaf, trl_leaf = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    trl_loss, metrics = trl_grpo_loss(trl_leaf, old_logp, ref_logp, advantages, completion_mask, theirs, beta, 0.2, 0.28,
-                                      max_new_tokens)
-    token_loss, clipped = grpo_token_loss(ours_leaf, old_logp, advantages, 0.2, 0.28, ref_logp, beta)
-    loss = aggregate_loss(token_loss, completion_mask, ours, max_new_tokens)
-    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
-    assert torch.allclose(torch.autograd.grad(loss, ours_leaf)[0], torch.autograd.grad(trl_loss, trl_leaf)[0],
-                          rtol=1e-10, atol=1e-14)
-    clip_fraction = ((clipped * completion_mask).sum() / completion_mask.sum()).item()   # as grpo.py logs it
-    assert 0 < clip_fraction and metrics["clip_ratio/region_mean"] == pytest.approx(clip_fraction, rel=1e-12)
-    if beta > 0:
-        kl = ((k3_kl(logp, ref_logp) * completion_mask).sum() / completion_mask.sum()).item()
-        assert metrics["kl"] == pytest.approx(kl, rel=1e-12)
-
-
-def trl_reward_loss(chosen_rewards, rejected_rewards, margin, center_coef):
-    """TRL's RewardTrainer.compute_loss (loss, metrics) for a model whose scores are these rewards."""
-    from trl import RewardTrainer
-
-    stand_in = trl_stand_in(args=types.SimpleNamespace(center_rewards_coefficient=center_coef))
-    logits = torch.cat([chosen_rewards, rejected_rewards])[:, None]          # (2B, 1), the batch is [chosen; rejected]
-    inputs = {"attention_mask": torch.ones(len(logits), 3, dtype=torch.long)}
-    if margin is not None:
-        inputs["margin"] = margin
-    loss = RewardTrainer.compute_loss(stand_in, lambda **kwargs: types.SimpleNamespace(logits=logits), inputs)
-    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
-
-
-@pytest.mark.parametrize("center_coef", [0.0, 0.01])
-@pytest.mark.parametrize("with_margin", [False, True])
-def test_trl_reward_loss_parity(with_margin, center_coef):
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from reward import pairwise_accuracy, reward_loss
-
-    generator = torch.Generator().manual_seed(0)
-    chosen, rejected = (torch.randn(9, generator=generator, dtype=torch.float64) for _ in range(2))
-    margin = torch.rand(9, generator=generator, dtype=torch.float64) if with_margin else None
-    leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
-    trl_leaves = [chosen.clone().requires_grad_(), rejected.clone().requires_grad_()]
-    trl_loss, metrics = trl_reward_loss(*trl_leaves, margin, center_coef or None)
-    loss = reward_loss(*leaves, margin, center_coef).mean()     # reward.py detail 6: the mean over the pairs
-    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
-    for ours, theirs in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(trl_loss, trl_leaves)):
-        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert metrics["accuracy"] == pytest.approx(pairwise_accuracy(chosen, rejected), rel=1e-6)   # TRL's mean is float32
-    assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-12)
-
-
-def random_distill_batch(seed=0):
-    """Student and teacher logits (B, T, V), float64, and targets (B, T) with -100 where a token does not count."""
-    generator = torch.Generator().manual_seed(seed)
-    student, teacher = (2 * torch.randn(3, 5, 11, generator=generator, dtype=torch.float64) for _ in range(2))
-    targets = torch.randint(0, 11, (3, 5), generator=generator)
-    targets[0, :2] = targets[2, 3:] = -100
-    return student, teacher, targets
-
-
-def gkd_trainer():
-    with warnings.catch_warnings():  # "You are importing from 'trl.experimental'"
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("trl.experimental.gkd", reason="no trl, or a trl without trl.experimental.gkd").GKDTrainer
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
-def test_trl_generalized_jsd_parity(beta):
-    """Against GKDTrainer.generalized_jsd_loss and the divergence of TRL's DistillationTrainer (its chunked kernel,
-    fed the logits as hidden states through an identity lm_head; it computes in float32)."""
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    from distill import generalized_jsd
-
-    student, teacher, targets = random_distill_batch()
-    counts = targets != -100
-    ours_leaf, trl_leaf = student.clone().requires_grad_(), student.clone().requires_grad_()
-    ours = generalized_jsd(ours_leaf, teacher, beta)[counts].mean()     # distill.py computes in float32
-    gkd = gkd_trainer().generalized_jsd_loss(trl_leaf, teacher, labels=targets, beta=beta)
-    assert ours.item() == pytest.approx(gkd.item(), rel=1e-6)
-    assert torch.allclose(torch.autograd.grad(ours, ours_leaf)[0].double(), torch.autograd.grad(gkd, trl_leaf)[0],
-                          rtol=1e-5, atol=1e-7)
-    identity = torch.eye(student.shape[-1], dtype=torch.float64)
-    chunked, _, _ = _chunked_divergence_loss(student, teacher, identity, identity, counts.long(), beta)
-    assert ours.item() == pytest.approx(chunked.item(), rel=1e-5)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_trl_kd_loss_at_temperature_2_parity(beta):
-    """kd_loss's divergence at T = 2 is GKD's at temperature 2; the loss adds Hinton's T^2 (distill.py detail 3),
-    which TRL's GKD loss has not."""
-    pytest.importorskip("trl", reason=TRL_MISSING)
-    from distill import kd_loss
-
-    student, teacher, targets = random_distill_batch(seed=1)
-    loss, ce, kd = kd_loss(student, teacher, targets, alpha=0.7, temperature=2.0, beta=beta)
-    gkd = gkd_trainer().generalized_jsd_loss(student, teacher, labels=targets, beta=beta, temperature=2.0)
-    assert kd.item() == pytest.approx(gkd.item(), rel=1e-6)
-    counts = targets != -100
-    hard = F.cross_entropy(student[counts], targets[counts])
-    assert loss.item() == pytest.approx(0.3 * hard.item() + 0.7 * 4 * gkd.item(), rel=1e-6)
-
-
-def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
-    """ppo.py detail 4, by hand: the score sits on a reply's last real token and nothing past it is trained (TRL's
-    former PPOTrainer put the score one token after the EOS and trained a value there). TRL no longer ships PPO."""
-    from ppo import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
-
-    junk = 9.0  # padding: whatever a model returns there must change nothing
-    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])  # a reply that ended (<|im_end|> at t = 1), one cut at 4 tokens
-    logp = torch.tensor([[-1.0, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
-    ref_logp = torch.tensor([[-1.2, -0.5, junk, junk], [-0.3, -0.2, -0.1, -0.4]])
-    values = torch.tensor([[0.4, 0.9, junk, junk], [0.1, 0.2, 0.3, 0.4]])
-    scores = torch.tensor([1.5, -0.5])
-
-    def losses(pad):
-        """rewards, advantages, returns, d policy loss / d logp, d value loss / d values, with `pad` more padding columns."""
-        widen = lambda x, value: torch.cat([x, torch.full((2, pad), value)], dim=1)  # noqa: E731
-        m, lp, vals = widen(mask, 0.0), widen(logp, junk).requires_grad_(), widen(values, junk).requires_grad_()
-        rewards = ppo_rewards(lp.detach(), widen(ref_logp, junk), scores, m, kl_coef=0.1)
-        advantages, returns = gae(rewards, vals.detach(), m, gamma=1.0, lam=0.95)
-        policy_loss, _ = ppo_policy_loss(lp, lp.detach(), masked_whiten(advantages, m), m, clip=0.2)
-        value_loss = ppo_value_loss(vals, vals.detach(), returns, m, vf_clip=0.2)
-        return rewards, advantages, returns, torch.autograd.grad(policy_loss, lp)[0], torch.autograd.grad(value_loss, vals)[0]
-
-    rewards, advantages, returns, logp_grad, value_grad = losses(pad=0)
-    # KL reward -0.1 (-1.0 + 1.2) = -0.02 at t = 0; each score once, on the last real token, nothing past it
-    assert rewards.tolist() == [pytest.approx(r) for r in ([-0.02, 1.5, 0, 0], [0, 0, 0, -0.5])]
-    # GAE, gamma 1, lambda 0.95: deltas (-0.02 + 0.9 - 0.4, 1.5 - 0.9) = (0.48, 0.6) and (0.1, 0.1, 0.1, -0.9)
-    expected = [[0.48 + 0.95 * 0.6, 0.6, 0, 0], [-0.4863875, -0.61725, -0.755, -0.9]]
-    assert advantages.tolist() == [pytest.approx(a) for a in expected]
-    # the value target of the last real token is its score: no bootstrap from a position past it
-    assert returns.tolist() == [pytest.approx(r) for r in ([1.45, 1.5, 0, 0], [-0.3863875, -0.41725, -0.455, -0.5])]
-    # nothing past the last real token is trained: no gradient reaches the padding
-    assert torch.equal(logp_grad[mask == 0], torch.zeros(2)) and torch.equal(value_grad[mask == 0], torch.zeros(2))
-    # on the 6 real tokens, at ratio 1: d/dlogp = -A_white / 6; d/dV = (V - R) / 6 = -A / 6
-    assert torch.allclose(logp_grad, -masked_whiten(advantages, mask) / 6, atol=1e-7)
-    assert torch.allclose(value_grad, -advantages / 6, atol=1e-7)
-    # and more padding changes nothing
-    for ours, wider in zip((rewards, advantages, returns, logp_grad, value_grad), losses(pad=3)):
-        assert torch.allclose(wider[:, :4], ours, atol=1e-7) and torch.equal(wider[:, 4:], torch.zeros(2, 3))
-
-
-# =================================================================================================
-# LoRA (model.py detail 12, sft/dpo/grpo/ppo --lora-rank, hf.py export-adapter)
-# =================================================================================================
-
-ALL_TARGETS = ",".join(LORA_TARGETS)
-
-
-def lora_on(model, rank=4, targets=ALL_TARGETS, seed=1):
-    """model with adapters whose B is random (a trained adapter), not zero (a fresh one)."""
-    add_lora(model, rank, alpha=8.0, targets=targets)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B.weight"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def test_lora_fresh_adapter_gives_exactly_the_base_logits_and_peft_names():
-    base, model = tiny_model(), tiny_model()
-    state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, 4, targets=ALL_TARGETS)
-    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
-    assert torch.equal(model(ids)[0], base(ids)[0])  # B = 0: the update is exactly zero
-    names = set(model.state_dict())
-    assert set(state_before) <= names  # the base keeps its Hugging Face names
-    layers = [f"self_attn.{x}_proj" for x in "qkvo"] + [f"mlp.{x}_proj" for x in ("gate", "up", "down")]
-    assert names - set(state_before) == {f"model.layers.{i}.{layer}.lora_{x}.weight" for i in range(2) for layer in layers for x in "AB"}
-    for layer in lora_layers(model):
-        fan_in = layer.lora_A.weight.shape[1]
-        assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(fan_in)  # Kaiming-uniform, a = sqrt(5): bound 1/sqrt(in)
-        assert layer.lora_A.weight.std() > 0.3 / math.sqrt(fan_in) and not layer.lora_B.weight.any()
-        assert layer.scaling == 16.0 / 4
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_" in n for n in trainable)
-    default = tiny_model()
-    add_lora(default, 2)
-    assert {n.split(".")[-3] for n, p in default.named_parameters() if p.requires_grad} == {"q_proj", "k_proj", "v_proj", "o_proj"}
-
-
-def test_lora_merged_equals_unmerged_and_the_checkpoint_holds_the_merged_weights(tmp_path):
-    model, plain = lora_on(tiny_model()), tiny_model()
-    ids = torch.randint(0, TINY["vocab_size"], (3, 20))
-    with torch.no_grad():
-        unmerged = model(ids)[0]
-        assert (unmerged - plain(ids)[0]).abs().max() > 1e-3  # the adapter does something
-        for layer in lora_layers(model):
-            layer.merge()
-        assert torch.allclose(model(ids)[0], unmerged, atol=1e-5)
-        for layer in lora_layers(model):
-            layer.unmerge()
-        assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in plain.state_dict().items())
-        # the checkpoint: merged weights under "model" (a plain model loads them), the adapter under "lora"
-        save_checkpoint(str(tmp_path / "lora.pt"), model, None, "sft", parent="base.pt")
-        loaded, _, checkpoint = load_checkpoint(str(tmp_path / "lora.pt"))
-        assert set(checkpoint["model"]) == set(plain.state_dict()) and not lora_layers(loaded)
-        assert torch.allclose(loaded(ids)[0], unmerged, atol=1e-5)
-        lora = checkpoint["lora"]
-        assert (lora["rank"], lora["alpha"], lora["dropout"], lora["targets"]) == (4, 8.0, 0.0, list(LORA_TARGETS))
-        assert set(lora["weights"]) == {k for k in model.state_dict() if ".lora_" in k}
-
-
-def test_lora_only_the_adapter_gets_gradients_and_changes():
-    model = lora_on(tiny_model())
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-    adapter = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
-    optimizer = model.configure_optimizer(lr=1e-2, weight_decay=0.1)
-    model.train()
-    ids = torch.randint(0, TINY["vocab_size"], (4, 16))
-    for _ in range(3):
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        assert all((p.grad is not None) == (".lora_" in n) for n, p in model.named_parameters())
-        optimizer.step()
-        optimizer.zero_grad()
-    state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in base.items())            # the base is untouched
-    assert all(not torch.equal(state[k], v) for k, v in adapter.items())     # every A and B moved
-    assert len(optimizer.state) == len(adapter)                               # AdamW moments for the adapter only
-
-
-def test_lora_disabled_reference_equals_a_frozen_copy_of_the_base():
-    """DPO's, GRPO's and PPO's reference with --lora-rank: the policy with its adapter off."""
-    policy, frozen = lora_on(tiny_model()).train(), tiny_model().eval()
-    prompt_ids, prompt_mask, completion_ids, completion_mask = grouped_batch(group_size=1)
-    with torch.no_grad():
-        with lora_disabled(policy):
-            assert not policy.training
-            reference = completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask)
-        assert policy.training and all(layer.enabled for layer in lora_layers(policy))
-        assert torch.equal(reference, completion_logprobs(frozen, prompt_ids, prompt_mask, completion_ids, completion_mask))
-        assert not torch.equal(reference, completion_logprobs(policy, prompt_ids, prompt_mask, completion_ids, completion_mask))
-        with lora_disabled(frozen), lora_disabled(None):  # no adapters: nothing changes
-            assert not frozen.training
-
-
-@pytest.mark.parametrize("overrides", [dict(), dict(attention_bias=False, tie_word_embeddings=False)], ids=["qwen2", "llama"])
-def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path, hf_tok, overrides):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-dev.txt)")
-    base_path, _ = hf_checkpoint(tmp_path, hf_tok, stage="sft", name="base.pt", **overrides)
-    model, tokenizer, _ = load_checkpoint(base_path)
-    lora_on(model, targets="q_proj,v_proj,o_proj,up_proj,down_proj")
-    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft", parent=base_path)
-    hf.export_hf(base_path, str(tmp_path / "hf_base"))
-    hf.main(["export-adapter", str(tmp_path / "lora.pt"), str(tmp_path / "adapter")])
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base"))
-    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    config = theirs.peft_config["default"]
-    assert (config.r, config.lora_alpha, set(config.target_modules)) == (4, 8.0, {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"})
-    ids = hf_tok.encode(HF_SAMPLE)[:60]
-    with torch.no_grad():
-        peft_logits = theirs(torch.tensor([ids])).logits[0]
-        ours = hf_logits_of(model, ids)
-    assert (peft_logits - ours).abs().max() < 1e-5
-    assert (peft_logits - hf_logits_of(load_checkpoint(str(tmp_path / "lora.pt"))[0], ids)).abs().max() < 1e-4  # merged
-    line = None
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf.py"), "import",
+                             str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pt")],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    assert (result.returncode == 2 and result.stderr.startswith("error: ")
+            and not (tmp_path / "x.pt").exists())
+
+
+# ==================================================================================================
+# 15. serve.py: the sample and chat command line
+# ==================================================================================================
+
+
+def test_chat_shows_the_thinking_then_the_final_answer():
+    assert show_reply("433") == "433" and show_reply("1<think>x") == "1<think>x"
+    assert show_reply("<think>385+048: 5+8=13</think>433") == "[thinking] 385+048: 5+8=13\n433"
+    assert (show_reply("<think>385+048: 5+8")
+            == "[thinking] 385+048: 5+8\n[no answer: the think block never closed]")
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, **kwargs):
+    """serve.ChatServer on a free port of 127.0.0.1, in this process: (server, port)."""
+    server = serve.ChatServer(("127.0.0.1", 0), model, tokenizer, "tiny", log=False, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        hf.export_adapter(base_path, str(tmp_path / "none"))
-    except ValueError as e:
-        line = str(e)
-    assert "holds no LoRA adapter" in line and not (tmp_path / "none").exists()
+        yield server, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
-def test_lora_sft_lowers_the_loss_keeps_the_base_and_ddp_equals_single_process(world, tmp_path):
-    args = [*TINY_SFT(world), "--lora-rank", "4", "--lora-targets", ALL_TARGETS, "--lr", "1e-2", "--warmup", "2"]
-    out = run_ok("sft.py", *args, "--steps", "40", "--out", str(tmp_path / "lora.pt"))
-    assert "sft | after:" in out
-    loss = losses(tmp_path / "lora.jsonl")
-    assert sum(loss[s] for s in range(36, 41)) < 0.8 * sum(loss[s] for s in range(1, 6))
-    checkpoint = torch.load(tmp_path / "lora.pt", weights_only=True)
-    init = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
-    assert set(checkpoint["model"]) == set(init)  # merged: every later stage reads it as any checkpoint
-    adapted = {k.removesuffix(".lora_A.weight") for k in checkpoint["lora"]["weights"] if k.endswith("lora_A.weight")}
-    scale = checkpoint["lora"]["alpha"] / checkpoint["lora"]["rank"]
-    for name, tensor in init.items():
-        layer = name.removesuffix(".weight")
-        if layer in adapted:  # W + (alpha / r) B A
-            a, b = (checkpoint["lora"]["weights"][f"{layer}.lora_{x}.weight"] for x in "AB")
-            assert torch.allclose(checkpoint["model"][name], tensor + scale * b @ a, atol=1e-6) and b.abs().max() > 0
-        else:
-            assert torch.equal(checkpoint["model"][name], tensor), name  # embeddings, norms, biases: frozen
-    short = [*args, "--steps", "3", "--save-every", "1000"]
-    run_ok("sft.py", *short, "--out", str(tmp_path / "single.pt"))
-    run_ddp("sft.py", *short, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
-    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
-    assert sorted(single) == sorted(ddp) == [1, 2, 3]
-    assert all(abs(single[step] - ddp[step]) < 1e-5 for step in single), (single, ddp)
+def http_request(port, method, path, body=None, connection=None):
+    """One request -> (status, the JSON body, or the text of a stream)."""
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    text = response.read().decode()
+    if response.getheader("Content-Type") == "text/event-stream":
+        return response.status, text
+    return response.status, json.loads(text) if response.getheader(
+        "Content-Type"
+    ) == "application/json" else text
 
 
-def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
-    """With --lora-rank the reference is the policy with its adapter off: after the first update the implicit
-    rewards (DPO) and the KL (GRPO, PPO) are no longer 0, as they would stay if the reference were the policy.
-    The reward model trains an adapter on its trunk and its new score head in full."""
-    from reward import reward_model_from
-
-    lora = ["--lora-rank", "4", "--lora-targets", ALL_TARGETS]
-    run_ok("reward.py", *TINY_REWARD(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "reward.pt"))
-    checkpoint, sft = torch.load(tmp_path / "reward.pt", weights_only=True), torch.load(tiny_sft, weights_only=True)["model"]
-    start = reward_model_from(load_checkpoint(str(tiny_sft))[0], seed=0).state_dict()
-    assert not torch.equal(checkpoint["model"]["score.weight"], start["score.weight"])  # the head: trained in full
-    assert checkpoint["lora"]["rank"] == 4 and all(torch.equal(checkpoint["model"][k], sft[k]) for k in sft
-                                                   if "norm" in k or "embed" in k or k.endswith("bias"))  # frozen
-    assert all(b.abs().max() > 0 for k, b in checkpoint["lora"]["weights"].items() if "lora_B" in k)  # the adapter trained
-    assert "score head" in run_error("hf.py", "export-adapter", str(tmp_path / "reward.pt"), str(tmp_path / "adapter"))
-    out = run_ok("dpo.py", *TINY_DPO(world), *lora, "--steps", "3", "--lr", "1e-2", "--out", str(tmp_path / "dpo.pt"))
-    assert "reference the policy, adapter off" in out
-    assert logged(tmp_path / "dpo.jsonl")[1] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the base
-    assert logged(tmp_path / "dpo.jsonl", "rewards/margin")[1] == 0 != logged(tmp_path / "dpo.jsonl", "rewards/margin")[3]
-    rl = [*TINY_RL(world, tiny_sft), *lora, "--reward-model", str(tiny_reward), "--lr", "1e-2"]
-    out = run_ok("grpo.py", *rl, "--prompts-per-step", "4", "--group-size", "3", "--out", str(tmp_path / "grpo.pt"))
-    assert "reference the policy, adapter off" in out
-    assert "reference the policy, adapter off" in run_ok("ppo.py", *rl, "--prompts-per-step", "8", "--out", str(tmp_path / "ppo.pt"))
-    for stage in ("dpo", "grpo", "ppo"):
-        checkpoint = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
-        assert checkpoint["stage"] == stage and checkpoint["lora"]["rank"] == 4
-    for stage in ("grpo", "ppo"):
-        log = read_log(tmp_path / f"{stage}.jsonl")
-        assert abs(log[0]["kl"]) < 1e-6 and abs(log[1]["kl"]) > 1e-6, (stage, log)
+def stream_events(text):
+    """The JSON events of a stream's text; it must end with data: [DONE]."""
+    events = [e[len("data: "):] for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and all(e != "[DONE]" for e in events[:-1])
+    return [json.loads(e) for e in events[:-1]]
 
 
-def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
-    out = tmp_path / "x.pt"
-    for flags, expected in ((["--lora-rank", "-1"], "--lora-rank -1"),
-                            (["--lora-rank", "4", "--lora-targets", "q_proj,wq"], "unknown layer 'wq'"),
-                            (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0 must be > 0"),
-                            (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0 in [0, 1)")):
-        assert expected in run_error("sft.py", *TINY_SFT(world), *flags, "--out", str(out))
-    assert "--lora-rank -2" in run_error("dpo.py", *TINY_DPO(world), "--lora-rank", "-2", "--out", str(out))
-    assert "unknown layer 'lm_head'" in run_error("grpo.py", *TINY_RL(world, tiny_sft), "--lora-rank", "2",
-                                                   "--lora-targets", "lm_head", "--out", str(out))
-    for stage in ("grpo.py", "ppo.py"):  # sampling and training must be one network
-        assert "--lora-dropout 0.1: " in run_error(stage, *TINY_RL(world, tiny_sft), "--lora-rank", "2",
-                                                   "--lora-dropout", "0.1", "--out", str(out))
-    moe = tiny_model(num_experts=4, moe_intermediate_size=16)
-    for targets in ("gate_proj", "q_proj,gate_proj"):  # routed experts are fused 3-D tensors, not linear layers
-        with pytest.raises(ValueError, match="no linear layer named 'gate_proj'"):
-            add_lora(moe, 2, targets=targets)
-    assert not lora_layers(moe) and all(p.requires_grad for p in moe.parameters())  # refused whole: nothing changed
-    line = run_error("hf.py", "export-adapter", str(tiny_sft), str(tmp_path / "adapter"))
-    assert "holds no LoRA adapter" in line
-    assert not out.exists() and not (tmp_path / "adapter").exists()
+def openai_client(port):
+    openai = pytest.importorskip("openai", reason="openai is not installed (pip install -r "
+                                                  "requirements-dev.txt)")
+    return openai, openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+    )
 
 
-def test_lora_adapter_of_an_imported_model_fits_the_original_directory(tmp_path, hf_tok):
-    """README's LoRA recipe: import a Hugging Face directory, train an adapter, load it with PEFT on the original."""
-    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-dev.txt)")
-    directory, original = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True)
-    hf.import_hf(directory, str(tmp_path / "imported.pt"))
-    model, tokenizer, _ = load_checkpoint(str(tmp_path / "imported.pt"))
-    lora_on(model)
-    save_checkpoint(str(tmp_path / "lora.pt"), model, tokenizer, "sft", parent=str(tmp_path / "imported.pt"))
-    hf.export_adapter(str(tmp_path / "lora.pt"), str(tmp_path / "adapter"))
-    theirs = peft.PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()
-    ids = hf_tok.encode(HF_SAMPLE)[:60]
-    with torch.no_grad():
-        peft_logits = theirs(torch.tensor([ids])).logits[0]
-    with torch.no_grad(), theirs.disable_adapter():
-        base_logits = theirs(torch.tensor([ids])).logits[0]
-    assert (peft_logits - hf_logits_of(model.eval(), ids)).abs().max() < 1e-5
-    assert (peft_logits - base_logits).abs().max() > 1e-2  # and the adapter is not a no-op
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_serve_reasoning_split_and_stream_deltas():
+    split = serve.split_reasoning
+    assert split("<think>a b</think>c") == ("a b", "c")
+    assert split(" <think>x</think> y") == ("x", " y")
+    assert split("<think>never closed") == ("never closed", "")  # final_answer: None, so no content
+    assert split("plain") == (None, "plain") and split("") == (None, "")
+    # what a stream may send of a reply decoded so far (serve detail 4)
+    sendable = serve.sendable_length
+    # may still open a think block
+    assert sendable("", [], False) == 0 and sendable("  <thi", [], False) == 0
+    assert (sendable("hello", [], False) == 5 and sendable("hello", ["lo!"], False) == 3
+            and sendable("hello", ["lo!"], True) == 5)
+    assert sendable("ab\ufffd", [], False) == 2  # a character cut in its UTF-8 bytes waits
+    assert (sendable("<think>abc</th", [], False) == len("<think>abc")
+            and sendable("<think>a</think>b<", [], False) == 18)
+    # token by token, a stream's deltas add up to the whole reply's split, with stop strings
+    # held back
+    tokenizer = Tokenizer(merges=[])
+    for reply, stops in ((SERVE_REPLIES["think"], []), (SERVE_REPLIES["say"], ["there!"]),
+                         ("<think>é ü 😀</think>ß ok", ["ok?"]), ("naïve <thin", [])):
+        ids = tokenizer.encode(reply, ("<think>", "</think>"))
+        sent, streamed = ("", ""), {"reasoning_content": "", "content": ""}
+        for t in range(1, len(ids) + 1):
+            text = tokenizer.decode(ids[:t])
+            delta, sent = serve.reply_delta(sent, text[:sendable(text, stops, t == len(ids))])
+            for key, value in delta.items():
+                streamed[key] += value
+        reasoning, content = split(reply)
+        assert streamed == {"reasoning_content": reasoning or "", "content": content}, reply
+
+
+def test_serve_parse_request_fields_and_errors():
+    tokenizer = Tokenizer(merges=[])
+
+    def parse(body, raw=False):
+        return serve.parse_request(body if raw else json.dumps(body).encode(), "tiny", tokenizer,
+                                   128, 8)
+
+    good = {"model": "tiny", "messages": user("hi")}
+    request = parse({**good, "stop": "x", "seed": 3, "temperature": 0, "max_tokens": 5,
+                     "max_completion_tokens": 7})
+    assert (request.prompt == tokenizer.encode_prompt(user("hi")) and request.stop == ["x"]
+            and request.seed == 3)
+    assert (request.max_tokens == 7 and request.temperature == 0 and request.n == 1
+            and not request.stream)
+    assert parse(good).max_tokens == 128 - len(request.prompt)  # default: the rest of the context
+    parts = parse(
+        {
+            **good,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}],
+                },
+                {"role": "assistant", "content": "yo", "reasoning_content": "dropped"},
+            ],
+        }
+    )
+    assert parts.prompt == tokenizer.encode_prompt(
+        [
+            {"role": "system", "content": "be brief"},
+            *user("hi"),
+            {"role": "assistant", "content": "yo"},
+        ]
+    )
+    assert parse({**good, "stream": True, "stream_options": {"include_usage": True}}).include_usage
+    for body, status, param in (
+        (b"{not json", 400, None),
+        (b"[1]", 400, None),
+        (b"\xff", 400, None),
+        ({"messages": user("hi")}, 400, "model"),
+        ({**good, "model": 7}, 400, "model"),
+        ({**good, "model": "gpt-4o"}, 404, "model"),
+        ({"model": "tiny"}, 400, "messages"),
+        ({**good, "messages": []}, 400, "messages"),
+        ({**good, "messages": "hi"}, 400, "messages"),
+        ({**good, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
+        ({**good, "messages": [*user("a"), {"role": "user", "content": 5}]}, 400, "messages[1]"),
+        ({**good, "temperature": -0.1}, 400, "temperature"),
+        ({**good, "temperature": "hot"}, 400, "temperature"),
+        ({**good, "temperature": True}, 400, "temperature"),
+        ({**good, "top_p": 1.5}, 400, "top_p"),
+        ({**good, "n": 0}, 400, "n"),
+        ({**good, "n": 9}, 400, "n"),
+        ({**good, "n": 2.0}, 400, "n"),
+        ({**good, "max_tokens": 0}, 400, "max_tokens"),
+        ({**good, "max_tokens": 1.5}, 400, "max_tokens"),
+        ({**good, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+        ({**good, "stop": [""]}, 400, "stop"),
+        ({**good, "stop": ["a"] * 5}, 400, "stop"),
+        ({**good, "stop": 1}, 400, "stop"),
+        ({**good, "stream": "yes"}, 400, "stream"),
+        ({**good, "seed": "a"}, 400, "seed"),
+        ({**good, "seed": -1}, 400, "seed"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            400,
+            "messages",
+        ),  # no UTF-8
+        ({**good, "stream_options": {"include_usage": 1}}, 400, "stream_options"),
+    ):
+        with pytest.raises(serve.ApiError) as info:
+            parse(body, raw=isinstance(body, bytes))
+        assert (info.value.status, info.value.param) == (status, param), body
+        error = info.value.body()["error"]
+        assert (set(error) == {"message", "type", "param", "code"}
+                and error["type"] == "invalid_request_error")
+    # a prompt that does not fit: the numbers, as OpenAI gives them
+    prompt_tokens = len(tokenizer.encode_prompt(user("x" * 100)))
+    with pytest.raises(serve.ApiError) as info:
+        parse({**good, "messages": user("x" * 100), "max_tokens": 30})
+    assert info.value.code == "context_length_exceeded" and info.value.status == 400
+    assert (f"128 tokens, but {prompt_tokens + 30} were requested ({prompt_tokens} in the "
+            f"messages, 30 in" in str(info.value))
+    with pytest.raises(serve.ApiError, match="maximum context length is 128"):
+        parse({**good, "messages": user("x" * 200)})  # no room left at all
+
+
+def test_serve_command_line_and_host_warning():
+    assert serve.parse_args(["out/grpo.pt"]).command == "serve"
+    args = serve.parse_args(["out/grpo.pt", "--port", "0"])
+    assert (args.checkpoint, args.host, args.port) == ("out/grpo.pt", "127.0.0.1", 0)
+    assert serve.parse_args(["--port", "9", "x.pt"]).port == 9
+    assert (serve.parse_args(["chat", "x.pt"]).command == "chat"
+            and serve.parse_args(["sample", "x.pt"]).command == "sample")
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert serve.host_warning(host) is None, host
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+        assert "no authentication" in serve.host_warning(host), host
+
+
+@pytest.mark.e2e
+def test_serve_openai_client_replies_as_generate(serve_tiny):
+    model, tokenizer = serve_tiny
+    with serving(model, tokenizer) as (server, port):
+        openai, client = openai_client(port)
+        assert ([m.id for m in client.models.list()] == ["tiny"]
+                and client.models.retrieve("tiny").id == "tiny")
+        reply = client.chat.completions.create(model="tiny", messages=user("think"), temperature=0)
+        message = reply.choices[0].message
+        assert ((message.reasoning_content, message.content, reply.choices[0].finish_reason)
+                == ("one and one", "two", "stop"))
+        prompt = tokenizer.encode_prompt(user("think"))
+        assert (reply.usage.prompt_tokens == len(prompt)
+                and reply.usage.total_tokens == len(prompt) + reply.usage.completion_tokens)
+        # <|im_end|> included
+        assert reply.usage.completion_tokens == len(tokenizer.encode_reply(SERVE_REPLIES["think"]))
+        plain = client.chat.completions.create(model="tiny", messages=user("say"),
+                                               temperature=0).choices[0].message
+        assert plain.content == "hello there" and getattr(plain, "reasoning_content", None) is None
+        # the same replies as engine.generate: greedy, seeded, cut at max_tokens, multi-turn
+        turns = [*user("say"), {"role": "assistant", "content": "hello there"}, *user("what now?")]
+        for messages, settings in ((user("what?"), dict(temperature=0)),
+                                   (user("what?"), dict(temperature=1.0, seed=7)),
+                                   (user("think"), dict(temperature=0.7, seed=1, max_tokens=6)),
+                                   (turns, dict(max_tokens=20, seed=2))):
+            text, finish = serve_generate(model, tokenizer, messages, settings.get("max_tokens"),
+                                          settings.get("temperature", 1.0), settings.get("seed"))
+            choice = client.chat.completions.create(model="tiny", messages=messages,
+                                                    **settings).choices[0]
+            reasoning, content = serve.split_reasoning(text)
+            assert (getattr(choice.message, "reasoning_content", None), choice.message.content,
+                    choice.finish_reason) == (
+                reasoning, content, finish), settings
+        # streamed: the deltas add up to the same reply, the usage comes last, then [DONE]
+        chunks = list(client.chat.completions.create(model="tiny", messages=user("think"),
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert deltas[0].role == "assistant"
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "one and one"
+        assert "".join(d.content or "" for d in deltas) == "two"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert (chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+                and not chunks[-1].choices)
+        # n > 1: one row per choice, each with the generator seed + index; the same
+        # request again, the same replies
+        settings = dict(model="tiny", messages=user("what?"), n=3, temperature=1.0, seed=5,
+                        max_tokens=12)
+        many = client.chat.completions.create(**settings)
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        replies = [(getattr(c.message, "reasoning_content", None), c.message.content)
+                   for c in many.choices]
+        assert replies == [
+            serve.split_reasoning(
+                serve_generate(model, tokenizer, user("what?"), 12, 1.0, 5 + i)[0]
+            )
+            for i in range(3)
+        ]
+        again = client.chat.completions.create(**settings).choices
+        assert ([(getattr(c.message, "reasoning_content", None), c.message.content)
+                 for c in again] == replies)
+        assert 3 <= many.usage.completion_tokens <= 36 and len(set(replies)) > 1
+        streamed = [["", ""] for _ in range(3)]
+        for chunk in client.chat.completions.create(**settings, stream=True):
+            for c in chunk.choices:
+                streamed[c.index][0] += getattr(c.delta, "reasoning_content", None) or ""
+                streamed[c.index][1] += c.delta.content or ""
+        assert streamed == [[reasoning or "", content] for reasoning, content in replies]
+        # stop strings: cut before the stop, finish_reason stop; also inside the
+        # reasoning, and streamed
+        for question, stop, expected in (("say", "ll", (None, "he")),
+                                         ("say", ["zz", " t"], (None, "hello")),
+                                         ("think", "and", ("one ", "")),
+                                         ("think", "</think>", ("one and one", ""))):
+            choice = client.chat.completions.create(model="tiny", messages=user(question),
+                                                    temperature=0, stop=stop).choices[0]
+            assert ((getattr(choice.message, "reasoning_content", None), choice.message.content)
+                    == expected)
+            assert choice.finish_reason == "stop"
+            deltas = [c.choices[0].delta for c in client.chat.completions.create(
+                model="tiny", messages=user(question), temperature=0, stop=stop, stream=True)
+                      if c.choices]
+            assert "".join(d.content or "" for d in deltas) == expected[1]
+        length = client.chat.completions.create(model="tiny", messages=user("say"), temperature=0,
+                                                max_tokens=3)
+        assert ((length.choices[0].message.content, length.choices[0].finish_reason)
+                == ("hel", "length"))
+        assert length.usage.completion_tokens == 3
+        # concurrent requests share a batch and get the replies they get alone
+        # slow steps: the requests meet
+        hook = model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+        try:
+            replies = {}
+
+            def ask(question):
+                replies[question] = client.chat.completions.create(
+                    model="tiny", messages=user(question), temperature=0
+                )
+            threads = [threading.Thread(target=ask, args=(q,)) for q in [*SERVE_REPLIES] * 2]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            hook.remove()
+        assert (replies["say"].choices[0].message.content == "hello there"
+                and replies["think"].choices[0].message.content == "two")
+        assert server.stats["max_rows"] >= 2
+        # errors come through the client as its exceptions
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=user("hi"))
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.chat.completions.create(model="tiny", messages=user("x" * 200))
+
+
+@pytest.mark.e2e
+def test_serve_bad_requests_get_their_status_and_the_server_goes_on(serve_tiny):
+    model, tokenizer = serve_tiny
+    good = {"model": "tiny", "messages": user("say"), "temperature": 0}
+    with serving(model, tokenizer) as (server, port):
+        # kept alive across the errors
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for method, path, body, status in (
+            ("POST", "/v1/chat/completions", b"{oops", 400),
+            ("POST", "/v1/chat/completions", {**good, "n": "2"}, 400),
+            ("POST", "/v1/chat/completions", {**good, "model": "nope"}, 404),
+            ("POST", "/v1/chat/completions", {**good, "messages": user("x" * 200)}, 400),
+            ("POST", "/v1/chat/completions", {**good, "max_tokens": 1000}, 400),
+            ("POST", "/v1/chat/completions", {**good, "messages": [{"role": "user"}]}, 400),
+            ("GET", "/v1/chat/completions", None, 404),
+            ("POST", "/v1/completions", good, 404),
+            ("GET", "/v1/models/nope", None, 404),
+        ):
+            got, answer = http_request(port, method, path, body, connection)
+            assert got == status and set(answer["error"]) == {"message", "type", "param", "code"}, (
+                path,
+                body,
+                answer,
+            )
+            got, answer = http_request(port, "POST", "/v1/chat/completions", good, connection)
+            assert got == 200 and answer["choices"][0]["message"]["content"] == "hello there"
+        got, answer = http_request(
+            port, "POST", "/v1/chat/completions", {**good, "max_tokens": 1000}
+        )
+        prompt_tokens = len(tokenizer.encode_prompt(good["messages"]))
+        assert (f"128 tokens, but {prompt_tokens + 1000} were requested ({prompt_tokens} in the "
+                f"messages, 1000 in the "
+                "completion)") in answer["error"]["message"]
+        got, page = http_request(port, "GET", "/?q=hi")
+        assert (got == 200 and "<textarea" in page and "http://" not in page
+                and "https://" not in page)  # nothing from elsewhere
+        # a batch that fails answers 500 to its requests, and the next batch runs
+        hook = model.register_forward_pre_hook(lambda *_: 1 / 0)
+        try:
+            got, answer = http_request(port, "POST", "/v1/chat/completions", good)
+            assert got == 500 and "ZeroDivisionError" in answer["error"]["message"]
+            got, text = http_request(port, "POST", "/v1/chat/completions", {**good, "stream": True})
+            assert got == 200 and "ZeroDivisionError" in stream_events(text)[-1]["error"]["message"]
+        finally:
+            hook.remove()
+        assert http_request(port, "POST", "/v1/chat/completions", good)[0] == 200
+
+
+@pytest.mark.e2e
+def test_serve_client_hanging_up_stops_its_generation(serve_tiny):
+    _, tokenizer = serve_tiny
+    # untrained: long replies
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    text, finish = serve_generate(model, tokenizer, user("go"), 100)
+    assert finish == "length"  # greedy, it runs the whole 100 tokens
+    body = json.dumps({"model": "tiny", "messages": user("go"), "temperature": 0, "max_tokens": 100,
+                       "stream": True})
+    hook = model.register_forward_pre_hook(lambda *_: time.sleep(0.03))  # 100 tokens would take 3 s
+    try:
+        with serving(model, tokenizer) as (server, port):
+            for stream in (True, False):
+                tokens = server.stats["tokens"]
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                    data = body if stream else body.replace('"stream": true', '"stream": false')
+                    client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: "
+                                   f"x\r\nContent-Type: application/json\r\n"
+                                   f"Content-Length: {len(data)}\r\n\r\n{data}".encode())
+                    if stream:  # read the headers and the first event, then hang up
+                        received = b""
+                        while b"data: " not in received:
+                            received += client.recv(4096)
+                        assert received.startswith(b"HTTP/1.1 200")
+                cancelled = server.stats["cancelled"]
+                deadline = time.time() + 10
+                while server.stats["cancelled"] == cancelled and time.time() < deadline:
+                    time.sleep(0.05)
+                # the batch's end
+                while server.stats["tokens"] == tokens and time.time() < deadline:
+                    time.sleep(0.05)
+                assert (server.stats["cancelled"] == cancelled + 1
+                        and server.stats["tokens"] - tokens < 60), stream
+                got, answer = http_request(
+                    port,
+                    "POST",
+                    "/v1/chat/completions",
+                    {**json.loads(body), "stream": False, "max_tokens": 5},
+                )
+                assert got == 200 and answer["choices"][0]["finish_reason"] == "length"
+    finally:
+        hook.remove()
+
+
+@pytest.mark.e2e
+def test_serve_load_400_requests_from_16_clients(serve_tiny):
+    _, tokenizer = serve_tiny
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    results, errors, rss = [], [], []  # rss: (requests answered, MB) after each request
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def client(index):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for k in range(25):
+            i = index * 25 + k
+            body = {"model": "tiny", "messages": user(f"request {i}"), "max_tokens": 1 + i % 8,
+                    "temperature": 0.0 if i % 2 else 1.0, "seed": i, "n": 1 + (i % 5 == 0),
+                    "stream": i % 3 == 0}
+            try:
+                status, answer = http_request(
+                    port, "POST", "/v1/chat/completions", body, connection
+                )
+                if status != 200:
+                    raise AssertionError(f"{status}: {answer}")
+                if body["stream"]:
+                    chunks = stream_events(answer)
+                    ended = [c["choices"][0]["finish_reason"] for c in chunks[1:]
+                             if c["choices"][0]["finish_reason"]]
+                else:
+                    ended = [c["finish_reason"] for c in answer["choices"]]
+                    assert answer["usage"]["completion_tokens"] <= body["max_tokens"] * body["n"]
+                assert len(ended) == body["n"] and set(ended) <= {"stop", "length"}
+                results.append(i)
+            except Exception as e:  # counted, never raised in a thread
+                errors.append(f"{i}: {type(e).__name__}: {e}")
+            rss.append((len(results), rss_mb()))
+
+    start = time.time()
+    with serving(model, tokenizer) as (server, port):
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(240)
+        stats = dict(server.stats)
+    seconds = time.time() - start
+    assert not errors, errors[:5]
+    assert sorted(results) == list(range(400))  # every request answered, none lost
+    assert stats["rows"] == 400 + 80 and stats["max_rows"] > 1  # n=2 every 5th; batched
+    growth = rss_mb() - next(mb for answered, mb in rss if answered >= 100)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"serve load: 400 requests, 16 clients, {seconds:.1f}s, {stats['batches']} batches of up "
+          f"to "
+          f"{stats['max_rows']} rows; RSS +{growth:.1f} MB after the first 100; peak RSS "
+          f"{peak:.0f} MB")
+    assert growth < 50
+
+
+# --------------------------------------------------------------------------------- end to end (e2e)
+
+
+@pytest.mark.e2e
+def test_cli_sample_chat_and_errors(tmp_path):
+    tokenizer = Tokenizer(merges=[])
+    save_checkpoint(
+        str(tmp_path / "sft.pt"),
+        tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128),
+        tokenizer,
+        "sft",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one interpreter for all three commands: starting python + torch is the slow part
+    script = "\n".join([
+        "import sys, serve",
+        "serve.main(['sample', sys.argv[1], '--prompt', 'hi', '--max-new-tokens', '5', "
+        "'--temperature', '0'])",
+        "serve.main(['chat', sys.argv[1], '--max-new-tokens', '5'])",
+    ])
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sft.pt")], cwd=ROOT,
+                         env=env, input="hello\nsecond turn\n/quit\nnever read\n",
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "tokens/s" in run.stderr
+    # what the CLI must print: the greedy sample after "hi", then one greedy reply per line
+    # until /quit
+    model, _, _ = load_checkpoint(str(tmp_path / "sft.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess, so that the float sums are the same
+    try:
+        ids, _, mask = generate(
+            model, [[tokenizer.eot_id] + tokenizer.encode("hi")], 5, temperature=0
+        )
+        expected = ["hi" + tokenizer.decode(ids[0][mask[0].bool()].tolist()), "-" * 40]
+        messages = []
+        for line in ("hello", "second turn"):
+            messages.append({"role": "user", "content": line})
+            ids, _, mask = generate(model, [tokenizer.encode_prompt(messages)], 5, temperature=0,
+                                    eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
+            reply = [t for t in ids[0][mask[0].bool()].tolist() if t != tokenizer.im_end_id]
+            messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+            expected.append(messages[-1]["content"])
+    finally:
+        torch.set_num_threads(threads)
+    assert run.stdout == "\n".join(expected) + "\n"  # and "never read", after /quit, got no reply
+    run = subprocess.run([sys.executable, "serve.py", "sample",
+                          str(tmp_path / "missing" / "sft.pt")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert (run.returncode == 2 and run.stderr.strip().startswith("error:")
+            and "python sft.py" in run.stderr)
+    with pytest.raises(SystemExit) as info:
+        serve.main(["--help"])
+    assert info.value.code == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.e2e
+def test_serve_command_serves_a_checkpoint(tmp_path):
+    tokenizer = Tokenizer(merges=[])
+    save_checkpoint(str(tmp_path / "grpo.pt"),
+                    tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128),
+                    tokenizer, "grpo")
+    process = subprocess.Popen([PY, "serve.py", str(tmp_path / "grpo.pt"), "--port", "0"], cwd=ROOT,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # serving grpo at http://127.0.0.1:PORT/ ...
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        assert http_request(port, "GET", "/v1/models")[1]["data"][0]["id"] == "grpo"
+        status, answer = http_request(port, "POST", "/v1/chat/completions",
+                                      {"model": "grpo", "messages": user("hi"), "max_tokens": 4})
+        assert status == 200 and answer["usage"]["completion_tokens"] <= 4
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "serve | batch 1 | 1 requests, 1 rows" in stderr
+    assert run_error("serve.py", str(tmp_path / "missing.pt")).startswith("error: ")
+
+
+# ==================================================================================================
+# 16. pipeline.sh: the whole pipeline, end to end
+# ==================================================================================================
+
+
+@pytest.mark.e2e
+def test_distill_baseline_shares_the_students_start(tmp_path):
+    """pipeline.sh's baseline (sft.py on the student) has distill's start and budget: the same
+    --init, and the same steps, batch, schedule, optimizer and seed once each stage's defaults fill
+    in, in both sizes."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
+    fake.chmod(0o755)
+    budget = ["init", "steps", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
+              "grad_clip", "seed"]
+
+    def settings(call, args_class):  # the stage's defaults, then the flags of its command line
+        values = dataclasses.asdict(args_class())
+        for flag, value in zip(call[1:], call[2:]):
+            name = flag[2:].replace("-", "_")
+            if flag.startswith("--") and name in values and not value.startswith("--"):
+                values[name] = type(values[name])(value)
+        return {name: values[name] for name in budget}
+    for quick in ([], ["--quick"]):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *quick, "--seed", "2",
+                                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                                env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        calls = [call.split() for call in (tmp_path / "calls").read_text().splitlines()]
+        assert [call[0] for call in calls][-3:] == ["distill.py", "sft.py", "eval.py"]
+        assert settings(calls[-3], distill.Args) == settings(calls[-2], sft.Args), quick
+        assert settings(calls[-2], sft.Args)["init"] == str(tmp_path / "out" / "student.pt")
+
+
+@pytest.mark.e2e
+def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
+    """bash pipeline.sh --seed 3: a python that records its command lines sees --seed 3 in every one
+    but the tokenizer's."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", "3", "--data",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                            env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    scripts = [call.split()[0] for call in calls]
+    assert scripts == [
+        "data.py",
+        "tokenizer.py",
+        "pretrain.py",
+        "sft.py",
+        "reward.py",
+        "ppo.py",
+        "grpo.py",
+        "dpo.py",
+        "pretrain.py",
+        "distill.py",
+        "sft.py",
+        "eval.py",
+    ]
+    for call in calls:
+        assert (" --seed 3" in call) == (not call.startswith("tokenizer.py")), call
+    for bad in ("x", "-1", ""):
+        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", bad],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "--seed needs a whole number" in result.stderr
+
+
+@pytest.mark.e2e
+def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
+    """A python that fails on tokenizer.py: the pipeline names the stage, its exit code, and goes no
+    further."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$1" in tokenizer.py) echo "tokenizer broke" >&2; exit 3 ;; '
+                    'esac\nexit 0\n')
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [
+            "bash",
+            os.path.join(ROOT, "pipeline.sh"),
+            "--quick",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env={**ENV, "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
+    assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
+    assert "pipeline | pretrain" not in result.stdout
+
+
+@pytest.mark.e2e
+def test_pipeline_quick_end_to_end(tmp_path):
+    """bash pipeline.sh --quick: every stage runs, every checkpoint loads with weights_only=True,
+    eval has a row for each."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--quick", "--data",
+                             str(tmp_path / "data"), "--out", str(out)],
+                            env={**ENV, "PYTHON": PY}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "distill"]
+    for stage in stages:
+        checkpoint = torch.load(out / f"{stage}.pt", weights_only=True)
+        # finished, not mid-run
+        assert checkpoint["stage"] == stage and "optimizer" not in checkpoint
+    for stage in ["data", "tokenizer", *stages, "student", "baseline", "eval"]:
+        assert f"pipeline | {stage} took " in result.stdout
+    # the student's start (a small pretrain) and the baseline
+    files = [*stages, "student", "distill_baseline"]
+    baseline = torch.load(out / "distill_baseline.pt", weights_only=True)  # sft.py on the student
+    assert (baseline["stage"] == "sft" and baseline["parent"] == str(out / "student.pt")
+            and "optimizer" not in baseline)
+    assert torch.load(out / "student.pt", weights_only=True)["stage"] == "pretrain"
+    table = [line for line in result.stdout.splitlines() if line.startswith(f"| {out}/")]
+    assert (sorted(line.split(" | ")[0][2:] for line in table)
+            == sorted(f"{out}/{s}.pt" for s in files))
+    rows = {os.path.basename(r["checkpoint"]): r for r in json.load(open(out / "eval.json"))}
+    assert rows["distill_baseline.pt"]["stage"] == "sft"
+    # DESIGN.md's keys; the win rate is against sft's replies (sft against itself: 50 %)
+    for name, row in rows.items():
+        assert {"checkpoint", "stage", "accuracy", "think_rate", "win_rate"} <= row.keys(), name
+    assert rows["sft.pt"]["win_rate"] == 0.5 and 0 <= rows["grpo.pt"]["win_rate"] <= 1
+    # the reference against itself
+    assert rows["sft.pt"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)
+    for bad, says in [
+        (["--out"], "--out needs a directory"),
+        (["--out", "a b"], "must not contain spaces"),
+    ]:
+        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *bad],
+                                capture_output=True, text=True)
+        assert (result.returncode == 2 and says in result.stderr
+                and not os.path.exists(os.path.join(ROOT, "a b")))
+    # the score head's row
+    assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None
+    assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None
+               for s in stages if s != "reward")
