@@ -1680,15 +1680,19 @@ def test_grouped_completion_logprobs_under_ddp(tmp_path):
     completion_logprobs(model, *batch, group_size=3).sum().backward()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                             world_size=1)
+    ddp_model = None
     try:
         ddp_model = DDP(tiny_model().train())
         for _ in range(2):  # a second step: the reducer was left ready for the next backward
             ddp_model.zero_grad()
             completion_logprobs(ddp_model, *batch, group_size=3).sum().backward()
-        for p, q in zip(model.parameters(), ddp_model.module.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
+        grads = [q.grad for q in ddp_model.module.parameters()]
     finally:
+        # the DDP reducer holds the process group: freed after the group, its destructor can hang
+        del ddp_model
         dist.destroy_process_group()
+    for p, grad in zip(model.parameters(), grads):
+        torch.testing.assert_close(grad, p.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_heldout_accuracy_by_hand():
