@@ -7,62 +7,43 @@ data.py: the built-in "thinking world", deterministic procedural datasets for ev
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
-The story the world tells, stage by stage: a small model can add and subtract three-digit numbers
-when it works column by column, but rarely gets them right answering straight away. Pretraining
-shows both ways; SFT teaches the chat format with a minority of demos that think first;
-reinforcement learning (GRPO's verifiable reward, PPO's learned one) and DPO teach the model to
-think where that is what gets problems right, and what the labeler prefers; distillation hands
-that to a smaller model.
+The story, stage by stage: a small model can add and subtract three-digit numbers when it works
+column by column, but rarely gets them right answering straight away. Pretraining shows both ways;
+SFT teaches the chat format with a minority of demos that think first; RL and DPO teach the model to
+think where that gets problems right, as the labeler prefers; distillation hands that on.
 
 Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, half of
-                    them in the think form, ~15 % stories and facts from a small grammar; no chat
-                    markup
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, ~15 % prose
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
-  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per
-                    conversation whose reply is the answer, 30 % of them thinking first; ~4 %
-                    family "chat" (greetings, short stories) so the chat model still talks
+  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per conversation
+                    (30 % of the replies think first); ~4 % family "chat" (greetings, stories)
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
-  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, labelled by
-                    `prefer`
+  prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
-  add  "What is 385 + 48?"  direct "433",
-       thinking "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
-  sub  "Compute 305 - 148." direct "157",
-       thinking "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
-A three-digit number and one of 1, 2 or 3 digits (the level). A reply thinks when it starts with
-<think>; its final answer is then the text after </think>, else the whole reply
-(tokenizer.final_answer, the one rule every stage scores with); it is correct iff the final
-answer, stripped, is the answer.
+  add  "What is 385 + 48?"   "433" or "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
+  sub  "Compute 305 - 148."  "157" or "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
+A three-digit number and one of 1, 2 or 3 digits (the level). A reply is correct iff its final
+answer (tokenizer.final_answer), stripped, is the answer.
 
 Implementation details
-1. Traces a tiny model can execute: the operands are restated first, zero-padded to three digits,
-   so every digit sits at a fixed place ("385+048:"); then one column per step, ones first, each
-   using only digits at fixed places and the carry (borrow) of the step before: "5+8=13" (ones),
-   "8+4+1=13" (tens, + carry). A borrow reads "15-8=7" then "10-4-1=5" (the column borrowed from,
-   minus the borrow it lent). The answer is the last result followed by the last digit of each
-   result before it, leading zeros dropped. Three digits: answering straight away is mostly wrong.
+1. Traces a tiny model can execute: the operands restated, zero-padded to three digits ("385+048:"),
+   then one column per step, ones first, using only digits at fixed places and the carry (borrow)
+   of the step before; a borrow reads "15-8=7" then "10-4-1=5".
 2. Two skills (add, sub): what a 2-core CPU budget trains to where thinking beats answering.
-3. Pretraining has half of its skill lines in the think form ("What is 385 + 48?
-   <think>...</think>433"), half plain ("385 + 48 = 433"). <think> and </think> in the text are
-   the tokenizer's think tokens (pretrain.py encodes them as such).
-4. The held-out split: every problem has a canonical key, the same for trivially equal problems
-   ("add:48:385" for 385 + 48 and 48 + 385). A key is held out iff sha256(key) falls in the first
-   --held-out fraction (8 %) of the hash range, so the split is a fixed slice of each family's
-   problem space whatever the seed. Eval files draw only held-out keys; every training generator
-   (pretraining lines included) redraws them.
-5. The labeler `prefer(record, reply_a, reply_b)` stands for the careful human who labels
-   comparisons (it labels every preference pair and judges win rates in eval.py). It ranks a reply
-   by, in order: its final answer is right; between right answers, the work: right steps (2) > no
-   think block (1) > a think block with a wrong step (0); it has a final answer (a reply cut off
-   inside its think block has none). Equal ranks are a tie (half a win): two wrong answers tie,
-   shown work or not, unless one is cut off.
+3. Pretraining has half of its skill lines in the think form ("What is 385 + 48? <think>...
+   </think>433"), half plain ("385 + 48 = 433"); <think> and </think> are the think tokens.
+4. The held-out split: a problem's canonical key ("add:48:385" for 385 + 48 and 48 + 385) is held
+   out iff sha256(key) falls in the first --held-out fraction of the hash range, whatever the seed.
+   Eval files draw only held-out keys; every training generator redraws them.
+5. The labeler `prefer(record, reply_a, reply_b)` (the careful human) ranks a reply by: a right
+   final answer; between right answers, right steps (2) > no think block (1) > a wrong step (0);
+   having a final answer. Equal ranks tie (half a win): two wrong answers tie unless one is cut off.
 6. Each preference pair is the right worked reply against a plausible failure (REJECT_KINDS): the
    bare answer, right or wrong by a slip; a trace cut off before </think>; a trace with one wrong
-   step (10 %). Two bare answers, one right and one wrong, are not asked (no model here can tell).
+   step. Two bare answers, one right and one wrong, are not asked (no model here can tell).
 """
 
 import argparse
@@ -77,9 +58,8 @@ import random
 import re
 import sys
 import time
-import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from tokenizer import final_answer, thinks
 
@@ -114,8 +94,7 @@ def is_held_out(key: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
-# ----------------------------------------------------------------------------------------------
-# TASK FAMILIES: one generator per family, (rng, level) -> Problem, and its worked steps
+# ---- TASK FAMILIES: one generator per family, (rng, level) -> Problem, and its worked steps
 
 @dataclass
 class Problem:
@@ -149,10 +128,8 @@ FAMILIES = list(GENERATORS)
 SIGN = {"add": "+", "sub": "-"}
 
 
-# detail 1: restate the operands at fixed places, then one column per step, ones first
 def trace(family: str, a: int, b: int) -> str:
-    """The worked steps of a problem:
-    trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
+    """detail 1: the worked steps, trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
     top, bottom = f"{a:03d}", f"{b:03d}"
     steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into the next column
     for column, (x, y) in enumerate(zip(map(int, reversed(top)), map(int, reversed(bottom)))):
@@ -171,8 +148,7 @@ def trace(family: str, a: int, b: int) -> str:
 
 
 def answer_from_steps(results: list[int]) -> str:
-    """The answer the step results spell: the last (hundreds) result whole, then the last digit
-    of the others."""
+    """The answer the step results spell: the last result whole, then the others' last digits."""
     return str(int(str(results[-1]) + "".join(str(r % 10) for r in reversed(results[:-1]))))
 
 
@@ -214,8 +190,7 @@ def training_problems(rng, count, fraction):
     return [sample_problem(rng, rng.choice(FAMILIES), fraction) for _ in range(count)]
 
 
-# ----------------------------------------------------------------------------------------------
-# THE LABELER (detail 5)
+# ---- THE LABELER (detail 5)
 
 def operands(record) -> tuple[str, int, int]:
     """(family, a, b) of a task record, read from its prompt."""
@@ -240,8 +215,7 @@ def rank(record, reply: str) -> tuple[int, int, int]:
 
 
 def prefer(record, reply_a: str, reply_b: str) -> float:
-    """The labeler: 1.0 if reply_a is the better reply to `record`'s task, 0.0 if reply_b is, 0.5
-    for a tie."""
+    """1.0 if reply_a is the better reply to `record`'s task, 0.0 if reply_b is, 0.5 for a tie."""
     rank_a, rank_b = rank(record, reply_a), rank(record, reply_b)
     return 0.5 if rank_a == rank_b else float(rank_a > rank_b)
 
@@ -252,9 +226,7 @@ def win_rate(records, replies, reference_replies) -> float:
     return sum(judged) / max(len(judged), 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# PREFERENCE PAIRS (detail 6): the right worked reply against a plausible failure, by prefer
-
+# ---- PREFERENCE PAIRS (detail 6): the right worked reply against a plausible failure, by prefer
 REJECT_KINDS = {"bare_right": 0.4, "bare_wrong": 0.3, "cut_off": 0.2, "wrong_step": 0.1}
 
 
@@ -266,8 +238,7 @@ def slip(rng, value: int) -> int:
 
 def wrong_step_reply(rng, p: Problem) -> str:
     """A trace with one wrong step result, and the answer the steps then spell."""
-    # "385+048:", "5+8=13", "8+4+1=13", "3+0+1=4"
-    head, *steps = trace(p.family, p.a, p.b).split(" ")
+    head, *steps = trace(p.family, p.a, p.b).split(" ")  # "385+048:", "5+8=13", "8+4+1=13", ...
     results = [int(step.split("=")[1]) for step in steps]
     column = rng.randrange(len(steps))
     results[column] = slip(rng, results[column])
@@ -301,9 +272,7 @@ def preference_record(rng, p):
             "family": p.family, "level": p.level, "kind": kind}
 
 
-# ----------------------------------------------------------------------------------------------
-# PROSE: a small generative grammar, so a base model's samples read as language (no digits in it)
-
+# ---- PROSE: a small generative grammar, so a base model's samples read as language (no digits)
 NAMES = "Tom Lily Sam Mia Ben Anna Max Zoe Leo Ella Jack Lucy".split()
 ANIMALS = {"cat": "climb trees", "dog": "bark", "bird": "fly", "fox": "run fast", "rabbit": "hop",
            "frog": "jump", "duck": "swim", "horse": "run", "bear": "climb", "owl": "see at night",
@@ -388,9 +357,7 @@ def pretrain_text(rng, n_bytes, fraction):
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line
 
 
-# ----------------------------------------------------------------------------------------------
-# CONVERSATIONS AND RECORDS
-
+# ---- CONVERSATIONS AND RECORDS
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.",
                   "Answer the question."]
 GREETINGS = ["Hello!", "Hi.", "Good morning!", "Hey there."]
@@ -482,8 +449,7 @@ def main(args: Args):
         return max(1, round(count * args.scale))
 
     prefs_rng, prompts_rng = rng("prefs"), rng("prompts")
-    # the eval generators are the same at every seed
-    eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")
+    eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # at every seed
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
     files = {
         "pretrain.txt": pretrain_text(rng("pretrain"), n(args.pretrain_bytes), frac),
@@ -509,23 +475,18 @@ def main(args: Args):
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field an option, the string under it its help, a Literal
-    its choices."""
+    """argparse from a dataclass: an option per field, the docstring its help, Literal = choices."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help)
-        elif typing.get_origin(field.type) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.type), default=field.default,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+        kind = ({"action": argparse.BooleanOptionalAction} if field.type is bool else
+                {"choices": get_args(field.type)} if get_origin(field.type) is Literal else
+                {"type": field.type})
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                            help=docs.get(field.name), **kind)
     return cls(**vars(parser.parse_args()))
 
 

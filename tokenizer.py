@@ -7,49 +7,33 @@ Special tokens, the pretraining text format; numpy and the standard library only
     tok = Tokenizer.load("out/tokenizer.json")
     ids = tok.encode("Hello world!")     # list[int]; tok.decode(ids) == "Hello world!"
     arr = tok.encode_array(documents)    # np.uint16 array, documents joined by <|endoftext|>
-    ids, mask = tok.encode_chat([{"role": "user", "content": "2+3?"},
-                                 {"role": "assistant", "content": "5"}])
+    ids, mask = tok.encode_chat(messages)  # mask: 1 on the tokens of the assistant's replies
 
 Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens
-<|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` holds the pattern,
-the special tokens and the merges in order; `to_dict()` is the same content, stored inside every
-checkpoint.
+<|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` (and `to_dict()`,
+stored in every checkpoint) holds the pattern, the special tokens and the merges in order.
 
 Implementation details:
-1. Pre-tokenization cuts text into pieces with Qwen2's pattern before any merge: tokens never cross
-   a word / space / punctuation boundary, and numbers are single digits. Stdlib `re` has no \\p{L}
-   or \\p{N}, but its \\w is exactly letters + numbers + "_" and its \\d the decimal digits, so a
-   letter is `[^\\W\\d_]` minus the other numbers ('²', '½', 'Ⅻ', ...), which we list; \\s is
-   spelled out as Unicode White_Space (`re`'s \\s also takes \\x1c-\\x1f). Left from the original
-   pattern (tiktoken, Hugging Face): the rare numbers outside the BMP (Aegean numerals, counting
-   rods, '🄁') count as letters, characters newer than Python's Unicode database as punctuation.
-2. Training (Sennrich et al. 2016) counts the unique pieces once; a word is a list of ids with a
-   count. A merge updates pair counts only in the words that contain the pair (a pair -> words
-   index); the best pair comes from a lazy max-heap: a stale entry is pushed back with its count.
-3. Tie rule: the highest count wins; ties go to the smallest pair (left, right), with the 256 bytes
-   ordered by their printable GPT-2 character and merged tokens after them in creation order:
-   Hugging Face's ByteLevel id order, so the merges are the ones `tokenizers` learns.
-4. If a pair spells bytes that are already a token (two paths to one string), the words get that
-   token and no merge is recorded, as Hugging Face does: tokens have distinct bytes.
+1. Pre-tokenization: Qwen2's pattern (no token crosses a word / space / punctuation boundary, one
+   digit a piece) in stdlib `re`: a letter is `[^\\W\\d_]` minus the other numbers, which we list.
+2. Training (Sennrich et al. 2016) counts the unique pieces once; a merge updates pair counts only
+   in the words that contain the pair; the best pair comes from a lazy max-heap.
+3. Tie rule: the highest count, then the smallest pair in Hugging Face's ByteLevel id order (bytes
+   by their printable GPT-2 character, then merges in order), so the merges are the ones HF learns.
+4. A pair that spells an existing token (two paths to one string) gives the words that token and
+   records no merge, as Hugging Face does: tokens have distinct bytes.
 5. Special tokens never take part in merges: training text is cut at them; `encode` treats text
    that looks like one as plain text unless `allowed_special` allows it.
-6. Encoding merges, inside each piece, the adjacent pair whose merged bytes have the lowest id
-   until no pair is a token (tiktoken's rule, and its ids). Results are cached per piece and per
-   chunk, chunks being cut where the pattern always ends a piece (`_CHUNK_PATTERN`), so a repeated
-   chunk costs one dict lookup. Ids are kept packed as uint16 bytes. A piece over 256 bytes is
-   merged with a heap instead, in O(n log n) (the simple loop is quadratic).
-7. Decoding joins the bytes and decodes with errors="replace": ids that cut a UTF-8 character give
-   "\\ufffd" instead of raising. decode(encode(s)) == s for every str that UTF-8 can encode.
-8. Chat template: ChatML as Qwen, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, generation prompt
-   `<|im_start|>assistant\\n`. Each part is encoded on its own, so the mask is exact: 1 on the
-   assistant contents and their closing <|im_end|>, 0 elsewhere. Contents are plain text, except
-   that in an assistant's content <think> and </think> are the think tokens (as Qwen3 has them).
-9. Thinking and the final answer (`final_answer`, the one rule every stage scores a reply with): a
-   reply thinks when it starts with <think>; its final answer is then the text after the first
-   </think> (None if the block never closes), else the whole reply; stripped either way.
-10. Pretraining text (`read_documents`, the one reader every stage uses): .txt files, documents
-   separated by a blank line, or .jsonl files, one {"text": ...} per line; documents are joined
-   with <|endoftext|>. The tokenizer trains on each .txt file whole, blank lines included.
+6. Encoding merges, inside each piece, the pair whose merged bytes have the lowest id (tiktoken's
+   rule); ids are cached per piece and per chunk; a piece over 256 bytes merges with a heap.
+7. Decoding uses errors="replace": ids that cut a UTF-8 character give "\\ufffd", never an error.
+   decode(encode(s)) == s for every str that UTF-8 can encode.
+8. Chat template: ChatML, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, parts encoded apart so the
+   mask is exact: 1 on assistant contents and their <|im_end|>; <think> </think> are special there.
+9. `final_answer`, the one rule every stage scores with: a reply that starts with <think> answers
+   with the text after the first </think> (None if it never closes), else the whole reply; stripped.
+10. `read_documents`, the one pretraining reader: .txt files, documents separated by a blank line
+   (the tokenizer trains on each file whole), or .jsonl files, one {"text": ...} per line.
 """
 import argparse
 import ast
@@ -74,7 +58,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 # detail 1: Qwen2's pattern for stdlib `re`:
 # (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|
-# \s+(?!\S)|\s+
+# \s+(?!\S)|\s+    (here the rare numbers outside the BMP count as letters)
 _OTHER_NUMBERS = "".join(c for c in filter(str.isnumeric, map(chr, range(0x10000)))
                          if not c.isdecimal() and not c.isalpha())  # ²³¹¼½¾ Ⅰ-ↈ ①-⑳ ... (BMP)
 _SPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # but \r\n
@@ -89,11 +73,9 @@ SPLIT_PATTERN = "|".join([
     rf"[{_WS}]+(?![^{_WS}])",                   # spaces, leaving the last one to the next word
     rf"[{_WS}]+",
 ])
-# detail 6: every piece ends (a) between a non-space and a following space (any whitespace but
-# \r \n) and (b) after the last newline of a whitespace run: no branch runs on from a non-space
-# into spaces, or from a newline into spaces and then a non-space, and none looks behind. So text
-# cut at these points splits chunk by chunk into the same pieces.
-# A chunk: [spaces] non-spaces [whitespace to its last newline].
+# detail 6: a chunk is [spaces] non-spaces [whitespace to its last newline]. No branch above runs
+# on from a non-space into spaces (whitespace but \r \n), or from a newline into spaces and then a
+# non-space, and none looks behind: text cut into chunks splits chunk by chunk into the same pieces.
 _CHUNK_PATTERN = rf"[{_SPACE}]*[^{_WS}]+(?:[{_WS}]*[\r\n])?|[{_WS}]*[\r\n]|[{_WS}]+"
 
 # detail 3: GPT-2's printable stand-ins for bytes; Hugging Face's ByteLevel alphabet is sorted so
@@ -104,8 +86,7 @@ _BYTES = [bytes([b]) for b in range(256)]
 
 
 class _Cache(dict):
-    """A dict that computes a missing value with `fn`; hits stay C lookups in
-    map(cache.__getitem__, keys)."""
+    """A dict that computes a missing value with `fn`; hits stay C lookups in map(getitem)."""
 
     def __init__(self, fn, max_size=1 << 19):
         super().__init__()
@@ -160,8 +141,7 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------- encoding
     def _bpe(self, piece: str) -> bytes:
-        """detail 6: merge the adjacent pair whose merged token has the lowest id, until none is a
-        token."""
+        """detail 6: merge the adjacent pair whose merged token has the lowest id, while any is."""
         data = piece.encode("utf-8")
         if data in self.ranks:  # frequent pieces are one token
             return self._pack([self.ranks[data]])
@@ -182,9 +162,8 @@ class Tokenizer:
         return self._pack(map(ranks.__getitem__, parts))
 
     def _bpe_long(self, data: bytes) -> list:
-        """The same merges in O(n log n): a heap of (rank, start of the left part, start of the
-        right part); the parts are a linked list of byte ranges; an entry whose parts have changed
-        since is skipped."""
+        """The same merges in O(n log n): a heap of (rank, left part start, right part start) over
+        a linked list of byte ranges; an entry whose parts have changed since is skipped."""
         ranks, n = self.ranks, len(data)
         # per part start: where it ends, the next part's start, the previous part's start
         end, after, before = list(range(1, n + 1)), list(range(1, n + 1)), list(range(-1, n - 1))
@@ -194,9 +173,7 @@ class Tokenizer:
             rank, left, right = heapq.heappop(heap)
             if end[left] < 0 or after[left] != right or ranks.get(data[left:end[right]]) != rank:
                 continue  # stale: one of the two parts was merged into something else meanwhile
-            end[left] = end[right]
-            after[left] = after[right]
-            end[right] = -1  # dead
+            end[left], after[left], end[right] = end[right], after[right], -1  # right is dead
             if after[left] < n:
                 before[after[left]] = left
             for a, b in ((before[left], left), (left, after[left])):  # the two new neighbour pairs
@@ -225,8 +202,7 @@ class Tokenizer:
         return b"".join(map(self._chunk_ids.__getitem__, self._chunks(text)))
 
     def encode(self, text: str, allowed_special=()) -> list:
-        """Ids of `text`. Special-token text is plain text unless in `allowed_special` ("all" or a
-        set)."""
+        """Ids of `text`; special tokens only where `allowed_special` ("all" or a set) allows."""
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
@@ -238,16 +214,13 @@ class Tokenizer:
         return array(self._typecode, b"".join(packed)).tolist()
 
     def encode_array(self, text, allowed_special=()) -> np.ndarray:
-        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>;
-        `allowed_special` as encode's."""
+        """Fast path for corpora: a str, or a list of documents joined by <|endoftext|>."""
         documents = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(doc, str) for doc in documents):
             raise ValueError("encode_array takes a str or a list of str")
-
-        def encode(doc):
-            return array(self._typecode, self.encode(doc, allowed_special)).tobytes()
         packed = bytearray(self._pack([self.eot_id])).join(
-            map(encode if allowed_special else self._encode_ordinary, documents))
+            self._pack(self.encode(doc, allowed_special)) if allowed_special
+            else self._encode_ordinary(doc) for doc in documents)
         return np.frombuffer(packed, dtype=self.dtype)  # a writable array over the bytearray
 
     def decode(self, ids) -> str:
@@ -259,8 +232,8 @@ class Tokenizer:
         return b"".join([self.vocab[i] for i in ids]).decode("utf-8", errors="replace")
 
     def count_bytes(self, ids) -> int:
-        """UTF-8 bytes of the text that `ids` encode; special tokens stand for no text and count 0
-        (the denominator of bits per byte: <|endoftext|> is a document boundary, not 13 bytes)."""
+        """UTF-8 bytes of the text that `ids` encode, the denominator of bits per byte; special
+        tokens stand for no text and count 0 (<|endoftext|> is a boundary, not 13 bytes)."""
         ordinary = 256 + len(self.merges)
         return sum(len(self.vocab[i]) for i in np.asarray(ids).tolist() if i < ordinary)
 
@@ -272,8 +245,7 @@ class Tokenizer:
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
     def encode_chat(self, messages, add_generation_prompt=False) -> tuple:
-        """(ids, mask) of `messages`; mask is 1 exactly on assistant contents and their closing
-        <|im_end|>."""
+        """(ids, mask) of `messages`: mask is 1 on the assistant contents and their <|im_end|>."""
         ids, mask = [], []
         newline = self.encode("\n")
         for m in _check_messages(messages):
@@ -289,13 +261,11 @@ class Tokenizer:
         return ids, mask
 
     def encode_reply(self, content: str) -> list:
-        """An assistant's reply as the model writes it: <think> / </think> are the think tokens
-        (detail 8), then <|im_end|>."""
+        """An assistant's reply as the model writes it (detail 8), then <|im_end|>."""
         return self.encode(content, self.think_tokens) + [self.im_end_id]
 
     def encode_prompt(self, prompt) -> list:
-        """A prompt (a str is one user message, or a messages list), then
-        `<|im_start|>assistant\\n`."""
+        """A prompt (a str is one user message), then `<|im_start|>assistant\\n`."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         return self.encode_chat(prompt, add_generation_prompt=True)[0]
@@ -339,8 +309,7 @@ class Tokenizer:
     @classmethod
     def train(cls, text, vocab_size: int, special_tokens=SPECIAL_TOKENS + THINK_TOKENS,
               processes: int = 1, verbose: bool = False) -> "Tokenizer":
-        """Learn vocab_size - 256 - len(special_tokens) merges from `text`, a str or a list of
-        documents."""
+        """Learn vocab_size - 256 - len(special_tokens) merges from a str or a list of documents."""
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab size {vocab_size} is below 256 bytes + "
@@ -364,10 +333,9 @@ class Tokenizer:
         return cls(merges, special_tokens)
 
 
-# detail 9: the one rule for the final answer of a reply
 def final_answer(reply: str) -> str | None:
-    """The text after </think> if the reply starts with <think>, else the whole reply; stripped.
-    None when the think block never closes."""
+    """detail 9: the text after </think> if the reply starts with <think> (None if never closed),
+    else the whole reply; stripped."""
     if not reply.lstrip().startswith("<think>"):
         return reply.strip()
     _, closed, answer = reply.partition("</think>")
@@ -389,8 +357,8 @@ def _check_messages(messages) -> list:
         raise ValueError(f"messages must be a list of {{role, content}} dicts, "
                          f"got {type(messages).__name__}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
+        role = m.get("role") if isinstance(m, dict) else m
+        if not isinstance(m, dict) or role not in CHAT_ROLES:
             raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, "
                              f"got {role!r}")
         if not isinstance(m.get("content"), str):
@@ -401,9 +369,7 @@ def _check_messages(messages) -> list:
 
 def _count_pieces(documents) -> Counter:
     """Counts of the pre-tokenized pieces; each unique chunk (detail 6) is split once."""
-    chunk_counts = Counter()
-    for doc in documents:
-        chunk_counts.update(re.findall(_CHUNK_PATTERN, doc))
+    chunk_counts = Counter(chunk for doc in documents for chunk in re.findall(_CHUNK_PATTERN, doc))
     split, piece_counts = re.compile(SPLIT_PATTERN).findall, defaultdict(int)
     for chunk, n in chunk_counts.items():
         for piece in split(chunk):
@@ -412,8 +378,7 @@ def _count_pieces(documents) -> Counter:
 
 
 def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
-    """detail 2: the classic incremental BPE trainer. word_counts: {bytes: count} of the unique
-    pieces."""
+    """detail 2: the incremental BPE trainer; word_counts: {bytes: count} of the unique pieces."""
     words = [list(w) for w in word_counts]  # each word as a list of token ids, merged in place
     counts = list(word_counts.values())
     pair_counts = defaultdict(int)  # (left, right) -> occurrences, weighted by word counts
@@ -425,9 +390,8 @@ def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
     sort_key = list(_BYTE_SORT_KEY)  # detail 3: the tie order of ids; each merged id appends itself
     heap = [(-n, sort_key[a], sort_key[b], a, b) for (a, b), n in pair_counts.items()]
     heapq.heapify(heap)
-    tokens = list(_BYTES)
+    tokens, merges = list(_BYTES), []
     token_id = {t: i for i, t in enumerate(tokens)}
-    merges = []
     while len(merges) < n_merges and heap:
         count, _, _, a, b = heapq.heappop(heap)
         current = pair_counts.get((a, b), 0)
@@ -458,34 +422,29 @@ def _learn_merges(word_counts: dict, n_merges: int, verbose=False) -> list:
 
 
 def _merge_word(word, a, b, new, n, i, pair_counts, where, grown):
-    """Replace each (a, b) in word i (count n), left to right, by `new`; update the neighbor
-    pairs."""
+    """Replace each (a, b) in word i (count n), left to right, by `new`; update its neighbours."""
     j = 0
     while j < len(word) - 1:
-        if word[j] != a or word[j + 1] != b:
-            j += 1
-            continue
-        if j > 0:  # (left, a) becomes (left, new)
-            left = word[j - 1]
-            pair_counts[left, a] -= n
-            pair_counts[left, new] += n
-            where[left, new].add(i)
-            grown.add((left, new))
-        if j + 2 < len(word):  # (b, right) becomes (new, right)
-            right = word[j + 2]
-            pair_counts[b, right] -= n
-            pair_counts[new, right] += n
-            where[new, right].add(i)
-            grown.add((new, right))
-        word[j:j + 2] = [new]
+        if word[j] == a and word[j + 1] == b:
+            if j > 0:  # (left, a) becomes (left, new)
+                left = word[j - 1]
+                pair_counts[left, a] -= n
+                pair_counts[left, new] += n
+                where[left, new].add(i)
+                grown.add((left, new))
+            if j + 2 < len(word):  # (b, right) becomes (new, right)
+                right = word[j + 2]
+                pair_counts[b, right] -= n
+                pair_counts[new, right] += n
+                where[new, right].add(i)
+                grown.add((new, right))
+            word[j:j + 2] = [new]
         j += 1
 
 
-# detail 10: the one reader of pretraining text
 def read_documents(paths, whole_files: bool = False) -> list[str]:
-    """The documents of .txt files (separated by a blank line; whole_files: a file is one
-    document) and .jsonl files ({"text": ...} per line). Documents of white space only are dropped;
-    a missing file, non-UTF-8 text or a malformed line is an error naming the file (and line)."""
+    """detail 10: the documents of .txt files (whole_files: a file is one document) and .jsonl
+    files. Blank documents are dropped; a bad file or line is an error naming it."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     documents = []
     for path in paths:
@@ -532,8 +491,7 @@ class Args:
 
 
 def parse_args(cls):
-    """argparse from a dataclass: each field an option, the string under it its help, a list field
-    repeatable (`--data a --data b` or `--data a b`)."""
+    """argparse from a dataclass: an option per field, the docstring its help, a list repeatable."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
@@ -541,14 +499,13 @@ def parse_args(cls):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
         flag, help = "--" + field.name.replace("_", "-"), docs.get(field.name)
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=help)
-        elif field.type is list:  # no default here, where "extend" would add to it
+        if field.type is list:  # no default here, where "extend" would add to it
             parser.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS,
                                 help=f"{help} (default: {field.default_factory()})")
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help)
+            kind = ({"action": argparse.BooleanOptionalAction} if field.type is bool else
+                    {"type": field.type})
+            parser.add_argument(flag, default=field.default, help=help, **kind)
     return cls(**vars(parser.parse_args()))
 
 
