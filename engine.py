@@ -430,6 +430,13 @@ def explained_variance(returns, values, mask):
     return 1 - residual_var / returns_var
 
 
+# (x - mean) / sqrt(var + eps) over the mask, var unbiased (TRL's masked_whiten)
+def masked_whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    var = ((x - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
 def mean_over_ranks(x, ddp):
     """x averaged over every DDP rank, in place (x itself without DDP)."""
     if ddp:

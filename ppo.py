@@ -8,25 +8,23 @@ Run (after sft.py and reward.py), out/sft.pt + out/reward.pt + data/prompts.json
     torchrun --nproc_per_node 8 ppo.py --prompts-per-step 1024                      # many GPUs
 
 Implementation details:
-1. Rollout (engine.rollout): a reply to each of `prompts_per_step` prompts (those with no room for
-   `max_new_tokens` skipped); old log-probs from the loss's own call: the ratio starts at exactly 1.
-2. Four models, as TRL's PPOTrainer: the policy and a frozen reference from sft.pt, a frozen reward
-   model and a value model (critic) from reward.pt; the critic has its own trunk.
-3. Score = the reward model at the last real token, normalised with reward.py's mean and std; a
-   reply that never emitted <|im_end|> loses `missing_eos_penalty` (TRL's).
-4. r_t = -kl_coef (logp_t - ref_logp_t) at every reply token, + the score at the last real token
+1. Rollout (engine.rollout): a reply to each of `prompts_per_step` prompts; old log-probs from the
+   loss's own call, so the ratio starts at exactly 1.
+2. Four models, as TRL's PPOTrainer: policy and frozen reference from sft.pt, frozen reward model
+   and critic (its own trunk) from reward.pt. Score: normalised as reward.py stored it, minus
+   `missing_eos_penalty` for a reply that never emitted <|im_end|> (TRL's).
+3. r_t = -kl_coef (logp_t - ref_logp_t) at every reply token, + the score at the last real token
    (Ziegler et al.): the KL is in the reward, not in the loss. `--adaptive-kl` steers kl_coef
    towards kl_target (proportional, error clipped to +-0.2).
-5. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, R_t = A_t + V_t,
-   0 past the last real token; then A is whitened over the real tokens (TRL's masked_whiten).
-6. Policy loss: token mean of -min(ratio A, clip(ratio, 1 +- clip) A); value loss: 0.5 token mean
+4. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, R_t = A_t + V_t,
+   0 past the last real token; A whitened over the real tokens (engine.masked_whiten, TRL's).
+5. Policy loss: token mean of -min(ratio A, clip(ratio, 1 +- clip) A); value loss: 0.5 token mean
    of max((V - R)^2, (V_old + clip(V - V_old, +-vf_clip) - R)^2); loss = policy + vf_coef * value.
-7. `ppo_epochs` passes over `minibatches` shuffled minibatches, stopped once the approximate KL to
+6. `ppo_epochs` passes over `minibatches` shuffled minibatches, stopped once the approximate KL to
    the rollout policy, mean((ratio - 1) - log ratio) over ranks, exceeds `target_kl` (CleanRL).
-8. Logged: score, accuracy (true answers, never shown to the reward model), think rate, KL to the
-   reference (a reply's summed log-ratio), clip, approx KL, value loss, explained variance, entropy,
-   length, updates, kl_coef; before and after, greedy held-out accuracy and mean score.
-9. `--lora-rank r` trains a LoRA adapter on the policy (the critic in full, as TRL); the reference
+7. Logged: score, accuracy (true answers, never shown to the reward model), think rate, KL to the
+   reference, clip, approx KL, value loss, explained variance, entropy, length, updates, kl_coef.
+8. `--lora-rank r` trains a LoRA adapter on the policy (the critic in full, as TRL); the reference
    is the policy with it off. Its dropout must be 0, or the ratio would not start at 1.
 """
 
@@ -49,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import (approximate_kl, batch_indices, completion_logprobs, completion_values,
                     encode_prompts, explained_variance, format_accuracy, heldout_accuracy,
-                    judge_replies, load_policy, load_reward, masked_mean, mean_over_ranks,
-                    minibatches, rollout)
+                    judge_replies, load_policy, load_reward, masked_mean, masked_whiten,
+                    mean_over_ranks, minibatches, rollout)
 from model import load_checkpoint, save_checkpoint
 
 
@@ -123,7 +121,7 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA: the update is scaled by alpha / rank"""
     lora_dropout: float = 0.0
-    """LoRA: dropout on the adapter's input (must be 0 here: detail 9)"""
+    """LoRA: dropout on the adapter's input (must be 0 here: detail 8)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
 
@@ -224,7 +222,7 @@ def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: flo
 
 # ----------------------------------------------------------------------------- ALGO LOGIC: PPO
 
-# detail 4: r_t = -kl_coef * (logp_t - ref_logp_t), + score at the last real token
+# detail 3: r_t = -kl_coef * (logp_t - ref_logp_t), + score at the last real token
 def ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef):
     """Per-token rewards (B, N): logp, ref_logp, completion_mask (B, N), scores (B,)."""
     rewards = -kl_coef * (logp - ref_logp) * completion_mask                 # (B, N)
@@ -233,7 +231,7 @@ def ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef):
                              accumulate=True)
 
 
-# detail 5: delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1};
+# detail 4: delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1};
 #           R_t = A_t + V_t
 def gae(rewards, values, completion_mask, gamma, lam):
     """Advantages and returns (B, N) from rewards and values (B, N); 0 past the last real token."""
@@ -248,14 +246,7 @@ def gae(rewards, values, completion_mask, gamma, lam):
     return advantages, advantages + values
 
 
-# detail 5: (x - mean) / sqrt(var + eps) over the mask, var unbiased (TRL's masked_whiten)
-def masked_whiten(x, mask, eps=1e-8):
-    mean = masked_mean(x, mask)
-    var = ((x - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-# detail 6: ratio = exp(logp - old_logp);  L = token mean of -min(ratio A, clip(ratio) A)
+# detail 5: ratio = exp(logp - old_logp);  L = token mean of -min(ratio A, clip(ratio) A)
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip):
     """Loss () and where the clip removed the gradient (B, N); every argument (B, N)."""
     ratio = torch.exp(logp - old_logp)
@@ -264,14 +255,13 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip):
     return masked_mean(-surrogate, mask), clipped
 
 
-# detail 6: L_V = 0.5 * token mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+# detail 5: L_V = 0.5 * token mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
 def ppo_value_loss(values, old_values, returns, mask, vf_clip):
-    clipped_values = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2),
-                             mask)
+    clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-# detail 4: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon (Ziegler et al. 2019)
+# detail 3: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon (Ziegler et al. 2019)
 def adaptive_kl_coef(kl_coef, kl, target, horizon, n_replies):
     error = min(max(kl / target - 1, -0.2), 0.2)
     return kl_coef * (1 + error * n_replies / horizon)
@@ -280,8 +270,8 @@ def adaptive_kl_coef(kl_coef, kl, target, horizon, n_replies):
 def main(args: Args):
     if args.temperature <= 0:  # the loss divides the logits by it
         raise ValueError(f"--temperature {args.temperature}: PPO samples, so it must be > 0")
-    if args.lora_dropout:  # detail 9
-        raise ValueError(f"--lora-dropout {args.lora_dropout}: must be 0 (see detail 9)")
+    if args.lora_dropout:  # detail 8
+        raise ValueError(f"--lora-dropout {args.lora_dropout}: must be 0 (see detail 8)")
     ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
     torch.manual_seed(args.seed)
@@ -309,14 +299,12 @@ def main(args: Args):
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
     kl_coef = args.kl_coef
 
-    if master:  # detail 8: held-out accuracy and score before training
+    if master:  # detail 7: held-out accuracy and score before training
         before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens,
                                   score=reward)
         print(f"ppo | {len(records)} prompts ({too_long} too long for the context), "
-              f"{args.prompts_per_step} replies per step, {args.ppo_epochs} epochs x "
-              f"{args.minibatches} minibatches, {world} process(es) on {args.device} in "
-              f"{args.dtype}"
-              + (", reference the policy, adapter off" if reference is policy else ""))
+              f"{args.prompts_per_step} replies per step, {world} process(es) on {args.device} in "
+              f"{args.dtype}" + (", reference the policy, adapter off" if args.lora_rank else ""))
         print(f"ppo | before: {format_accuracy(before)} | score {before['score']:.3f}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
@@ -329,7 +317,7 @@ def main(args: Args):
         indices = batch_indices(len(records), args.prompts_per_step, args.seed, step)[rank::world]
         prompts, answers = zip(*[records[i] for i in indices])
 
-        # ---------------------------------------------------------- rollout (detail 1, 2, 3)
+        # ---------------------------------------------------------- rollout (detail 1, 2)
         with torch.no_grad(), autocast:
             batch, old_logp, ref_logp = rollout(policy, tokenizer, prompts, args.max_new_tokens,
                                                 args.temperature, sampler, reference, as_reference)
@@ -338,14 +326,14 @@ def main(args: Args):
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
         _, ended, accuracy, think = judge_replies(tokenizer, *batch[2:], answers)
 
-        # ---------------------------------------------------------- rewards, GAE (detail 3, 4, 5)
+        # ---------------------------------------------------------- rewards, GAE (detail 2, 3, 4)
         penalized_scores = scores - args.missing_eos_penalty * (~ended).float()
         rewards = ppo_rewards(old_logp, ref_logp, penalized_scores, completion_mask, kl_coef)
         advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, completion_mask)
         kl = mean_over_ranks((old_logp - ref_logp).sum(dim=1).mean(), ddp)          # sequence KL
 
-        # ---------------------------------------------------------- PPO updates (detail 6, 7)
+        # ---------------------------------------------------------- PPO updates (detail 5, 6)
         model.train()
         critic.train()
         update_sums, updates = {}, 0
@@ -367,7 +355,7 @@ def main(args: Args):
                 trained_optimizer.step()
                 trained_optimizer.zero_grad(set_to_none=True)
             updates += 1
-            # detail 7: averaged over ranks, so that every rank stops at the same update
+            # detail 6: averaged over ranks, so that every rank stops at the same update
             approx_kl = mean_over_ranks(approximate_kl(logp.detach(), old_logp[rows], mask), ddp)
             update = {"loss": loss.detach(), "clip": masked_mean(clipped.float(), mask),
                       "approx_kl": approx_kl, "value_loss": value_loss.detach(),
@@ -375,12 +363,12 @@ def main(args: Args):
             update_sums = {name: update_sums.get(name, 0) + value for name, value in update.items()}
             if args.target_kl > 0 and approx_kl.item() > args.target_kl:
                 break
-        if args.adaptive_kl:  # detail 4
+        if args.adaptive_kl:  # detail 3
             kl_coef = adaptive_kl_coef(kl_coef, kl.item(), args.kl_target, args.kl_horizon,
                                        args.prompts_per_step)
         step += 1
 
-        # ---------------------------------------------------------- metrics (detail 8)
+        # ---------------------------------------------------------- metrics (detail 7)
         metrics = {**{name: (value / updates).item() for name, value in update_sums.items()},
                    "score": scores.mean().item(), "accuracy": accuracy, "think": think,
                    "kl": kl.item(), "length": completion_mask.sum(dim=1).mean().item(),

@@ -352,7 +352,7 @@ def hf_save_model(tmp_path, tok, cls_name, tokenizer_json=None, **config):
 # functions and to TRL's own code, called through the smallest stand-in for the trainer it lives
 # in (a types.SimpleNamespace passed as `self`, with only the attributes the method reads), not
 # TRL's lines re-typed. Written against TRL 1.16; skipped when trl is not installed. Where we
-# differ from TRL by design (dpo.py detail 4, ppo.py detail 4) the tests say so.
+# differ from TRL by design (dpo.py detail 4, ppo.py detail 3) the tests say so.
 def trl_stand_in(**attributes):
     """What every trainer method below reads: a model in train mode, a one-process accelerator, a
     metrics dict."""
@@ -2483,7 +2483,7 @@ def test_value_loss_and_adaptive_kl_by_hand():
 
 
 def test_ppo_padded_reply_score_on_last_real_token_unlike_trl():
-    """ppo.py detail 4, by hand: the score sits on a reply's last real token and nothing past it is
+    """ppo.py detail 3, by hand: the score sits on a reply's last real token and nothing past it is
     trained (TRL's former PPOTrainer put the score one token after the EOS and trained a value
     there). TRL no longer ships PPO."""
     junk = 9.0  # padding: whatever a model returns there must change nothing
