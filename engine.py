@@ -281,25 +281,33 @@ def reply_texts(tokenizer, completion_ids, completion_mask):
     return texts, ended
 
 
-def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128, score=None):
+def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128, score=None,
+                     force_think=False):
     """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage
     scores them: "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule),
     "think_rate" (the reply starts with <think>), "well_formed" (it closed with <|im_end|> within
     max_new_tokens), "accuracy/<family>" per task family; "replies": the texts (for a win rate);
-    with `score` (load_reward's), "score": the mean reward of the replies."""
+    with `score` (load_reward's), "score": the mean reward of the replies. force_think: every reply
+    is made to start with <think> (appended to the prompt, counted in max_new_tokens): how well the
+    model executes its traces, the ceiling of what RL can teach it by making it think."""
+    if force_think and tokenizer.think_id is None:
+        raise ValueError("force_think: this tokenizer has no <think> token")
+    forced = [tokenizer.think_id] if force_think else []
     was_training = model.training
     model.eval()
     replies, correct, closed, families, total_score = [], [], [], [], 0.0
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
-        prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch]
-        completions, _, mask = generate(model, prompts, max_new_tokens, temperature=0,
-                                        eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id)
+        prompts = [tokenizer.encode_prompt(record["prompt"]) + forced for record in batch]
+        completions, _, mask = generate(model, prompts, max_new_tokens - len(forced),
+                                        temperature=0, eos_id=tokenizer.im_end_id,
+                                        pad_id=tokenizer.pad_id)
         if score is not None:
             with torch.no_grad():
                 prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, completions.device)
                 total_score += score((prompt_ids, prompt_mask, completions, mask)).sum().item()
         texts, ended = reply_texts(tokenizer, completions, mask)
+        texts = ["<think>" + text for text in texts] if force_think else texts
         for record, text in zip(batch, texts):
             replies.append(text)
             correct.append(final_answer(text) == str(record.get("answer", "")).strip())
@@ -324,7 +332,9 @@ def format_accuracy(result):
     families = ", ".join(f"{key.split('/', 1)[1]} {value:.0%}" for key, value in result.items()
                          if key.startswith("accuracy/"))
     return (f"accuracy {result['accuracy']:.1%}" + (f" ({families})" if families else "")
-            + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}")
+            + f" | think {result['think_rate']:.1%} | well-formed {result['well_formed']:.1%}"
+            + (f" | forced think {result['forced_think_accuracy']:.1%}"
+               if "forced_think_accuracy" in result else ""))
 
 
 # ---- reinforcement learning (grpo.py, ppo.py; load_policy also dpo.py): the policy and its

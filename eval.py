@@ -15,7 +15,8 @@ Columns (one row per checkpoint):
 2. held-out accuracy: greedy replies to the prompts of --eval-data, the reply's final answer
    (tokenizer.final_answer) against the answer, overall and per task family
    (engine.heldout_accuracy, the numbers every stage prints); think = the share of replies that
-   start with <think>; well-formed = the share that end with <|im_end|>.
+   start with <think>; forced think = the accuracy when every reply is made to start with <think>
+   (how well the model executes its traces); well-formed = the share that end with <|im_end|>.
    win vs sft: the greedy reply against the reference's (sft.pt) to each prompt, judged by
    data.py's labeler `prefer`, ties half: 50 % is "as good as sft".
 3. reward: the reward model's score of the replies, normalised with the mean and std of the
@@ -178,8 +179,8 @@ def bits_per_byte(model, tokenizer, tokens: torch.Tensor, batch_size: int) -> fl
 
 
 def markdown_table(rows: list[dict], families: list[str]) -> str:
-    header = ["checkpoint", "stage", "params", "accuracy", *families, "think", "win vs sft",
-              "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
+    header = ["checkpoint", "stage", "params", "accuracy", *families, "think", "forced think",
+              "win vs sft", "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
     formats = {"%": "{:.1%}", "M": "{:.2f}M", "2": "{:.2f}", "3": "{:.3f}", "1": "{:.1f}"}
 
     def cell(value, kind):
@@ -193,7 +194,8 @@ def markdown_table(rows: list[dict], families: list[str]) -> str:
         per_family = [cell(row.get(f"accuracy/{f}"), "%") for f in families]
         values = [row["checkpoint"], row["stage"], cell(row["params"], "M"),
                   cell(row["accuracy"], "%"), *per_family,
-                  cell(row["think_rate"], "%"), cell(row["win_rate"], "%"),
+                  cell(row["think_rate"], "%"), cell(row["forced_think_accuracy"], "%"),
+                  cell(row["win_rate"], "%"),
                   cell(row["well_formed"], "%"), cell(row["reward"], "2"),
                   cell(row["kl_to_sft"], "3"), cell(row["reply_length"], "1"),
                   cell(row["val_bpb"], "3")]
@@ -304,7 +306,8 @@ def main(args: Args):
         model.eval()
         row = {"checkpoint": paths[i], "stage": checkpoint.get("stage", "?"),
                "params": model.num_params(non_embedding=False), "accuracy": None,
-               "think_rate": None, "win_rate": None, "well_formed": None, "reward": None,
+               "think_rate": None, "forced_think_accuracy": None, "win_rate": None,
+               "well_formed": None, "reward": None,
                "kl_to_sft": None, "reply_length": None, "val_bpb": None}
         if model.config.head == "score":  # column 6: a reward model's own held-out number
             row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
@@ -319,6 +322,10 @@ def main(args: Args):
             row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens,
                                         args.batch_size))
             replies = row.pop("replies")
+            if tokenizer.think_id is not None:  # the reply made to start with <think>
+                row["forced_think_accuracy"] = heldout_accuracy(
+                    model, tokenizer, records, args.max_new_tokens, args.batch_size,
+                    force_think=True)["accuracy"]
             if reference_replies is not None:  # column 2: judged by the labeler against sft's
                 row["win_rate"] = win_rate(records, replies, reference_replies)
             families += [k.split("/", 1)[1] for k in row

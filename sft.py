@@ -25,7 +25,8 @@ Implementation details:
    on any micro-batch or rank (N ranks give one process's loss).
 6. The schedule, optimizer, clipping, DDP, resume and progress line are pretrain.py's.
 7. Before and after: greedy replies to the held-out prompts (data/eval.jsonl), exact match of the
-   final answer per task family, the think rate, and the share of replies ending with <|im_end|>.
+   final answer per task family, the think rate, the share of replies ending with <|im_end|>, and
+   after, the accuracy when every reply is made to start with <think> (what RL can reach).
 8. `--lora-rank r` trains a LoRA adapter on the frozen model (lora.py); out/sft.pt holds the merged
    weights and the adapter. A resumed LoRA run reloads its base from --init, its adapter from --out.
 """
@@ -347,6 +348,10 @@ def main(args: Args):
 
     if master:
         after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
+        if tokenizer.think_id is not None:  # detail 7: the ceiling of what RL can teach
+            forced = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens,
+                                      force_think=True)
+            after["forced_think_accuracy"] = forced["accuracy"]
         save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
                         args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"sft | done in {format_time(time.time() - start_time)}")

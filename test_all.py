@@ -1764,6 +1764,37 @@ def test_heldout_accuracy_on_fixed_replies(monkeypatch):
                                     "accuracy/add": 2 / 3, "accuracy/sub": 2 / 3})
 
 
+def test_heldout_accuracy_forced_think_scores_by_the_same_rule(monkeypatch):
+    """force_think: each prompt ends with <think>, a reply is '<think>' + what follows, scored by
+    the one answer rule within the same max_new_tokens."""
+    tokenizer = Tokenizer(merges=[])
+    end = tokenizer.special_tokens["</think>"]
+    replies = [tokenizer.encode("6+6=12") + [end] + tokenizer.encode("12") + [tokenizer.im_end_id],
+               tokenizer.encode("6+6=12 12") + [tokenizer.im_end_id],  # forced: never closes
+               tokenizer.encode("12") + [tokenizer.im_end_id]]  # forced: never closes either
+    n, seen = max(map(len, replies)), {}
+
+    def fixed_generate(model, prompts, max_new_tokens, **kwargs):
+        seen.update(prompts=prompts, max_new_tokens=max_new_tokens)
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in replies])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in replies])
+        return ids, torch.zeros(3, n), mask
+
+    monkeypatch.setattr(engine, "generate", fixed_generate)
+    records = [{"prompt": prompt, "answer": "12"} for prompt in "abc"]
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    forced = heldout_accuracy(model, tokenizer, records, max_new_tokens=10, force_think=True)
+    assert seen["prompts"] == [tokenizer.encode_prompt(r["prompt"]) + [tokenizer.think_id]
+                               for r in records] and seen["max_new_tokens"] == 9
+    assert forced["accuracy"] == pytest.approx(1 / 3) and forced["think_rate"] == 1.0
+    assert forced["replies"][0] == "<think>6+6=12</think>12"
+    plain = heldout_accuracy(model, tokenizer, records, max_new_tokens=10)
+    assert seen["max_new_tokens"] == 10 and seen["prompts"][0][-1] != tokenizer.think_id
+    # the same tokens unforced: only the bare "12" is right, and nothing thinks
+    assert plain["accuracy"] == pytest.approx(1 / 3) and plain["think_rate"] == 0.0
+    assert "forced think 33.3%" in format_accuracy({**plain, "forced_think_accuracy": 1 / 3})
+
+
 def test_prompt_longer_than_context_is_an_error():
     with pytest.raises(ValueError, match="longer than the context"):
         generate(tiny_model(), [[1] * 60], 10)
@@ -3540,9 +3571,8 @@ def test_eval_kl_to_sft_by_hand():
 def test_eval_skips_replies_where_the_context_is_too_short(tmp_path, capsys):
     tokenizer = Tokenizer(merges=[])
     for name, context in (("short.pt", 16), ("long.pt", 128)):  # the prompt is ~30 byte tokens
-        save_checkpoint(str(tmp_path / name),
-                        tiny_model(vocab_size=259, max_position_embeddings=context), tokenizer,
-                        "sft")
+        model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=context)
+        save_checkpoint(str(tmp_path / name), model, tokenizer, "sft")
     (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2",
                                                      "family": "add"}) + "\n")
     evaluate.main(evaluate.Args(checkpoints=f"{tmp_path}/*.pt",
