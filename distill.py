@@ -379,8 +379,8 @@ def main(args: Args):
                         step=step, args=dataclasses.asdict(args), metrics=results)
         print(f"distill | wrote {args.out}")
         log_file.close()
-    if ddp:
-        dist.destroy_process_group()
+    if ddp:  # the ranks leave together, once rank 0 has evaluated and saved
+        dist.barrier()
 
 
 if __name__ == "__main__":
@@ -389,3 +389,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:  # after main: its DDP model, which holds the process group, is freed first
+        if dist.is_initialized():
+            dist.destroy_process_group()

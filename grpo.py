@@ -10,8 +10,7 @@ Run (after `python sft.py`), out/sft.pt + data/prompts.jsonl -> out/grpo.pt:
 Implementation details:
 1. Rollout (engine.rollout): `group_size` replies to each of `prompts_per_step` prompts, in adjacent
    rows of one rank, each prompt run once; prompts with no room for `max_new_tokens` are skipped.
-2. Old log-probs come from the loss's own call after sampling, so the ratio starts at exactly 1;
-   with one iteration they are the loss's log-probs, detached (as TRL).
+2. Old log-probs: the loss's own call after sampling (ratio exactly 1 at first), detached (TRL).
 3. Reward = [final answer == answer] + reward_weight * a learned reward (normalised by its stored
    mean and std) - length_penalty * length / max_new_tokens.
 4. A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std (as TRL); `--scale-rewards
@@ -386,8 +385,8 @@ def main(args: Args):
         print(f"grpo | before: {format_accuracy(before)}")
         print(f"grpo | after:  {format_accuracy(after)} | wrote {args.out}")
         log_file.close()
-    if ddp:
-        dist.destroy_process_group()
+    if ddp:  # the ranks leave together, once rank 0 has evaluated and saved
+        dist.barrier()
 
 
 if __name__ == "__main__":
@@ -396,3 +395,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:  # after main: its DDP model, which holds the process group, is freed first
+        if dist.is_initialized():
+            dist.destroy_process_group()
