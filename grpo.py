@@ -10,7 +10,7 @@ Run (after `python sft.py`), out/sft.pt + data/prompts.jsonl -> out/grpo.pt:
 Implementation details:
 1. Rollout (engine.rollout): `group_size` replies to each of `prompts_per_step` prompts, in adjacent
    rows of one rank, each prompt run once; prompts with no room for `max_new_tokens` are skipped.
-2. Old log-probs: the loss's own call after sampling (ratio 1 at first); 1 iteration: its detached.
+2. Old log-probs: the loss's own call after sampling (ratio 1 at first); 1 iteration: logp detached.
 3. Reward = [final answer == answer] + reward_weight * a learned reward (normalised by its stored
    mean and std) - length_penalty * length / max_new_tokens.
 4. A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std (as TRL); `--scale-rewards
