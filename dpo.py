@@ -10,12 +10,12 @@ out/sft.pt + data/prefs.jsonl -> out/dpo.pt (after `python sft.py`):
 Implementation details:
 1. The reference is sft.pt, frozen. `--precompute-ref` computes its log-probs of the run's pairs
    once, with the policy before its first step (it is the reference then): no second model.
-2. log π(reply | prompt) is the SUM of the log-probs of the reply tokens and the closing <|im_end|>.
+2. log π(reply | prompt) is the SUM of the log-probs of the reply tokens and its <|im_end|>.
 3. Batches: random pairs (engine.batch_indices). Each prompt runs once into a KV cache, and the
    chosen and rejected replies run on it as two passes (engine.pair_logps).
-4. Losses of h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)): sigmoid (DPO, Rafailov et
-   al. 2023; label smoothing: cDPO), robust (rDPO, Chowdhury et al. 2024), hinge (SLiC, Zhao et al.
-   2023), ipo (IPO, Azar et al. 2023) on summed log-probs; --ipo-length-normalized is TRL's IPO.
+4. Losses of h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)): sigmoid (DPO, Rafailov
+   et al. 2023; label smoothing: cDPO), robust (rDPO, Chowdhury et al. 2024), hinge (SLiC, Zhao
+   et al. 2023), ipo (IPO, Azar et al. 2023) on summed log-probs; --ipo-length-normalized: TRL's.
 5. The implicit rewards β (log π - log π_ref) and their margin are logged under TRL's names.
 6. Before and after: held-out preference accuracy (log π(c) > log π(r)) and implicit-reward
    accuracy, per rejected kind, and the task accuracy of greedy replies to data/eval.jsonl.
@@ -202,7 +202,7 @@ def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: flo
                        f"{format_time(elapsed)} elapsed, {left} left"])
 
 
-# detail 4: h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)); the loss is a function of βh
+# detail 4: the loss is a function of h = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_chosen: torch.Tensor,
              ref_logp_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
@@ -231,7 +231,7 @@ def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_logp_ch
     return losses, chosen_rewards, rejected_rewards
 
 
-# detail 6: log π(c) > log π(r) and β log π/π_ref(c) > β log π/π_ref(r), overall and per kind
+# detail 6: log π(c) > log π(r) and β log π/π_ref(c) > β log π/π_ref(r), overall, per kind
 def preference_metrics(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected,
                        kinds: list[str], beta: float) -> dict:
     _, chosen_rewards, rejected_rewards = dpo_loss(logp_chosen, logp_rejected, ref_logp_chosen,

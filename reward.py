@@ -14,7 +14,7 @@ Implementation details:
    reply, found from the attention mask (engine.sequence_scores), never from a pad id.
 3. Batches: random pairs (engine.batch_indices); the chosen and the rejected replies are two passes,
    each padded to its own longest reply. The held-out pairs are evaluated sorted by length.
-4. L = -log σ(r_c - r_r - m) + c · mean((r_c + r_r)²): Bradley-Terry, margin m (Llama 2), centering
+4. L = -log σ(r_c - r_r - m) + c mean((r_c + r_r)²): Bradley-Terry, margin m (Llama 2), centering
    (Eisenstein et al. 2023); the checkpoint stores the rewards' mean and std (for PPO's scaling).
 5. Unusable pairs (identical or empty sides, longer than the context) are skipped and counted.
 6. The loss of a step is the mean over the pairs of the global batch (N ranks: one process's loss).

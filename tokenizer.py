@@ -60,7 +60,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 # (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|
 # \s+(?!\S)|\s+    (here the rare numbers outside the BMP count as letters)
 _OTHER_NUMBERS = "".join(c for c in filter(str.isnumeric, map(chr, range(0x10000)))
-                         if not c.isdecimal() and not c.isalpha())  # ²³¹¼½¾ Ⅰ-ↈ ①-⑳ ... (BMP)
+                         if not c.isdecimal() and not c.isalpha())  # ²³ ½ Ⅻ ①... (BMP)
 _SPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # but \r\n
 _WS = _SPACE + r"\r\n"
 _LETTER = rf"[^\W\d_{_OTHER_NUMBERS}]"
