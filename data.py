@@ -13,7 +13,8 @@ SFT teaches the chat format with a minority of demos that think first; RL and DP
 think where that gets problems right, as the labeler prefers; distillation hands that on.
 
 Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~85 % skill lines, ~15 % prose
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~80 % skill lines, ~10 % copy
+                    drills, ~10 % prose
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
   sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per conversation
                     (30 % of the replies think first); ~4 % family "chat" (greetings, stories)
@@ -21,20 +22,24 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
+  chat_eval.jsonl   44 held-out chat prompts, {"prompt", "family": "chat", "kind", "animal" if
+                    a story asks for one}, judged by `chat_in_kind`
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
-  add  "What is 385 + 48?"   "433" or "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
-  sub  "Compute 305 - 148."  "157" or "<think>305-148: 15-8=7 10-4-1=5 3-1-1=1</think>157"
+  add  "What is 385 + 48?"   "433" or "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+  sub  "Compute 305 - 148."  "157" or
+       "<think>305-148: 5-8-0=-3+10=7 0-4-1=-5+10=5 3-1-1=1</think>157"
 A three-digit number and one of 1, 2 or 3 digits (the level). A reply is correct iff its final
 answer (tokenizer.final_answer), stripped, is the answer.
 
 Implementation details
 1. Traces a tiny model can execute: the operands restated, zero-padded to three digits ("385+048:"),
-   then one column per step, ones first, using only digits at fixed places and the carry (borrow)
-   of the step before; a borrow reads "15-8=7" then "10-4-1=5".
+   then one column per step, ones first: the two digits and the carry (borrow) in, then the result;
+   a negative difference borrows after it is written ("5-8-0=-3+10=7"), never decided ahead.
 2. Two skills (add, sub): what a 2-core CPU budget trains to where thinking beats answering.
-3. Pretraining has half of its skill lines in the think form ("What is 385 + 48? <think>...
-   </think>433"), half plain ("385 + 48 = 433"); <think> and </think> are the think tokens.
+3. Pretraining has four fifths of its skill lines in the think form ("What is 385 + 48? <think>
+   ...</think>433"), a fifth plain ("385 + 48 = 433"), and copy drills ("Copy 4 + 763: 4 + 763"):
+   restating the operands is copying, learned late without them. <think>, </think>: think tokens.
 4. The held-out split: a problem's canonical key ("add:48:385" for 385 + 48 and 48 + 385) is held
    out iff sha256(key) falls in the first --held-out fraction of the hash range, whatever the seed.
    Eval files draw only held-out keys; every training generator redraws them.
@@ -44,6 +49,9 @@ Implementation details
 6. Each preference pair is the right worked reply against a plausible failure (REJECT_KINDS): the
    bare answer, right or wrong by a slip; a trace cut off before </think>; a trace with one wrong
    step. Two bare answers, one right and one wrong, are not asked (no model here can tell).
+7. Chat prompts are the cells of a grid (a phrasing by a follow-up or an animal); a cell is held out
+   iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. `chat_in_kind`
+   judges a reply: a greeting back, "I can ...", a story naming the animal; no <think>, no digit.
 """
 
 import argparse
@@ -129,21 +137,17 @@ SIGN = {"add": "+", "sub": "-"}
 
 
 def trace(family: str, a: int, b: int) -> str:
-    """detail 1: the worked steps, trace("add", 385, 48) == "385+048: 5+8=13 8+4+1=13 3+0+1=4"."""
+    """detail 1: the worked steps, trace("add", 385, 48) == "385+048: 5+8+0=13 8+4+1=13 3+0+1=4"."""
     top, bottom = f"{a:03d}", f"{b:03d}"
-    steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into the next column
-    for column, (x, y) in enumerate(zip(map(int, reversed(top)), map(int, reversed(bottom)))):
+    steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into this column
+    for x, y in zip(map(int, reversed(top)), map(int, reversed(bottom))):
         if family == "add":
-            result = x + y + carry
-            steps.append(f"{x}+{y}={result}" if column == 0 else f"{x}+{y}+{carry}={result}")
-            carry = result // 10
+            steps.append(f"{x}+{y}+{carry}={x + y + carry}")
+            carry = (x + y + carry) // 10
         else:
-            borrow = int(x - y - carry < 0)
-            result = x + 10 * borrow - y - carry
-            top_digit = x + 10 * borrow
-            steps.append(f"{top_digit}-{y}={result}" if column == 0
-                         else f"{top_digit}-{y}-{carry}={result}")
-            carry = borrow
+            d = x - y - carry  # a negative difference borrows: "2-5-0=-3+10=7"
+            steps.append(f"{x}-{y}-{carry}={d}" if d >= 0 else f"{x}-{y}-{carry}={d}+10={d + 10}")
+            carry = int(d < 0)
     return f"{top}{SIGN[family]}{bottom}: " + " ".join(steps)
 
 
@@ -172,8 +176,8 @@ def render_prompt(rng, p):
 
 
 def skill_line(rng, p):
-    """detail 3: half the lines think ("What is 37 + 48? <think>...</think>85"), half are plain."""
-    if rng.random() < 0.5:
+    """detail 3: most lines think ("What is 37 + 48? <think>...</think>85"), a fifth are plain."""
+    if rng.random() < 0.8:
         return f"{render_prompt(rng, p)} {thinking_reply(p)}"
     return rng.choice(PLAIN[p.family]).format(a=p.a, b=p.b, answer=p.answer)
 
@@ -238,11 +242,11 @@ def slip(rng, value: int) -> int:
 
 def wrong_step_reply(rng, p: Problem) -> str:
     """A trace with one wrong step result, and the answer the steps then spell."""
-    head, *steps = trace(p.family, p.a, p.b).split(" ")  # "385+048:", "5+8=13", "8+4+1=13", ...
-    results = [int(step.split("=")[1]) for step in steps]
+    head, *steps = trace(p.family, p.a, p.b).split(" ")  # "385+048:", "5+8+0=13", ...
+    results = [int(step.rsplit("=", 1)[1]) for step in steps]
     column = rng.randrange(len(steps))
     results[column] = slip(rng, results[column])
-    steps[column] = steps[column].split("=")[0] + f"={results[column]}"
+    steps[column] = steps[column].rsplit("=", 1)[0] + f"={results[column]}"
     return f"<think>{' '.join([head, *steps])}</think>{answer_from_steps(results)}"
 
 
@@ -346,38 +350,112 @@ def skill_document(rng, fraction):
     return "\n".join([LESSONS[family].format(name=name), *lines, f"{name} checked every answer."])
 
 
+def copy_document(rng, fraction):
+    """detail 3: copy drills, "Copy 4 minus 7634: 4 minus 7634" (no held-out pair of operands)."""
+    def numbers():
+        while True:
+            a, b = (number(rng, rng.randint(1, 4)) for _ in range(2))
+            keys = [f"add:{min(a, b)}:{max(a, b)}", f"sub:{max(a, b)}:{min(a, b)}"]
+            if not any(is_held_out(key, fraction) for key in keys):
+                sign = rng.choice([" + ", " - ", " and ", " minus ", " plus "])
+                return f"{a}{sign}{b}"
+    return "\n".join(f"{rng.choice(['Repeat', 'Copy', 'Say'])} {x}: {x}"
+                     for x in (numbers() for _ in range(rng.randint(4, 12))))
+
+
 def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
         r = rng.random()
-        document = (story(rng) if r < 0.1 else facts(rng) if r < 0.15
-                    else skill_document(rng, fraction))
+        document = (story(rng) if r < 0.07 else facts(rng) if r < 0.1
+                    else copy_document(rng, fraction) if r < 0.2 else skill_document(rng, fraction))
         documents.append(document)
         size += len(document) + 2
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line
 
 
-# ---- CONVERSATIONS AND RECORDS
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.",
-                  "Answer the question."]
-GREETINGS = ["Hello!", "Hi.", "Good morning!", "Hey there."]
+# ---- CHAT (detail 7): small talk and stories, a held-out split of their prompts, and the judge
+# a chat prompt is a cell of a grid: a phrasing (row) by a follow-up or an animal (column)
+GREETINGS = ["Hello!", "Hi.", "Good morning!", "Hey there.", "Hi there!", "Hello there.",
+             "Good evening!", "Hey!"]
+GREETING_TAILS = [" How are you?", "", " Nice to meet you.", " How are you today?",
+                  " Can you help me?", " Are you there?"]
+ABILITY_QUESTIONS = ["What can you do?", "How can you help me?", "What are you good at?",
+                     "What can you help me with?", "What do you know how to do?",
+                     "How can you help?"]
+STORY_REQUESTS = ["Tell me a story{about}.", "Write a short story{about}.",
+                  "Can you tell me a story{about}?", "Tell me a short story{about}.",
+                  "I would like a story{about}.", "Please tell me a story{about}."]
 GREETING_REPLIES = ["Hello! How can I help you?", "Hi! Ask me a question.",
                     "Hello! What shall we do today?"]
 ABILITIES = "I can add and subtract numbers, step by step if you like, and tell short stories."
+CHAT_KINDS = {"greeting": 0.3, "abilities": 0.1, "story": 0.6}  # shares of the chat in sft.jsonl
+GREETING_WORDS = r"(hello|hi|hey|good (morning|afternoon|evening|day)|greetings)\b"
+
+
+def chat_prompts(kind: str) -> list[tuple[str, str | None, bool]]:
+    """Every prompt of a kind of chat: (prompt, the animal asked for or None, held out). A cell is
+    held out iff (row + column) % 3 == 0: a diagonal, so each row and column is in both halves."""
+    if kind == "greeting":
+        grid = [[(greeting + tail, None) for tail in GREETING_TAILS] for greeting in GREETINGS]
+    elif kind == "abilities":
+        grid = [[(question, None)] for question in ABILITY_QUESTIONS]
+    else:
+        grid = [[(request.format(about=f" about {a(animal)}" if animal else ""), animal)
+                 for animal in [None, *ANIMALS]] for request in STORY_REQUESTS]
+    return [(prompt, animal, (row + column) % 3 == 0)
+            for row, cells in enumerate(grid) for column, (prompt, animal) in enumerate(cells)]
 
 
 def chat_conversation(rng):
-    r = rng.random()
-    if r < 0.3:
-        user, reply = rng.choice(GREETINGS), rng.choice(GREETING_REPLIES)
-    elif r < 0.4:
-        user, reply = rng.choice(["What can you do?", "How can you help me?"]), ABILITIES
+    """A conversation of a random kind (CHAT_KINDS) on a training prompt: held-out ones are never
+    drawn."""
+    kind = rng.choices(list(CHAT_KINDS), weights=list(CHAT_KINDS.values()))[0]
+    prompt, animal, _ = rng.choice([cell for cell in chat_prompts(kind) if not cell[2]])
+    if kind == "greeting":
+        reply = rng.choice(GREETING_REPLIES)
+    elif kind == "abilities":
+        reply = ABILITIES
     else:
-        animal = rng.choice(list(ANIMALS))
-        user = rng.choice(["Tell me a story.", f"Tell me a story about {a(animal)}.",
-                           "Write a short story."])
-        reply = story(rng, animal)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        reply = story(rng, animal)  # no animal asked for: a story about any animal
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+def chat_eval_records() -> list[dict]:
+    """The held-out chat prompts, kind by kind: no generator, so the same at every seed."""
+    records = []
+    for kind in CHAT_KINDS:
+        for prompt, animal, held_out in chat_prompts(kind):
+            if held_out:
+                animal_field = {"animal": animal} if animal else {}
+                records.append({"prompt": prompt, "family": "chat", "kind": kind, **animal_field})
+    return records
+
+
+def chat_in_kind(record, reply: str) -> bool:
+    """Whether `reply` answers a chat record ({"kind", "animal" if a story asks for one}) in kind:
+    a greeting back (it opens with a greeting word or offers help), what the assistant can do
+    ("I can ..."), a story ("Once upon a time", its first sentence naming the animal asked for).
+    Never a reply with a think block or a digit: a sum or a bare number is no chat."""
+    text = reply.strip()
+    if "<think>" in text or re.search(r"\d", text):
+        return False
+    if record["kind"] == "greeting":
+        return bool(re.match(GREETING_WORDS, text, re.IGNORECASE)
+                    or re.search(r"\bhelp\b", text, re.IGNORECASE))
+    if record["kind"] == "abilities":
+        return bool(re.search(r"\bI can\b", text))
+    if record["kind"] == "story":
+        first_sentence = text.split(".")[0].lower()
+        animal = record.get("animal")
+        return (text.startswith("Once upon a time")
+                and (animal is None or animal in re.findall(r"[a-z]+", first_sentence)))
+    raise ValueError(f"unknown chat kind {record['kind']!r}: expected one of {list(CHAT_KINDS)}")
+
+
+# ---- CONVERSATIONS AND RECORDS
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant.",
+                  "Answer the question."]
 
 
 def sft_records(rng, n, fraction, think_share):
@@ -461,6 +539,7 @@ def main(args: Args):
                                for p in training_problems(prompts_rng, n(args.prompts), frac)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
+        "chat_eval.jsonl": jsonl(chat_eval_records()),
     }
     for name, text in files.items():
         path = os.path.join(args.out, name)

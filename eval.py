@@ -1,7 +1,7 @@
 """
 eval.py: every checkpoint side by side on the same held-out data, as one markdown table.
 
-    out/*.pt + data/eval.jsonl + data/pretrain_val.txt  ->  a table on stdout and out/eval.json
+    out/*.pt + data/eval.jsonl, chat_eval.jsonl, pretrain_val.txt  ->  a table and out/eval.json
 
 Run:
 
@@ -28,7 +28,10 @@ Columns (one row per checkpoint):
 5. val bpb: bits per byte on --val-data (tokenizer.read_documents), the summed cross-entropy of
    the scored tokens in bits over the UTF-8 bytes they encode (<|endoftext|>: 0 bytes), in
    windows of the model's context: what post-training costs the language model.
-6. The reward model (a score head) has no replies: its row holds its held-out pairwise accuracy
+6. chat: the share of the held-out chat prompts of --chat-data (greetings, stories) whose greedy
+   reply (up to --chat-tokens) answers in kind by data.py's `chat_in_kind`: a greeting back, a
+   story naming the animal asked for, never a think block or a number. Blank without the file.
+7. The reward model (a score head) has no replies: its row holds its held-out pairwise accuracy
    (from its checkpoint's metrics) in the accuracy column, blanks elsewhere.
 A cell is blank when it does not apply or its input is missing (no reward.pt, no sft.pt, a
 different tokenizer). Rows are in pipeline order.
@@ -51,7 +54,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from data import win_rate
+from data import CHAT_KINDS, chat_in_kind, win_rate
 from engine import completion_logprobs, generate, heldout_accuracy, left_pad, sequence_scores
 from model import STAGES, load_checkpoint
 from tokenizer import read_documents
@@ -63,6 +66,12 @@ class Args:
     """checkpoints to evaluate: paths or globs, separated by spaces"""
     eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers"""
+    chat_data: str = "data/chat_eval.jsonl"
+    """held-out chat prompts {"prompt", "kind", "animal"}, judged by data.chat_in_kind (the chat
+    column is blank without the file)"""
+    chat_tokens: int = 96
+    """reply length limit for the chat prompts, enough for a story's first sentences (less where
+    the model's context is shorter)"""
     val_data: str = "data/pretrain_val.txt"
     """held-out text for bits per byte: .txt (documents separated by a blank line) or .jsonl"""
     reference: str = "out/sft.pt"
@@ -178,9 +187,21 @@ def bits_per_byte(model, tokenizer, tokens: torch.Tensor, batch_size: int) -> fl
     return loss_sum / math.log(2) / tokenizer.count_bytes(targets.flatten())
 
 
+# column 6: chat rate = share of the held-out chat prompts whose greedy reply is in kind
+def chat_rate(model, tokenizer, records, max_new_tokens, batch_size) -> float | None:
+    """Greedy replies to the chat prompts (the context permitting, up to max_new_tokens), judged
+    by data.chat_in_kind; None if the context leaves no room for a reply."""
+    longest = max(len(tokenizer.encode_prompt(r["prompt"])) for r in records)
+    room = min(max_new_tokens, model.config.max_position_embeddings - longest)
+    if room < 1:
+        return None
+    replies = heldout_accuracy(model, tokenizer, records, room, batch_size)["replies"]
+    return sum(map(chat_in_kind, records, replies)) / len(records)
+
+
 def markdown_table(rows: list[dict], families: list[str]) -> str:
     header = ["checkpoint", "stage", "params", "accuracy", *families, "think", "forced think",
-              "win vs sft", "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
+              "win vs sft", "chat", "well-formed", "reward", "KL to sft", "reply len", "val bpb"]
     formats = {"%": "{:.1%}", "M": "{:.2f}M", "2": "{:.2f}", "3": "{:.3f}", "1": "{:.1f}"}
 
     def cell(value, kind):
@@ -195,7 +216,7 @@ def markdown_table(rows: list[dict], families: list[str]) -> str:
         values = [row["checkpoint"], row["stage"], cell(row["params"], "M"),
                   cell(row["accuracy"], "%"), *per_family,
                   cell(row["think_rate"], "%"), cell(row["forced_think_accuracy"], "%"),
-                  cell(row["win_rate"], "%"),
+                  cell(row["win_rate"], "%"), cell(row["chat_rate"], "%"),
                   cell(row["well_formed"], "%"), cell(row["reward"], "2"),
                   cell(row["kl_to_sft"], "3"), cell(row["reply_length"], "1"),
                   cell(row["val_bpb"], "3")]
@@ -253,6 +274,8 @@ def plot(rows: list[dict], log_paths: list[str], path: str):
 
 
 def main(args: Args):
+    if args.chat_tokens < 1:
+        raise ValueError(f"--chat-tokens must be at least 1 (got {args.chat_tokens})")
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -294,6 +317,13 @@ def main(args: Args):
     if reward_model is not None:
         reward_mean = reward_checkpoint["metrics"].get("reward_mean", 0.0)
         reward_std = reward_checkpoint["metrics"].get("reward_std", 1.0)
+    chat_records = None
+    if os.path.exists(args.chat_data):
+        chat_records = read_jsonl(args.chat_data, required=("prompt", "kind"))
+        if {r["kind"] for r in chat_records} - set(CHAT_KINDS):
+            raise ValueError(f"{args.chat_data}: a chat kind is not one of {list(CHAT_KINDS)}")
+    else:
+        print(f"eval | {args.chat_data} not found: no chat column")
     val_documents = None
     if os.path.exists(args.val_data):
         val_documents = read_documents(args.val_data)
@@ -307,9 +337,9 @@ def main(args: Args):
         row = {"checkpoint": paths[i], "stage": checkpoint.get("stage", "?"),
                "params": model.num_params(non_embedding=False), "accuracy": None,
                "think_rate": None, "forced_think_accuracy": None, "win_rate": None,
-               "well_formed": None, "reward": None,
+               "chat_rate": None, "well_formed": None, "reward": None,
                "kl_to_sft": None, "reply_length": None, "val_bpb": None}
-        if model.config.head == "score":  # column 6: a reward model's own held-out number
+        if model.config.head == "score":  # column 7: a reward model's own held-out number
             row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
             rows.append(row)
             continue
@@ -336,6 +366,9 @@ def main(args: Args):
                 reward_model if same_tokens(checkpoint, reward_checkpoint) else None))
             if row["reward"] is not None:
                 row["reward"] = (row["reward"] - reward_mean) / reward_std
+        if chat_records is not None:  # column 6
+            row["chat_rate"] = chat_rate(model, tokenizer, chat_records, args.chat_tokens,
+                                         args.batch_size)
         if val_documents is not None:
             key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
             if key not in val_cache:  # tokenize once per tokenizer

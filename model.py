@@ -15,8 +15,9 @@ Implementation details (tagged `# detail N` in the code):
    row); positions count real tokens only, so left padding does not shift them. Without padding or
    cache, no mask: SDPA's is_causal path.
 4. GQA: SDPA's `enable_gqa` shares each key/value head across its query heads without a copy.
-5. Init N(0, 0.02); the projections into the residual stream (o_proj, down_proj) scaled by
-   1/sqrt(2 * layers), as GPT-2 / nanoGPT.
+5. Init N(0, 1/hidden_size) (std 1/sqrt(width), LeCun's fan-in rule; GPT-2's fixed 0.02 is that
+   at width 2500, and at width 128 it leaves attention near uniform and copying unlearned for
+   long); the projections into the residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * layers).
 6. MoE: softmax router, top-k experts, weights renormalised over the k (Mixtral); the Switch
    Transformer load-balancing loss, averaged over layers as in HF.
 7. Memory-lean loss (Liger's fused linear cross-entropy): the lm head and cross-entropy run in
@@ -25,6 +26,9 @@ Implementation details (tagged `# detail N` in the code):
    so gradients flow through it (engine.py's shared-prompt log-probs).
 9. Checkpoints are plain dicts read with `torch.load(weights_only=True)` (no code runs on load) and
    written atomically (`path.tmp`, then `os.replace`). A LoRA model is saved merged (lora.py).
+10. Muon (configure_optimizer's muon_lr): the blocks' matrices step along their Nesterov momentum
+   orthogonalised by a quintic Newton-Schulz iteration (Jordan et al. 2024, as modded-nanogpt and
+   nanochat); AdamW keeps embeddings, the head, norms and biases.
 """
 import math
 import os
@@ -335,20 +339,21 @@ class Transformer(nn.Module):
             raise ValueError(f"head must be 'lm' or 'score', got {config.head!r}")
         inv_freq, self.rope_scale = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_std = config.hidden_size ** -0.5  # detail 5
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # detail 5: residual projections, depth-scaled
             if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+                nn.init.normal_(p, std=self.init_std / math.sqrt(2 * config.num_hidden_layers))
         if config.head == "lm" and config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=self.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, Experts):
-            nn.init.normal_(module.gate_up_proj, std=0.02)
+            nn.init.normal_(module.gate_up_proj, std=self.init_std)
 
     def forward(self, input_ids, targets=None, attention_mask=None, position_ids=None,
                 kv_cache=None, logits_to_keep=0):
@@ -425,16 +430,67 @@ class Transformer(nn.Module):
         return (self.flops_per_token(self.config.max_position_embeddings) * tokens_per_second
                 / peak_flops)
 
-    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu",
+                            muon_lr=0.0):
         """AdamW; weight decay on the weight matrices only (2-D, and the 3-D expert tensors), not on
-        norms, biases or the input embedding."""
+        norms, biases or the input embedding. With muon_lr > 0, the blocks' matrices go to a Muon
+        group at that learning rate (detail 10) and AdamW keeps the rest."""
         embedding = self.model.embed_tokens.weight
-        params = [p for p in self.parameters() if p.requires_grad]
+        matrices = [p for p in self.model.layers.parameters() if p.requires_grad and p.dim() >= 2]
+        matrices = matrices if muon_lr > 0 else []
+        in_muon = {id(p) for p in matrices}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in in_muon]
         decay = [p for p in params if p.dim() >= 2 and p is not embedding]
         no_decay = [p for p in params if p.dim() < 2 or p is embedding]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+        fused = device_type in ("cuda", "cpu")
+        if not matrices:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        groups.append({"params": matrices, "lr": muon_lr, "weight_decay": weight_decay,
+                       "muon": True, "momentum": 0.95})  # Jordan et al.'s momentum
+        return Muon(groups, lr=lr, betas=betas, fused=fused)
+
+
+# detail 10: X <- a X + b (X X^T) X + c (X X^T)^2 X, from X = G / ||G||_F (so every singular value
+# is <= 1), (a, b, c) = (3.4445, -4.7750, 2.0315) (Jordan et al. 2024): G = U S V^T -> U S' V^T;
+# after 5 steps S' is within [0.68, 1.21] where S >= 0.05 ||G||_F (near enough to U V^T, and cheap)
+def newton_schulz(G, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G  # rows <= cols: X X^T is the smaller Gram matrix
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.AdamW):
+    """AdamW, except the param groups marked "muon" (Jordan et al. 2024, github.com/KellerJordan/
+    Muon): m <- mu m + (1 - mu) g, the Nesterov step u = (1 - mu) g + mu m orthogonalised, and
+    p <- (1 - lr wd) p - lr sqrt(max(1, rows / cols)) newton_schulz(u) (detail 10)."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if not group.get("muon"):
+                continue
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # a step count too: AdamW's load_state_dict expects one in a state
+                    state.update(step=torch.tensor(0.0), momentum_buffer=torch.zeros_like(p))
+                state["step"] += 1
+                momentum = state["momentum_buffer"]
+                momentum.lerp_(p.grad, 1 - mu)
+                update = newton_schulz(p.grad.lerp(momentum, mu))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                p.grad = None  # done: AdamW's step below skips a parameter without a gradient
+        super().step()
 
 
 def unwrap(model):

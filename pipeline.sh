@@ -99,7 +99,8 @@ run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/token
 run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
   --out "$OUT/pretrain.pt" "${S[@]}" "${Q_PRETRAIN[@]}"
 run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" \
-  --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" "${Q_SFT[@]}"
+  --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" \
+  "${Q_SFT[@]}"
 run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
   --eval-pairs "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
 run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
@@ -117,10 +118,12 @@ run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.p
   "${DISTILL_BUDGET[@]}" "${Q_DISTILL[@]}"
 # the baseline: the same student, budget and seed, fine-tuned on the SFT demos, not the teacher's
 run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl" \
-  --eval-data "$DATA/eval.jsonl" --out "$OUT/distill_baseline.pt" "${S[@]}" \
+  --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" \
+  --out "$OUT/distill_baseline.pt" "${S[@]}" \
   "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
 run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" \
-  --val-data "$DATA/pretrain_val.txt" --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
+  --val-data "$DATA/pretrain_val.txt" --chat-data "$DATA/chat_eval.jsonl" \
+  --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
   --out "$OUT/eval.json" "${S[@]}" "${Q_EVAL[@]}"
 
 echo

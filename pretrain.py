@@ -20,8 +20,9 @@ Implementation details:
    step, so `--resume` replays exactly the batches an uninterrupted run would have seen.
 4. DDP: every rank draws the same global batch and takes its rows (rank::world), so N processes
    see the data of one process with the same global batch. Only rank 0 prints and saves.
-5. AdamW with weight decay on matrices only, linear warmup then cosine decay to 10 % (nanoGPT),
-   gradient accumulation, gradient clipping at 1.0. bf16 autocast on CUDA; `--compile`.
+5. AdamW with weight decay on matrices only, or `--optimizer muon`: Muon on the blocks' matrices
+   (model.py detail 10), AdamW on the rest. Linear warmup then cosine decay to 10 % of each peak
+   lr (nanoGPT), gradient accumulation, clipping at 1.0. bf16 autocast on CUDA; `--compile`.
 6. Bits per byte = loss / ln 2 * tokens / bytes of the validation text (<|endoftext|> is 0 bytes):
    it does not depend on the tokenizer. Next to it, the unigram entropy H = -sum_t p_t log p_t.
 7. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
@@ -74,14 +75,18 @@ class Args:
     """number of Transformer blocks (0 = from the preset)"""
     context: int = 0
     """sequence length in tokens (0 = from the preset)"""
-    steps: int = 900
+    steps: int = 700
     """optimizer steps"""
     batch_size: int = 16
     """sequences per optimizer step, summed over ranks and accumulation steps"""
     grad_accum: int = 1
     """micro-batches per optimizer step (per rank)"""
     lr: float = 6e-3
-    """peak learning rate"""
+    """peak learning rate (AdamW's)"""
+    optimizer: Literal["adamw", "muon"] = "muon"
+    """adamw, or muon for the blocks' matrices (AdamW for embeddings, head, norms and biases)"""
+    muon_lr: float = 0.02
+    """peak learning rate of the Muon matrices (with --optimizer muon)"""
     warmup: int = 100
     """linear warmup steps"""
     weight_decay: float = 0.1
@@ -252,6 +257,8 @@ def main(args: Args):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
                          f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
+    if args.muon_lr <= 0:
+        raise ValueError(f"--muon-lr {args.muon_lr}: must be > 0")
 
     # -------------------------------------------------------------- data and model
     tokenizer = Tokenizer.load(args.tokenizer)  # a missing file: "run `python tokenizer.py`"
@@ -271,13 +278,16 @@ def main(args: Args):
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
         check_resumable(args.out, checkpoint, args, (
             "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps",
-            "batch_size", "lr", "warmup", "weight_decay", "val_fraction", "seed"))
+            "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction",
+            "seed"))
         if checkpoint["tokenizer"] != tokenizer.to_dict():
             raise ValueError(f"{args.out} was trained with another tokenizer than "
                              f"{args.tokenizer}: resume with its own")
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    muon_lr = args.muon_lr if args.optimizer == "muon" else 0.0
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type,
+                                          muon_lr=muon_lr)
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
     raw_model = model
@@ -313,8 +323,8 @@ def main(args: Args):
     model.train()
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # a Muon group's peak is --muon-lr
+            group["lr"] = lr * muon_lr / args.lr if group.get("muon") else lr
         # detail 4: the global batch of this step, of which this rank takes its rows
         inputs, targets = get_batch(train_tokens, args.batch_size, context, args.seed, step)
         inputs, targets = inputs[rank::world].to(args.device), targets[rank::world].to(args.device)

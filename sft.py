@@ -29,6 +29,8 @@ Implementation details:
    after, the accuracy when every reply is made to start with <think> (what RL can reach).
 8. `--lora-rank r` trains a LoRA adapter on the frozen model (lora.py); out/sft.pt holds the merged
    weights and the adapter. A resumed LoRA run reloads its base from --init, its adapter from --out.
+9. Against forgetting (InstructGPT's ptx), round(--ptx-share x batch) rows are random windows of
+   pretraining text, every token a target, in micro-batches of their own, each weighing 1 / batch.
 """
 
 import argparse
@@ -50,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import batch_indices, check_resumable, format_accuracy, heldout_accuracy
 from model import load_checkpoint, save_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_documents
 
 
 @dataclass
@@ -59,15 +61,19 @@ class Args:
     """checkpoint to fine-tune (from pretrain.py)"""
     data: str = "data/sft.jsonl"
     """conversations, one {"messages": [...]} per line"""
+    ptx_data: str = "data/pretrain.txt"
+    """pretraining text mixed into the batches (detail 9), read as pretrain.py reads --data"""
+    ptx_share: float = 0.1
+    """share of each step's rows (and of its loss) that are windows of --ptx-data (0 = off)"""
     eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 500
+    steps: int = 400
     """optimizer steps"""
     batch_size: int = 32
-    """conversations per optimizer step, summed over ranks and accumulation steps"""
-    grad_accum: int = 4
+    """rows per optimizer step (conversations, text windows), summed over ranks and accumulation"""
+    grad_accum: int = 1
     """micro-batches per optimizer step (per rank), each of rows of like length (detail 4)"""
     lr: float = 3e-3
     """peak learning rate"""
@@ -227,6 +233,23 @@ def sft_examples(tokenizer: Tokenizer, path: str, context: int) -> tuple[list[tu
     return examples, truncated
 
 
+# detail 4, 9: the micro-batches of step s on a rank, a function of (seed, s) like batch_indices
+def micro_batches(examples: list[tuple], text, n_text: int, context: int, batch_size: int,
+                  seed: int, step: int, rank=0, world=1, grad_accum=1) -> list[list[tuple]]:
+    """(inputs, targets) rows: the rank's share of batch_size - n_text conversations, by length, in
+    grad_accum micro-batches, then its share of n_text windows of `text` (context + 1 tokens)."""
+    chat = [examples[i] for i in batch_indices(len(examples), batch_size - n_text, seed, step)]
+    chat = sorted(chat[rank::world], key=lambda e: len(e[0]))
+    micros = [chat[len(chat) * m // grad_accum : len(chat) * (m + 1) // grad_accum]
+              for m in range(grad_accum)]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a short text: 1 window
+    starts = torch.randint(0, max(1, len(text) - context), (n_text,), generator=generator).tolist()
+    pairs = [(text[s : s + context].tolist(), text[s + 1 : s + context + 1].tolist())
+             for s in starts[rank::world]]
+    micro = batch_size // (world * grad_accum)  # rows per micro-batch
+    return micros + [pairs[i : i + micro] for i in range(0, len(pairs), micro)]
+
+
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(row) for row in rows)
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])  # (B, T)
@@ -239,7 +262,10 @@ def main(args: Args):
     if args.batch_size % (world * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
                          f"--grad-accum = {world * args.grad_accum}")
-    micro_batch = args.batch_size // (world * args.grad_accum)
+    n_text = round(args.ptx_share * args.batch_size)  # detail 9: rows of text in every step
+    if not 0 <= args.ptx_share < 1 or args.batch_size - n_text < world * args.grad_accum:
+        raise ValueError(f"--ptx-share {args.ptx_share}: not in [0, 1), or leaves a micro-batch "
+                         "without a conversation")
 
     # -------------------------------------------------------------- data and model
     resume_whole_model = args.resume and not args.lora_rank  # detail 8: a LoRA base is --init
@@ -256,6 +282,8 @@ def main(args: Args):
     if truncated and master:
         print(f"sft | warning: {truncated} of {len(examples)} conversations were longer than the "
               f"context ({context}) and were cut")
+    text = (tokenizer.encode_array(read_documents(args.ptx_data), tokenizer.think_tokens)
+            if n_text else [])  # detail 9: one token stream, as pretrain.py reads it
     lengths = [len(inputs) for inputs, _ in examples]
     # detail 5: the step loss's constant denominator is batch size x this
     tokens_per_conversation = sum(t != -100 for _, targets in examples
@@ -267,7 +295,7 @@ def main(args: Args):
         checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
         check_resumable(args.out, checkpoint, args, (
             "init", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed",
-            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "ptx_data", "ptx_share"))
         if args.lora_rank:  # the adapter; the base came from --init
             model.load_state_dict(checkpoint["lora"]["weights"], strict=False)
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -303,22 +331,20 @@ def main(args: Args):
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(len(examples), args.batch_size, args.seed, step)
-        n_targets = args.batch_size * tokens_per_conversation  # detail 5: not this batch's count
-        # detail 4: micro-batches of like length
-        batch = sorted([examples[i] for i in indices[rank::world]], key=lambda e: len(e[0]))
+        micros = micro_batches(examples, text, n_text, context, args.batch_size, args.seed, step,
+                               rank, world, args.grad_accum)
         loss_sum = torch.zeros((), device=args.device)
-        for micro in range(args.grad_accum):
-            rows = batch[micro * micro_batch: (micro + 1) * micro_batch]
+        for micro, rows in enumerate(micros):
+            per_row = context if micro >= args.grad_accum else tokens_per_conversation  # detail 9
             inputs = pad_batch([inputs for inputs, _ in rows], tokenizer.pad_id).to(args.device)
             targets = pad_batch([targets for _, targets in rows], -100).to(args.device)
             n_micro = (targets != -100).sum()
             tokens_seen += inputs.numel() * world
             # gradients are synchronised on the last micro-step only
-            no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
+            no_sync = model.no_sync if ddp and micro < len(micros) - 1 else nullcontext
             with no_sync(), autocast:
-                _, loss = model(inputs, targets)  # mean over this micro-batch's assistant tokens
-                loss = loss * n_micro / n_targets  # its share of the step's loss
+                _, loss = model(inputs, targets)  # mean over this micro-batch's target tokens
+                loss = loss * n_micro / (args.batch_size * per_row)  # detail 5: the step's share
             with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             loss_sum += loss.detach()

@@ -67,7 +67,7 @@ from reward import pairwise_accuracy, reward_loss, reward_model_from
 import serve
 from serve import show_reply
 import sft
-from sft import lr_at as sft_lr_at, sft_example
+from sft import lr_at as sft_lr_at, micro_batches, sft_example
 from tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, _CHUNK_PATTERN,
                        final_answer, read_documents, thinks)
 
@@ -255,7 +255,8 @@ def TINY_PRETRAIN(d):
 def TINY_SFT(d):
     return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
             "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
-            "--max-new-tokens", "4", "--device", "cpu"]
+            "--max-new-tokens", "4", "--device", "cpu", "--ptx-data",
+            str(d / "data" / "pretrain.txt")]
 
 
 def head(path, n):
@@ -396,7 +397,7 @@ def serve_generate(model, tokenizer, messages, max_tokens=None, temperature=0.0,
 # ==================================================================================================
 
 DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
-              "eval.jsonl", "prefs_eval.jsonl"]
+              "eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"]
 
 DATA_FAMILIES = ["add", "sub"]
 
@@ -425,8 +426,9 @@ def data_solve(family, prompt):
 
 def data_check_reply(family, prompt, reply):
     """Checks a thinking reply step by step, independently of data.py: the operands restated and
-    zero-padded, each column's step arithmetically right with the carry / borrow of the column
-    before, and the answer spelled by the steps equal to the true answer. Returns the answer."""
+    zero-padded, each column's step "x+y+c=s" / "x-y-c=d" (a negative d then "+10=d+10") right
+    with the carry / borrow of the column before, and the answer the steps spell the true answer.
+    Returns the answer."""
     a, b = map(int, re.findall(r"\d+", prompt))
     sign = {"add": "+", "sub": "-"}[family]
     m = re.fullmatch(r"<think>(\d{3})([+-])(\d{3}): (.+)</think>(\d+)", reply)
@@ -436,20 +438,16 @@ def data_check_reply(family, prompt, reply):
     assert len(steps) == 3, reply
     for column, step in enumerate(steps):
         x, y = int(m[1][2 - column]), int(m[3][2 - column])
-        numbers = [int(n) for n in re.findall(r"\d+", step)]
         if family == "add":
-            expected = [x, y, x + y] if column == 0 else [x, y, carry, x + y + carry]
-            carry = expected[-1] // 10
+            expected = f"{x}+{y}+{carry}={x + y + carry}"
+            digits.append(x + y + carry)
+            carry = digits[-1] // 10
         else:
-            top = x + 10 if x - y - carry < 0 else x
-            expected = [top, y, top - y] if column == 0 else [top, y, carry, top - y - carry]
-            carry = int(top > x)
-        assert numbers == expected and step.count(sign) == len(expected) - 2, (
-            reply,
-            step,
-            expected,
-        )
-        digits.append(expected[-1])
+            d = x - y - carry
+            expected = f"{x}-{y}-{carry}={d}" + (f"+10={d + 10}" if d < 0 else "")
+            carry = int(d < 0)
+            digits.append(d % 10)
+        assert step == expected, (reply, step, expected)
     spelled = str(int(str(digits[-1]) + "".join(str(d % 10) for d in digits[-2::-1])))
     true_answer = str(a + b if family == "add" else a - b)
     assert spelled == true_answer == m[5], reply
@@ -463,6 +461,10 @@ def data_pretrain_problems(text):
     for line in text.splitlines():
         if not re.search(r"\d", line):
             continue  # prose
+        copy = re.fullmatch(r"(?:Repeat|Copy|Say) (.+): (.+)", line)
+        if copy:  # a copy drill: the text after the colon is the text before it
+            assert copy[1] == copy[2], line
+            continue
         if "<think>" in line:
             question, reply = line.split(" <think>")
             family = "add" if re.search(r"\+|Add ", question) else "sub"
@@ -550,10 +552,10 @@ def test_data_preference_pairs_are_labelled_by_the_labeler(tiny_data):
 
 def test_data_labeler():
     record = {"prompt": "What is 385 + 48?", "answer": "433", "family": "add"}
-    right = "<think>385+048: 5+8=13 8+4+1=13 3+0+1=4</think>433"
-    wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>423"
-    right_answer_wrong_step = "<think>385+048: 5+8=13 8+4+1=12 3+0+1=4</think>433"
-    cut_off = "<think>385+048: 5+8=13 8+4+1=13"
+    right = "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+    wrong_step = "<think>385+048: 5+8+0=13 8+4+1=12 3+0+1=4</think>423"
+    right_answer_wrong_step = "<think>385+048: 5+8+0=13 8+4+1=12 3+0+1=4</think>433"
+    cut_off = "<think>385+048: 5+8+0=13 8+4+1=13"
     prefer = data.prefer
     # a right answer beats a wrong one, whatever the work
     assert prefer(record, "433", wrong_step) == 1.0 and prefer(record, "433", "434") == 1.0
@@ -595,7 +597,8 @@ def test_data_pretraining_text(tiny_data):
             assert {family for family, _key in problems} == set(DATA_FAMILIES)
             assert any(document.startswith("Once upon a time") for document in documents)
             thinking = sum("<think>" in line for line in text.splitlines())
-            assert 0.35 < thinking / len(problems) < 0.65  # half of the skill lines think
+            assert 0.7 < thinking / len(problems) < 0.9  # four fifths of the skill lines think
+            assert any(document.startswith(("Copy", "Say", "Repeat")) for document in documents)
 
 
 def test_data_held_out_split_is_disjoint(tiny_data):
@@ -674,6 +677,74 @@ def test_data_split_rule():
                                                               "add:12:51", "add:13:22", "add:13:46"]
 
 
+def test_data_chat_judge_on_hand_written_replies():
+    greeting = {"prompt": "Hello! How are you?", "family": "chat", "kind": "greeting"}
+    cat_story = {"prompt": "Tell me a story about a cat.", "family": "chat", "kind": "story",
+                 "animal": "cat"}
+    any_story = {"prompt": "Tell me a story.", "family": "chat", "kind": "story"}
+    abilities = {"prompt": "What can you do?", "family": "chat", "kind": "abilities"}
+    cat = "Once upon a time, there was a big cat named Tom. Tom lived near the park."
+    # the wrong animal: the cat comes after the first sentence, as a friend
+    dog = "Once upon a time, there was an old dog named Ben. Ben played with Mia the cat."
+    in_kind = data.chat_in_kind
+    # in kind: a greeting back (a greeting word first, any case, or an offer of help)
+    assert all(in_kind(greeting, reply) for reply in [*data.GREETING_REPLIES, " hi there",
+                                                      "Good morning!", "How can I help?"])
+    # in kind: a story naming the animal asked for in its first sentence; any animal if none
+    assert in_kind(cat_story, cat) and in_kind(any_story, cat) and in_kind(any_story, dog)
+    assert in_kind(abilities, data.ABILITIES)
+    # the wrong animal, the wrong kind, off topic, a word that only starts like "hi"
+    assert not in_kind(cat_story, dog) and not in_kind(cat_story, "Tell me a story about a cat.")
+    assert not in_kind(greeting, cat) and not in_kind(cat_story, "Hello! How can I help you?")
+    assert not in_kind(abilities, "Hello! How can I help you?")
+    assert not any(in_kind(greeting, reply) for reply in ["History is fun.", "The sky is blue.",
+                                                          ""])
+    # a sum, a think block, a bare number: never in kind, whatever the kind
+    for reply in ["385 + 48 = 433", "Hello! 2 + 2 = 4", "<think>385+048: 5+8+0=13</think>433",
+                  "<think>Hello</think>Hello!", "433", cat.replace("big", "3")]:
+        assert not any(in_kind(r, reply) for r in (greeting, cat_story, any_story, abilities))
+    with pytest.raises(ValueError, match="unknown chat kind 'joke'"):
+        in_kind({"prompt": "Tell me a joke.", "kind": "joke"}, "Hello!")
+
+
+def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
+    chat_eval = data_read(tiny_data, "chat_eval.jsonl")
+    held_out = {r["prompt"] for r in chat_eval}
+    assert len(held_out) == len(chat_eval) == 44
+    assert Counter(r["kind"] for r in chat_eval) == {"greeting": 16, "abilities": 2, "story": 26}
+    for r in chat_eval:
+        assert r["family"] == "chat" and set(r) <= {"prompt", "family", "kind", "animal"}, r
+        assert ("animal" in r) == (r["kind"] == "story" and " about " in r["prompt"]), r
+        assert r.get("animal", "") in r["prompt"], r
+    # every animal asked about twice; every phrasing of a greeting or a story request in both halves
+    animals = Counter(r["animal"] for r in chat_eval if "animal" in r)
+    assert animals == dict.fromkeys(data.ANIMALS, 2)
+    trained = {(kind, prompt) for kind in data.CHAT_KINDS
+               for prompt, _animal, out in data.chat_prompts(kind) if not out}
+    for greeting in data.GREETINGS:
+        assert any(p.startswith(greeting) for _kind, p in trained)
+        assert any(p.startswith(greeting) for p in held_out)
+    for animal in data.ANIMALS:
+        assert any(p.endswith(f" {animal}.") or p.endswith(f" {animal}?") for _, p in trained)
+    # no held-out prompt in any training file: never a user message of sft.jsonl, nowhere in the
+    # text of the others; every chat conversation asks a trained prompt and is answered in kind
+    for name in ("pretrain.txt", "pretrain_val.txt", "prompts.jsonl", "prefs.jsonl",
+                 "prefs_eval.jsonl", "eval.jsonl"):
+        text = (tiny_data / name).read_text(encoding="utf-8")
+        assert not [p for p in held_out if p in text], name
+    records = {prompt: {"kind": kind, **({"animal": animal} if animal else {})}
+               for kind in data.CHAT_KINDS for prompt, animal, _ in data.chat_prompts(kind)}
+    chats = 0
+    for r in data_read(tiny_data, "sft.jsonl"):
+        assert not held_out & {m["content"] for m in r["messages"] if m["role"] == "user"}, r
+        if r["family"] == "chat":
+            user, assistant = (m["content"] for m in r["messages"])
+            assert (records[user]["kind"], user) in trained, user
+            assert data.chat_in_kind(records[user], assistant), r
+            chats += 1
+    assert chats > 0
+
+
 # --------------------------------------------------------------------------------- end to end (e2e)
 
 
@@ -700,7 +771,7 @@ def test_data_is_deterministic(tiny_data, tmp_path):
     # another seed gives other training data, the same eval files, and never leaks the held-out keys
     data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
     assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
-    for name in ("eval.jsonl", "prefs_eval.jsonl"):
+    for name in ("eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"):
         assert (tmp_path / "seed1" / name).read_bytes() == (tiny_data / name).read_bytes(), name
     eval_keys = {data_solve(r["family"], r["prompt"])[0]
                  for r in data_read(tiny_data, "eval.jsonl")}
@@ -1304,6 +1375,81 @@ def test_weight_decay_groups():
     assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay)
 
 
+def quintic_newton_schulz_by_hand(G, steps=5):
+    """X <- a X + b (X X^T) X + c (X X^T)^2 X from X = G / ||G||_F, on the wide orientation."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / (np.linalg.norm(X) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + b * A @ X + c * A @ A @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 5, 7)])
+def test_newton_schulz_maps_singular_values_by_the_quintic(shape):
+    """X = U p(p(p(p(p(S / ||G||)))) V^T for G = U S V^T, p(s) = a s + b s^3 + c s^5: the iteration
+    keeps G's singular vectors and drives every singular value of a well-conditioned G into
+    [0.68, 1.21] (the band p keeps once s >= 0.05)."""
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = model_module.newton_schulz(G)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    s = S / (G.norm(dim=(-2, -1), keepdim=True)[..., 0] + 1e-7)  # the 1e-7 guards G = 0
+    assert s.min() >= 0.05  # the precondition of the band
+    for _ in range(5):
+        s = 3.4445 * s - 4.7750 * s**3 + 2.0315 * s**5
+    torch.testing.assert_close(X, U @ torch.diag_embed(s) @ Vh, atol=1e-10, rtol=0)
+    singular = torch.linalg.svdvals(X)
+    assert singular.min() > 0.68 and singular.max() < 1.21
+    if len(shape) == 2:
+        np.testing.assert_allclose(X.numpy(), quintic_newton_schulz_by_hand(G.numpy()), atol=1e-12)
+
+
+def test_muon_steps_by_hand_and_adamw_keeps_the_rest():
+    """Two steps of a tall matrix in float64: m <- mu m + (1 - mu) g, u = (1 - mu) g + mu m,
+    W <- (1 - lr wd) W - lr sqrt(rows / cols) NS(u); a vector in an AdamW group steps as
+    torch.optim.AdamW does."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias_copy = bias.detach().clone().requires_grad_()
+    lr, wd, mu = 0.05, 0.1, 0.95
+    optimizer = model_module.Muon([{"params": [bias], "weight_decay": 0.0},
+                                   {"params": [W], "lr": lr, "weight_decay": wd, "muon": True,
+                                    "momentum": mu}], lr=1e-2)
+    reference = torch.optim.AdamW([bias_copy], lr=1e-2, weight_decay=0.0)
+    expected, momentum = W.detach().numpy().copy(), np.zeros((6, 4))
+    for _ in range(2):
+        g = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+        g_bias = torch.randn(4, generator=generator, dtype=torch.float64)
+        W.grad, bias.grad, bias_copy.grad = g.clone(), g_bias.clone(), g_bias.clone()
+        optimizer.step()
+        reference.step()
+        momentum = mu * momentum + (1 - mu) * g.numpy()
+        update = quintic_newton_schulz_by_hand((1 - mu) * g.numpy() + mu * momentum)
+        expected = (1 - lr * wd) * expected - lr * (6 / 4) ** 0.5 * update
+        np.testing.assert_allclose(W.detach().numpy(), expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(optimizer.state[W]["momentum_buffer"].numpy(), momentum,
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(bias, bias_copy, rtol=0, atol=1e-12)
+    assert "exp_avg" not in optimizer.state[W]  # AdamW never touched the Muon matrix
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_groups_take_the_block_matrices_only(tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    optimizer = model.configure_optimizer(1e-3, 0.1, muon_lr=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    adamw = [names[id(p)] for g in optimizer.param_groups if not g.get("muon")
+             for p in g["params"]]
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("model.layers.")
+                    and p.dim() == 2} and len(muon) == 2 * 7  # q, k, v, o, gate, up, down
+    assert sorted([*muon, *adamw]) == sorted(names.values())  # each parameter once
+    assert ("lm_head.weight" in adamw) == (not tied) and "model.embed_tokens.weight" in adamw
+    assert type(model.configure_optimizer(1e-3, 0.1)) is torch.optim.AdamW  # muon_lr 0: AdamW
+
+
 # --------------------------------------------------------------------------------- the chunked loss
 
 
@@ -1324,6 +1470,23 @@ def test_chunked_cross_entropy_equals_naive(monkeypatch):
         torch.testing.assert_close(g, n)
     with torch.no_grad():  # no grad mode: loss only
         torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets), naive)
+
+
+def test_model_init_std_is_one_over_sqrt_width():
+    """detail 5: weights and embeddings N(0, 1/width); o_proj and down_proj also / sqrt(2 layers).
+    65k samples per matrix: the sample std is within 1 % of the true one (its relative standard
+    error is 1/sqrt(2n) = 0.3 %)."""
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         vocab_size=512)
+    model = Transformer(config)
+    layer = model.model.layers[0]
+    std = {name: p.std().item() for name, p in model.named_parameters()}
+    assert std["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(256 ** -0.5, rel=0.01)
+    assert std["model.embed_tokens.weight"] == pytest.approx(256 ** -0.5, rel=0.01)
+    residual = 256 ** -0.5 / math.sqrt(2 * 2)
+    assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(residual, rel=0.01)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(residual, rel=0.01)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -2186,10 +2349,11 @@ def test_lr_schedule_key_steps():
 
 
 @pytest.mark.e2e
-def test_pretrain_ddp_equals_single_process(world, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_pretrain_ddp_equals_single_process(world, tmp_path, optimizer):
     """2 ranks x 2 micro-steps with the same global batch give the losses of one process (to float
     rounding)."""
-    args = [*TINY_PRETRAIN(world), "--steps", "4", "--save-every", "1000"]
+    args = [*TINY_PRETRAIN(world), "--steps", "4", "--save-every", "1000", "--optimizer", optimizer]
     run_ok(os.path.join(ROOT, "pretrain.py"), *args, "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2", os.path.join(ROOT, "pretrain.py"), *args, "--grad-accum", "2",
@@ -2204,14 +2368,16 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-lora"])
+@pytest.mark.parametrize("stage", ["pretrain", "pretrain-muon", "sft", "sft-lora"])
 def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run:
     its frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint).
     """
     script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
-    args = [*(TINY_PRETRAIN(world) if stage == "pretrain" else TINY_SFT(world)), "--steps", "120",
-            "--save-every", "4", *(["--lora-rank", "4"] if stage == "sft-lora" else [])]
+    args = [*(TINY_PRETRAIN(world) if stage.startswith("pretrain") else TINY_SFT(world)),
+            "--steps", "120", "--save-every", "4",
+            *(["--lora-rank", "4"] if stage == "sft-lora" else []),
+            *(["--optimizer", "muon"] if stage == "pretrain-muon" else [])]
     run_ok(script, *args, "--out", str(tmp_path / "full.pt"))
     process = subprocess.Popen([PY, script, *args, "--out", str(tmp_path / "killed.pt")], cwd=ROOT,
                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2253,7 +2419,9 @@ def test_pretrain_bad_input(world, tmp_path):
     assert "--steps 0: at least 1" in run_error("pretrain.py", *TINY_PRETRAIN(world), "--steps",
                                                 "0", "--out", str(out))
     # fp16 would have run in fp32, saying float16
-    for flag, value in (("--dtype", "float16"), ("--preset", "7b")):
+    assert "--muon-lr 0.0: must be > 0" in run_error("pretrain.py", *TINY_PRETRAIN(world),
+                                                     "--muon-lr", "0", "--out", str(out))
+    for flag, value in (("--dtype", "float16"), ("--preset", "7b"), ("--optimizer", "sgd")):
         result = subprocess.run([PY, "pretrain.py", *TINY_PRETRAIN(world), flag, value, "--out",
                                  str(out)], cwd=ROOT,
                                 env=ENV, capture_output=True, text=True, timeout=120)
@@ -2279,6 +2447,38 @@ def test_sft_example_keeps_the_head_and_aligns_targets():
         assert (targets
                 == [t if m else -100 for t, m in zip(ids[1:context + 1], mask[1:context + 1])])
     assert 0 < sum(t != -100 for t in targets) < 50  # context 40 cuts inside the assistant turn
+
+
+def test_sft_ptx_mixture_rows():
+    """--ptx-share s: round(s x batch) rows of a step are text windows (every token a target), the
+    conversations are sft_example's rows unchanged, share 0 is the plain batch, ranks split it."""
+    tokenizer, context, batch, accum = Tokenizer(merges=[]), 24, 8, 2
+    examples = [sft_example(tokenizer, [{"role": "user", "content": f"{i} + 1?"},
+                                        {"role": "assistant", "content": str(i + 1)}], context)[:2]
+                for i in range(40)]
+    text = np.arange(500)  # a window starting at s is s, s + 1, ...
+    for step in range(6):  # share 0: the step's conversations by length, cut in --grad-accum
+        rows = sorted([examples[i] for i in batch_indices(40, batch, 0, step)],
+                      key=lambda e: len(e[0]))
+        assert micro_batches(examples, [], 0, context, batch, 0, step, grad_accum=accum) == [
+            rows[:4], rows[4:]]
+    for share in (0.1, 0.25, 0.5):
+        n_text = round(share * batch)  # what sft.py's main passes
+        micros = micro_batches(examples, text, n_text, context, batch, 3, 5, grad_accum=accum)
+        chat, windows = sum(micros[:accum], []), sum(micros[accum:], [])
+        assert len(chat) == batch - n_text and len(windows) == n_text and len(micros[2]) <= 4
+        assert all(any(row is e for e in examples) for row in chat)  # the masks as without text
+        for inputs, targets in windows:  # context tokens of the text, every next one a target
+            assert inputs == list(range(inputs[0], inputs[0] + context))
+            assert targets == [t + 1 for t in inputs] and targets[-1] < len(text)
+        assert micros == micro_batches(examples, text, n_text, context, batch, 3, 5,
+                                       grad_accum=accum)  # a function of (seed, step)
+        assert micros != micro_batches(examples, text, n_text, context, batch, 3, 6,
+                                       grad_accum=accum)
+        ranks = [micro_batches(examples, text, n_text, context, batch, 3, 5, r, 2, 1)
+                 for r in range(2)]  # two ranks take the one process's rows
+        assert (sorted(map(str, sum(sum(ranks, []), [])))
+                == sorted(map(str, chat + windows)))
 
 
 # --------------------------------------------------------------------------------- end to end (e2e)
@@ -2337,6 +2537,26 @@ def test_sft_bad_input(world, tmp_path):
                      "--out", str(out))
     assert "noassistant.jsonl:1" in line and "assistant" in line
     assert not out.exists() and not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.e2e
+def test_sft_ptx_mixture_end_to_end_ddp_and_bad_values(world, tmp_path):
+    out = tmp_path / "s.pt"
+    for share in ("1", "-0.1", "0.9"):  # 0.9 of 8 rows leaves 1 conversation for 4 micro-batches
+        line = run_error("sft.py", *TINY_SFT(world), "--ptx-share", share, "--grad-accum", "4",
+                         "--out", str(out))
+        assert f"--ptx-share {float(share)}: not in [0, 1)" in line
+    none = ["--ptx-data", str(tmp_path / "none.txt"), "--out", str(out)]
+    assert "none.txt not found" in run_error("sft.py", *TINY_SFT(world), *none)
+    assert not out.exists()
+    run_ok("sft.py", *TINY_SFT(world), "--steps", "1", "--ptx-share", "0", *none)  # not read
+    args = [*TINY_SFT(world), "--steps", "3", "--ptx-share", "0.25"]
+    run_ok("sft.py", *args, "--out", str(tmp_path / "single.pt"))
+    run_ddp("sft.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
+    single, ddp = losses(tmp_path / "single.jsonl"), losses(tmp_path / "ddp.jsonl")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3]
+    assert all(abs(single[step] - ddp[step]) < 1e-5 for step in single), (single, ddp)
+    assert torch.load(tmp_path / "single.pt", weights_only=True)["args"]["ptx_share"] == 0.25
 
 
 # ==================================================================================================
@@ -3587,6 +3807,59 @@ def test_eval_skips_replies_where_the_context_is_too_short(tmp_path, capsys):
     assert "short.pt: context 16 < the longest prompt" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+def test_eval_chat_rate_judges_greedy_chat_replies(tmp_path, monkeypatch, capsys):
+    """chat_rate: greedy replies to --chat-data (within the context) judged by data.chat_in_kind,
+    in the table and out/eval.json; blank with a one-line note when the file is missing."""
+    tokenizer = Tokenizer(merges=[])
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    save_checkpoint(str(tmp_path / "sft.pt"), model, tokenizer, "sft")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2",
+                                                     "family": "add"}) + "\n")
+    chats = [{"prompt": "Hi!", "family": "chat", "kind": "greeting"},
+             {"prompt": "A story about a cat?", "family": "chat", "kind": "story", "animal": "cat"},
+             {"prompt": "Hey.", "family": "chat", "kind": "greeting"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    replies = {"What is 1 + 1?": "2", "Hi!": "Hello! How can I help you?",  # in kind
+               "A story about a cat?": "Once upon a time, there was a dog named Tom.",  # a dog
+               "Hey.": "<think>1+1=2</think>2"}  # a sum
+    by_ids = {tuple(tokenizer.encode_prompt(p)): p for p in replies}
+    lengths = {}
+
+    def fixed_generate(model, prompts, max_new_tokens, **kwargs):
+        assert kwargs["temperature"] == 0
+        forced = prompts[0][-1] == tokenizer.think_id  # the forced-think column's call
+        asked = [by_ids[tuple(p[:-1] if forced else p)] for p in prompts]
+        lengths.update({} if forced else dict.fromkeys(asked, max_new_tokens))
+        rows = [tokenizer.encode(replies[prompt]) + [tokenizer.im_end_id] for prompt in asked]
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in rows])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
+        return ids, torch.zeros(len(rows), n), mask
+
+    monkeypatch.setattr(engine, "generate", fixed_generate)
+    args = evaluate.Args(checkpoints=str(tmp_path / "sft.pt"),
+                         eval_data=str(tmp_path / "eval.jsonl"),
+                         chat_data=str(tmp_path / "chat.jsonl"), val_data=str(tmp_path / "none"),
+                         reference=str(tmp_path / "none.pt"), reward_model=str(tmp_path / "none"),
+                         out=str(tmp_path / "eval.json"), max_new_tokens=4, device="cpu")
+    evaluate.main(args)
+    [row] = json.load(open(tmp_path / "eval.json"))
+    assert row["chat_rate"] == pytest.approx(1 / 3) and row["accuracy"] == 1.0
+    table = capsys.readouterr().out
+    assert "| chat |" in table and "| 33.3% |" in table
+    # the chat replies get --chat-tokens, the context permitting; the task replies --max-new-tokens
+    longest = len(tokenizer.encode_prompt("A story about a cat?"))
+    assert lengths == {"What is 1 + 1?": 4, **dict.fromkeys(("Hi!", "Hey.", "A story about a cat?"),
+                                                           min(96, 128 - longest))}
+    evaluate.main(dataclasses.replace(args, chat_data=str(tmp_path / "none.jsonl")))
+    assert json.load(open(tmp_path / "eval.json"))[0]["chat_rate"] is None
+    assert "none.jsonl not found: no chat column" in capsys.readouterr().out
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "Joke?", "kind": "joke"}) + "\n")
+    with pytest.raises(ValueError, match="a chat kind is not one of"):
+        evaluate.main(args)
+
+
 # ==================================================================================================
 # 14. hf.py: export to and import from Hugging Face
 # ==================================================================================================
@@ -4621,3 +4894,29 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None
     assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None
                for s in stages if s != "reward")
+
+
+# --------------------------------------------------------------------------------- bench/scaling.py
+
+
+def test_scaling_law_fit_recovers_a_known_law_and_its_compute_optimum():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scaling", os.path.join(ROOT, "bench",
+                                                                          "scaling.py"))
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    true = {"E": 0.6, "A": 40.0, "B": 300.0, "alpha": 0.45, "beta": 0.5}
+    params, tokens = (grid.ravel() for grid in np.meshgrid(np.geomspace(5e4, 2e6, 6),
+                                                           np.geomspace(3e5, 3e6, 4)))
+    losses = scaling.predicted_loss(true, params, tokens)
+    losses[5] *= 1.1  # one bad run: the Huber loss on log L all but ignores it
+    fit = scaling.fit_scaling_law(params, tokens, losses, starts=4)
+    for name, value in true.items():  # A = e^a and B = e^b move most
+        assert fit[name] == pytest.approx(value, rel=5e-2 if name in "AB" else 1e-2), name
+    # the closed form (Hoffmann et al. eq. 4) is the least loss on the iso-FLOP line C = 6ND
+    flops = 1e13
+    best_params, best_tokens = scaling.compute_optimal(true, flops)
+    assert 6 * best_params * best_tokens == pytest.approx(flops)
+    line = np.geomspace(1e4, 1e8, 100_001)
+    brute_force = line[np.argmin(scaling.predicted_loss(true, line, flops / 6 / line))]
+    assert best_params == pytest.approx(brute_force, rel=1e-3)
