@@ -244,10 +244,10 @@ def micro_batches(examples: list[tuple], text, n_text: int, context: int, batch_
               for m in range(grad_accum)]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a short text: 1 window
     starts = torch.randint(0, max(1, len(text) - context), (n_text,), generator=generator).tolist()
-    pairs = [(text[s : s + context].tolist(), text[s + 1 : s + context + 1].tolist())
-             for s in starts[rank::world]]
+    windows = [text[s : s + context + 1].tolist() for s in starts[rank::world]]
     micro = batch_size // (world * grad_accum)  # rows per micro-batch
-    return micros + [pairs[i : i + micro] for i in range(0, len(pairs), micro)]
+    return micros + [[(window[:-1], window[1:]) for window in windows[i : i + micro]]
+                     for i in range(0, len(windows), micro)]
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
