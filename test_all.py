@@ -397,7 +397,7 @@ def serve_generate(model, tokenizer, messages, max_tokens=None, temperature=0.0,
 # ==================================================================================================
 
 DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
-              "eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"]
+              "chat.jsonl", "eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"]
 
 DATA_FAMILIES = ["add", "sub"]
 
@@ -502,8 +502,8 @@ def test_data_records_have_fields_and_correct_answers_and_traces(tiny_data):
     assert any(m["role"] == "system" for r in sft for m in r["messages"]), "no system prompt at all"
     assert any(len(r["messages"]) >= 4 for r in sft), "no multi-turn conversation at all"
     tasks = [r for r in sft if r["family"] != "chat"]
-    # a minority of the demos think (30 %)
-    assert 0.2 < sum(r["thinks"] for r in tasks) / len(tasks) < 0.4
+    # a minority of the demos think (15 %; ~270 demos here: within about 3 standard deviations)
+    assert 0.08 < sum(r["thinks"] for r in tasks) / len(tasks) < 0.22
     for r in sft:
         messages = r["messages"][1:] if r["messages"][0]["role"] == "system" else r["messages"]
         assert messages and [m["role"] for m in messages] == ["user", "assistant"] * (
@@ -693,6 +693,10 @@ def test_data_chat_judge_on_hand_written_replies():
     # in kind: a story naming the animal asked for in its first sentence; any animal if none
     assert in_kind(cat_story, cat) and in_kind(any_story, cat) and in_kind(any_story, dog)
     assert in_kind(abilities, data.ABILITIES)
+    # a story may open by restating the request, as the training replies do; a title is no story
+    assert in_kind(cat_story, f"Here is a story about a cat. {cat}")
+    assert not in_kind(cat_story, f"Here is a story about a dog. {cat}")
+    assert not in_kind(cat_story, "Here is a story about a cat.")
     # the wrong animal, the wrong kind, off topic, a word that only starts like "hi"
     assert not in_kind(cat_story, dog) and not in_kind(cat_story, "Tell me a story about a cat.")
     assert not in_kind(greeting, cat) and not in_kind(cat_story, "Hello! How can I help you?")
@@ -732,6 +736,11 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
                  "prefs_eval.jsonl", "eval.jsonl"):
         text = (tiny_data / name).read_text(encoding="utf-8")
         assert not [p for p in held_out if p in text], name
+    # the distillation teacher's chat prompts: trained prompts only, of every kind
+    chat_prompts = data_read(tiny_data, "chat.jsonl")
+    assert not held_out & {r["prompt"] for r in chat_prompts}
+    assert {r["kind"] for r in chat_prompts} == set(data.CHAT_KINDS)
+    assert all(r.get("animal", "") in r["prompt"] and "answer" not in r for r in chat_prompts)
     records = {prompt: {"kind": kind, **({"animal": animal} if animal else {})}
                for kind in data.CHAT_KINDS for prompt, animal, _ in data.chat_prompts(kind)}
     chats = 0
@@ -3498,6 +3507,13 @@ def test_distill_student_data_are_the_teachers_replies(monkeypatch):
     assert (right == 2
             and [k["messages"][-1]["content"] for k in kept]
             == ["<think>1+2=3</think>3", "5", "<think>2+2=4", "6"])
+    # a prompt without an answer (--chat-data) has nothing to check: its reply is kept, not right
+    replies["Hello!"] = tokenizer.encode("Hi! Ask me a question.") + [tokenizer.im_end_id]
+    chat, right = distill.teacher_replies(teacher, tokenizer, [{"prompt": "Hello!"}, records[1]],
+                                          16, keep_correct=True)
+    assert right == 0 and [k["messages"] for k in chat] == [
+        [{"role": "user", "content": "Hello!"},
+         {"role": "assistant", "content": "Hi! Ask me a question."}]]
     # what the student is taught from a kept conversation: the teacher's reply tokens (think
     # tokens special) and the end
     inputs, targets, prompt, _ = distill.distill_example(tokenizer, kept[0], 64)
