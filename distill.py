@@ -16,7 +16,8 @@ out/student.pt). Its baseline is sft.py on out/student.pt with the same budget (
 Implementation details:
 1. Sequence-level KD (Kim & Rush 2016): the teacher answers every prompt greedily and the student
    is fine-tuned on those conversations, the loss on the reply tokens. --keep-correct keeps only
-   the right replies (rejection sampling, as for DeepSeek-R1's distilled models).
+   the right replies (rejection sampling, as for DeepSeek-R1's distilled models); a prompt without
+   an answer (--chat-data) keeps its reply, so that the student also learns to talk.
 2. Token-level KD (Hinton et al. 2015), --alpha > 0: L = (1 - alpha) CE + alpha T^2 D(p_t^T, p_s^T)
    with p^T = softmax(logits / T): the soft targets' gradient shrinks as 1 / T^2, the T^2 undoes it.
 3. --beta (GKD, Agarwal et al. 2024): D = JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M),
@@ -59,6 +60,8 @@ class Args:
     """the student's starting weights (any lm checkpoint with the teacher's tokenizer)"""
     data: str = "data/prompts.jsonl"
     """training prompts the teacher answers, one {"prompt", "answer"} per line"""
+    chat_data: str = ""
+    """more prompts, without an answer (data/chat.jsonl: small talk, stories): every reply kept"""
     eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers, for the accuracy of teacher and student"""
     out: str = "out/distill.pt"
@@ -73,7 +76,7 @@ class Args:
     """generalized JSD: 0 = forward KL (Hinton), 1 = reverse KL, in between JSD(beta)"""
     on_policy: float = 0.0
     """share of the steps trained on the student's own sampled replies, scored by the teacher"""
-    steps: int = 200
+    steps: int = 400
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
@@ -259,7 +262,7 @@ def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_
         answer = record.get("answer")
         correct = answer is not None and final_answer(text) == str(answer).strip()
         right += correct
-        if correct or not keep_correct:
+        if correct or answer is None or not keep_correct:  # no answer: nothing to check
             prompt = record["prompt"]
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             conversations.append({"messages": [*prompt, {"role": "assistant", "content": text}]})
@@ -288,6 +291,7 @@ def main(args: Args):
     raw_student, context = student, student.config.max_position_embeddings
     # -------------------------------------------------------------- the data: the teacher's replies
     records = read_jsonl(args.data, ("prompt", "answer") if args.keep_correct else ("prompt",))
+    records += read_jsonl(args.chat_data, ("prompt",)) if args.chat_data else []
     conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens,
                                            args.keep_correct)
     examples = [distill_example(tokenizer, c, context) for c in conversations]
