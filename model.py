@@ -505,8 +505,14 @@ def unwrap(model):
 def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=None, metrics=None,
                     **extra):
     """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable. A LoRA
-    model is written merged, with its adapter under "lora" (lora.py)."""
+    model is written merged, with its adapter under "lora" (lora.py). A model sharded by --fsdp is
+    gathered whole to rank 0's CPU, which writes (fsdp.py): every rank must call it then."""
     model = unwrap(model)
+    if hasattr(model, "unshard"):  # FSDP2's method: a sharded model; fsdp.py only where it is one
+        from fsdp import full_tensors, gathered
+        model, extra = gathered(model, "cpu", True), full_tensors(extra, "cpu", True)
+        if model is None:  # not rank 0: its part was the gathering
+            return
     state, lora = model.state_dict(), None
     if any(".lora_A." in name for name in state):  # only a LoRA run needs lora.py
         from lora import merged_state_dict
