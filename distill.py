@@ -100,6 +100,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the student"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order, on-policy steps and samples)"""
 
@@ -128,6 +130,8 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -310,10 +314,13 @@ def main(args: Args):
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     student = torch.compile(student) if args.compile else student
-    if ddp:
+    if ddp and not args.fsdp:
         student = DDP(student, device_ids=[torch.device(args.device).index]
                       if device_type == "cuda" else None)
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
+    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_student, optimizer, bf16=args.dtype == "bfloat16")
     # -------------------------------------------------------------- the training loop
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
@@ -370,6 +377,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    raw_student = gathered(raw_student) if args.fsdp else raw_student  # all ranks gather
     if master:  # detail 6
         print(f"distill | done in {format_time(time.time() - start_time)}")
         results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}

@@ -106,6 +106,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order and sampling)"""
     lora_rank: int = 0
@@ -142,6 +144,8 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -292,7 +296,7 @@ def main(args: Args):
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     model = torch.compile(policy) if args.compile else policy
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-    model = DDP(model, device_ids=device_ids) if ddp else model
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
 
     if master:  # detail 8: held-out accuracy before training
@@ -304,6 +308,9 @@ def main(args: Args):
         print(f"grpo | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(policy, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     while step < args.steps:
@@ -377,6 +384,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    policy = gathered(policy) if args.fsdp else policy  # all ranks gather
     if master:
         after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
         save_checkpoint(args.out, policy, tokenizer, "grpo", parent=args.init, step=step,

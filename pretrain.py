@@ -8,6 +8,7 @@ Run (after `python data.py` and `python tokenizer.py`):
     python pretrain.py                                    # the CPU defaults
     python pretrain.py --preset 30m --device cuda --compile          # one GPU
     torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
+    torchrun --nproc_per_node 8 pretrain.py --preset 125m --fsdp     # each GPU holds 1/8 (fsdp.py)
     python pretrain.py --resume                           # continue after a crash / kill -9
 
 Implementation details:
@@ -111,6 +112,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (weights and data order)"""
 
@@ -139,6 +142,8 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -293,7 +298,7 @@ def main(args: Args):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not args.fsdp:
         device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
         model = DDP(model, device_ids=device_ids)
     # detail 6: bits per byte needs the bytes per token of the validation text
@@ -318,6 +323,9 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
+    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time = last_time = time.time()
     sums, steps_since_log, tokens_seen = {}, 0, 0
     model.train()
@@ -358,8 +366,10 @@ def main(args: Args):
                 print(progress_line("pretrain", step, args.steps, logged, now - start_time))
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
-        if master and (step % args.eval_every == 0 or step == args.steps):
-            val_loss, sample = evaluate(raw_model, tokenizer, val_tokens, args, micro_batch,
+        evaluating = step % args.eval_every == 0 or step == args.steps
+        evaluated = gathered(raw_model) if args.fsdp and evaluating else raw_model  # all ranks
+        if master and evaluating:
+            val_loss, sample = evaluate(evaluated, tokenizer, val_tokens, args, micro_batch,
                                         context, autocast)
             val_bpb = val_loss / math.log(2) * tokens_per_byte
             print(f"pretrain | step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f} | "
@@ -367,12 +377,13 @@ def main(args: Args):
             log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
                            + "\n")
             log_file.flush()
-        # detail 7: resumable checkpoints carry the optimizer and the RNG state
-        if master and step % args.save_every == 0 and step < args.steps:
+        # detail 7: resumable checkpoints carry the optimizer and RNG state (--fsdp: all gather)
+        if (master or args.fsdp) and step % args.save_every == 0 and step < args.steps:
             save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,
                             args=dataclasses.asdict(args), optimizer=optimizer.state_dict(),
                             rng={"torch": torch.get_rng_state()})
 
+    raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
         metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": entropy}
         save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,

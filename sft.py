@@ -97,6 +97,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order)"""
     lora_rank: int = 0
@@ -133,6 +135,8 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -306,7 +310,7 @@ def main(args: Args):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not args.fsdp:
         model = DDP(model, device_ids=[torch.device(args.device).index]
                     if device_type == "cuda" else None)
 
@@ -324,6 +328,9 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
+    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen = time.time(), time.time(), 0
     sums, steps_since_log = {}, 0
     model.train()
@@ -367,11 +374,13 @@ def main(args: Args):
                 print(progress_line("sft", step, args.steps, logged, now - start_time))
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
-        if master and step % args.save_every == 0 and step < args.steps:
+        # resumable checkpoints (--fsdp: every rank gathers, rank 0 writes)
+        if (master or args.fsdp) and step % args.save_every == 0 and step < args.steps:
             save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
-                            args=dataclasses.asdict(args), metrics={"before": before},
+                            args=dataclasses.asdict(args), metrics={"before": master and before},
                             optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
 
+    raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
         after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
         if tokenizer.think_id is not None:  # detail 7: the ceiling of what RL can teach
