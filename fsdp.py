@@ -32,7 +32,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model import Transformer, unwrap
@@ -40,9 +40,12 @@ from model import Transformer, unwrap
 
 def shard(model, optimizer, bf16=False):
     """Split `model` over the ranks in place (detail 1) and give `optimizer` the shards (detail 2).
-    Every rank must hold the same full weights before (the same seed or checkpoint)."""
+    Every rank must hold the same full weights before (the same seed or checkpoint). Without
+    torchrun (one process, no process group) there is nothing to split: the model stays whole."""
     if not dist.is_initialized():
-        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
+        return model
+    if any(group.get("muon") for group in optimizer.param_groups):  # model.py's Muon optimizer
+        raise ValueError("--fsdp with Muon: its Newton-Schulz step needs whole matrices")
     names = {p: name for name, p in model.named_parameters()}
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:
@@ -85,8 +88,10 @@ def full_tensors(tree, device=None, rank0_only=False):
 def gathered(model, device=None, rank0_only=False):
     """A plain copy of a sharded model with every weight, on `device` (the shards' by default), in
     eval or train mode as `model`, no gradients. A collective: every rank calls it; rank0_only: the
-    others get None (what save_checkpoint needs)."""
+    others get None (what save_checkpoint needs). A model that is not sharded: itself."""
     model = unwrap(model)
+    if not isinstance(model, FSDPModule):
+        return model
     state = full_tensors(model.state_dict(), device, rank0_only)
     if rank0_only and dist.get_rank() != 0:
         return None

@@ -107,7 +107,7 @@ class Args:
     compile: bool = False
     """torch.compile the model"""
     fsdp: bool = False
-    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order and sampling)"""
     lora_rank: int = 0
@@ -144,8 +144,6 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -221,12 +219,8 @@ def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: flo
 # detail 3: r = [final answer == answer] + reward_weight * score - length_penalty * len / max_len
 def grpo_rewards(correct, scores, lengths, reward_weight, length_penalty, max_new_tokens):
     """correct, lengths (B,), scores (B,) or None -> rewards (B,)."""
-    rewards = correct.clone()
-    if scores is not None:
-        rewards += reward_weight * scores
-    if length_penalty:
-        rewards -= length_penalty * lengths / max_new_tokens
-    return rewards
+    rewards = correct + reward_weight * scores if scores is not None else correct
+    return rewards - length_penalty * lengths / max_new_tokens
 
 
 # detail 4: A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
@@ -298,7 +292,6 @@ def main(args: Args):
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
     model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
-
     if master:  # detail 8: held-out accuracy before training
         before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
         print(f"grpo | {len(records)} prompts ({too_long} too long for the context), "
@@ -338,9 +331,8 @@ def main(args: Args):
         advantages = grpo_advantages(all_rewards, G, args.scale_rewards).view(world, -1)[rank]
         equal_groups = (all_rewards.view(-1, G).diff(dim=1) == 0).all(dim=1).float().mean()
         loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask
-        scale = 1.0  # dapo under DDP: the token mean of the global batch, not the rank's (detail 6)
-        if ddp and args.loss_type == "dapo":
-            scale = loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
+        scale = (loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
+                 if ddp and args.loss_type == "dapo" else 1.0)  # detail 6: the global token mean
 
         # ---------------------------------------------------------- optimisation (detail 5, 6, 7)
         model.train()

@@ -115,7 +115,7 @@ class Args:
     compile: bool = False
     """torch.compile the models"""
     fsdp: bool = False
-    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order, sampling, minibatches)"""
     lora_rank: int = 0
@@ -152,8 +152,6 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -295,14 +293,13 @@ def main(args: Args):
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     value_optimizer = value_model.configure_optimizer(args.lr, args.weight_decay,
                                                       device_type=device_type)
-    # policy and critic as they train (compiled, in DDP); rollouts use the plain modules
+    # policy and critic as they train (compiled, in DDP or sharded); rollouts use the plain modules
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
     model, critic = (torch.compile(m) if args.compile else m for m in (policy, value_model))
     if ddp and not args.fsdp:
         model, critic = DDP(model, device_ids=device_ids), DDP(critic, device_ids=device_ids)
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
     kl_coef = args.kl_coef
-
     if master:  # detail 7: held-out accuracy and score before training
         before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens,
                                   score=reward)
@@ -397,8 +394,7 @@ def main(args: Args):
 
     policy = gathered(policy) if args.fsdp else policy  # all ranks gather
     if master:
-        after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens,
-                                 score=reward)
+        after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens, score=reward)
         save_checkpoint(args.out, policy, tokenizer, "ppo", parent=args.init, step=step,
                         args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"ppo | done in {format_time(time.time() - start_time)}")

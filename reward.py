@@ -84,7 +84,7 @@ class Args:
     compile: bool = False
     """torch.compile the model"""
     fsdp: bool = False
-    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (score head and data order)"""
     lora_rank: int = 0
@@ -121,8 +121,6 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -23,7 +23,7 @@ Implementation details:
 5. Step loss = sum of the losses of the global batch's assistant tokens / (batch size x the mean
    assistant tokens per conversation of the data set): a constant, so every token weighs the same
    on any micro-batch or rank (N ranks give one process's loss).
-6. The schedule, optimizer, clipping, DDP, resume and progress line are pretrain.py's.
+6. The schedule, optimizer, clipping, DDP (or --fsdp), resume and progress line are pretrain.py's.
 7. Before and after: greedy replies to the held-out prompts (data/eval.jsonl), exact match of the
    final answer per task family, the think rate, the share of replies ending with <|im_end|>, and
    after, the accuracy when every reply is made to start with <think> (what RL can reach).
@@ -98,7 +98,7 @@ class Args:
     compile: bool = False
     """torch.compile the model"""
     fsdp: bool = False
-    """under torchrun, shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order)"""
     lora_rank: int = 0
@@ -135,8 +135,6 @@ def setup(args):
                        else "mps" if torch.backends.mps.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here (--device auto picks one)")
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over the ranks: run it under torchrun")
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -2434,7 +2434,16 @@ def test_fsdp_resume_after_kill_reproduces_the_run(world, tmp_path):
     a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"]
             for name in ("full", "killed"))
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert "run it under torchrun" in run_error("pretrain.py", *args, "--out", str(tmp_path / "x"))
+
+
+def test_fsdp_without_torchrun_leaves_the_model_whole():
+    """One process, no process group: --fsdp has nothing to split over (as DDP without torchrun)."""
+    from fsdp import gathered, shard
+    model = tiny_model()
+    optimizer = model.configure_optimizer(1e-3, 0.1)
+    params = list(model.parameters())
+    assert shard(model, optimizer) is model and gathered(model) is model
+    assert all(a is b for a, b in zip(model.parameters(), params)) and not hasattr(model, "unshard")
 
 
 # ==================================================================================================
