@@ -1,7 +1,7 @@
 """
-fsdp.py: the stages' --fsdp: each rank holds 1/N of the weights, gradients and AdamW state (FSDP2,
-PyTorch's `fully_shard`), and the checkpoints stay model.py's full files. Imported by a stage only
-when `--fsdp` is set, under torchrun (as lora.py with --lora-rank): without it a stage needs none.
+fsdp.py: the stages' --fsdp: each rank holds 1/N of the weights, gradients and optimizer state
+(FSDP2, PyTorch's `fully_shard`), and the checkpoints stay model.py's full files. Imported by a
+stage only when `--fsdp` is set, under torchrun (as lora.py with --lora-rank): else none needs it.
 
     torchrun --nproc_per_node 8 sft.py --fsdp
 
@@ -26,6 +26,9 @@ Implementation details:
 6. Generation (engine.rollout, engine.generate): a sharded model would all-gather every block at
    every decoded token, and a rank whose replies end first would stop calling it while the others
    wait; `gathered` makes a plain copy once (one all-gather of the weights, 4 bytes per parameter).
+7. Muon (model.py detail 10): Newton-Schulz mixes every row of a matrix, so each rank all-gathers
+   each matrix's update, orthogonalises the whole of it and keeps its rows (model.orthogonalised):
+   the momentum stays sharded; the Newton-Schulz compute is repeated on every rank, not split.
 """
 from collections import defaultdict
 from contextlib import nullcontext
@@ -44,8 +47,6 @@ def shard(model, optimizer, bf16=False):
     torchrun (one process, no process group) there is nothing to split: the model stays whole."""
     if not dist.is_initialized():
         return model
-    if any(group.get("muon") for group in optimizer.param_groups):  # model.py's Muon optimizer
-        raise ValueError("--fsdp with Muon: its Newton-Schulz step needs whole matrices")
     names = {p: name for name, p in model.named_parameters()}
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:
@@ -62,8 +63,9 @@ def shard(model, optimizer, bf16=False):
 
 
 def slice_like(value, param):
-    """This rank's slice of a full optimizer-state tensor shaped as `param` (exp_avg, exp_avg_sq);
-    anything else (AdamW's step) as it is. No communication: every rank holds the full tensor."""
+    """This rank's slice of a full optimizer-state tensor shaped as `param` (exp_avg, exp_avg_sq,
+    Muon's momentum_buffer); anything else (the step count) as it is. No communication: every rank
+    holds the full tensor."""
     if not torch.is_tensor(value) or value.dim() == 0 or value.shape != param.shape:
         return value
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,

@@ -2402,8 +2402,8 @@ def test_fsdp_equals_unsharded(world, tiny_sft, tiny_reward, tmp_path, stage):
 @pytest.mark.e2e
 def test_fsdp_resume_after_kill_reproduces_the_run(world, tmp_path):
     """kill -9 a sharded run mid-way, --resume it sharded: the losses and final weights of the
-    uninterrupted run, exactly (the checkpoint's full AdamW state is cut back into the shards). Its
-    resumable checkpoint is a plain one: the optimizer state loads into an unsharded AdamW."""
+    uninterrupted run, exactly (the checkpoint's full Muon and AdamW state is cut back into the
+    shards). Its resumable checkpoint is a plain one: its optimizer state loads unsharded."""
     args = [*TINY_PRETRAIN(world), "--steps", "40", "--save-every", "4", "--fsdp"]
     command = [os.path.join(ROOT, "pretrain.py"), *args]
     run_ddp(*command, "--out", str(tmp_path / "full.pt"))
@@ -2425,9 +2425,11 @@ def test_fsdp_resume_after_kill_reproduces_the_run(world, tmp_path):
     checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
     assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 40
     model = load_checkpoint(str(tmp_path / "killed.pt"))[0]
-    optimizer = model.configure_optimizer(3e-3, 0.1)
+    optimizer = model.configure_optimizer(3e-3, 0.1, muon_lr=0.02)  # pretrain's default, Muon
     optimizer.load_state_dict(checkpoint["optimizer"])  # a one-process optimizer's state dict
-    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+    assert all(optimizer.state[p] for p in model.parameters())  # momenta of full shapes:
+    assert all(v.shape == p.shape for p in model.parameters() for v in optimizer.state[p].values()
+               if v.dim())
     run_ddp(*command, "--out", str(tmp_path / "killed.pt"), "--resume")
     full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
     assert sorted(full) == sorted(resumed) == list(range(1, 41)) and full == resumed
