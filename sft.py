@@ -30,7 +30,8 @@ Implementation details:
 8. `--lora-rank r` trains a LoRA adapter on the frozen model (lora.py); out/sft.pt holds the merged
    weights and the adapter. A resumed LoRA run reloads its base from --init, its adapter from --out.
 9. Against forgetting (InstructGPT's ptx), round(--ptx-share x batch) rows are random windows of
-   pretraining text, every token a target, in micro-batches of their own, each weighing 1 / batch.
+   pretraining text, every token a target, in micro-batches of their own, each weighing 1 / batch;
+   as many on every rank (--fsdp's collectives run in each): one short of windows has no target.
 """
 
 import argparse
@@ -246,10 +247,12 @@ def micro_batches(examples: list[tuple], text, n_text: int, context: int, batch_
               for m in range(grad_accum)]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a short text: 1 window
     starts = torch.randint(0, max(1, len(text) - context), (n_text,), generator=generator).tolist()
-    windows = [text[s : s + context + 1].tolist() for s in starts[rank::world]]
+    windows = [text[s : s + context + 1].tolist() for s in starts]
     micro = batch_size // (world * grad_accum)  # rows per micro-batch
-    return micros + [[(window[:-1], window[1:]) for window in windows[i : i + micro]]
-                     for i in range(0, len(windows), micro)]
+    mine = windows[rank::world]
+    blank = [(windows[0][:-1], [-100] * (len(windows[0]) - 1))] if windows else []  # loss 0
+    return micros + [[(window[:-1], window[1:]) for window in mine[i : i + micro]] or blank
+                     for i in range(0, len(windows[::world]), micro)]  # rank 0's count on each
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:

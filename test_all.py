@@ -2571,7 +2571,8 @@ def test_sft_example_keeps_the_head_and_aligns_targets():
 
 def test_sft_ptx_mixture_rows():
     """--ptx-share s: round(s x batch) rows of a step are text windows (every token a target), the
-    conversations are sft_example's rows unchanged, share 0 is the plain batch, ranks split it."""
+    conversations are sft_example's rows unchanged, share 0 is the plain batch, ranks split it
+    into as many micro-batches each (a rank short of windows gets one row without targets)."""
     tokenizer, context, batch, accum = Tokenizer(merges=[]), 24, 8, 2
     examples = [sft_example(tokenizer, [{"role": "user", "content": f"{i} + 1?"},
                                         {"role": "assistant", "content": str(i + 1)}], context)[:2]
@@ -2597,8 +2598,12 @@ def test_sft_ptx_mixture_rows():
                                        grad_accum=accum)
         ranks = [micro_batches(examples, text, n_text, context, batch, 3, 5, r, 2, 1)
                  for r in range(2)]  # two ranks take the one process's rows
+        assert len(ranks[0]) == len(ranks[1])  # as many passes: --fsdp's collectives match
+        blank = [row for micros in ranks for row in sum(micros[1:], [])  # text rows, loss 0
+                 if set(row[1]) == {-100}]
+        assert len(blank) == (n_text % 2) and all(len(row[0]) == context for row in blank)
         assert (sorted(map(str, sum(sum(ranks, []), [])))
-                == sorted(map(str, chat + windows)))
+                == sorted(map(str, chat + windows + blank)))
 
 
 # --------------------------------------------------------------------------------- end to end (e2e)
