@@ -101,7 +101,7 @@ class Args:
     compile: bool = False
     """torch.compile the student"""
     fsdp: bool = False
-    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order, on-policy steps and samples)"""
 
@@ -316,7 +316,7 @@ def main(args: Args):
         student = DDP(student, device_ids=[torch.device(args.device).index]
                       if device_type == "cuda" else None)
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
-    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
         from fsdp import gathered, shard
         shard(raw_student, optimizer, bf16=args.dtype == "bfloat16")
     # -------------------------------------------------------------- the training loop

@@ -107,7 +107,7 @@ class Args:
     compile: bool = False
     """torch.compile the model"""
     fsdp: bool = False
-    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order and sampling)"""
     lora_rank: int = 0
@@ -301,7 +301,7 @@ def main(args: Args):
         print(f"grpo | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
-    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
         from fsdp import gathered, shard
         shard(policy, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0

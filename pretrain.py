@@ -113,7 +113,7 @@ class Args:
     compile: bool = False
     """torch.compile the model"""
     fsdp: bool = False
-    """under torchrun: shard weights, gradients and AdamW state over the ranks (fsdp.py)"""
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (weights and data order)"""
 
@@ -280,9 +280,8 @@ def main(args: Args):
     if args.resume:  # detail 7: the model, optimizer, RNG and step of the last resumable checkpoint
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
         check_resumable(args.out, checkpoint, args, (
-            "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps",
-            "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction",
-            "seed"))
+            "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps", "seed",
+            "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction"))
         if checkpoint["tokenizer"] != tokenizer.to_dict():
             raise ValueError(f"{args.out} was trained with another tokenizer than "
                              f"{args.tokenizer}: resume with its own")
@@ -293,12 +292,9 @@ def main(args: Args):
                                           muon_lr=muon_lr)
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp and not args.fsdp:
-        device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-        model = DDP(model, device_ids=device_ids)
+    raw_model, model = model, torch.compile(model) if args.compile else model
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
     # detail 6: bits per byte needs the bytes per token of the validation text
     tokens_per_byte = len(val_tokens) / tokenizer.count_bytes(val_tokens)
     entropy = unigram_entropy(train_tokens, tokenizer.vocab_size)
@@ -306,9 +302,8 @@ def main(args: Args):
     # -------------------------------------------------------------- the training loop
     tokens_per_step = args.batch_size * context
     if master:
-        n_params = raw_model.num_params()
-        print(f"pretrain | {n_params / 1e6:.2f}M params (non-embedding), context {context}, "
-              f"{len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on "
+        print(f"pretrain | {raw_model.num_params() / 1e6:.2f}M params (non-embedding), context "
+              f"{context}, {len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on "
               f"{args.device} in {args.dtype}")
         n_tokens = args.steps * tokens_per_step
         print(f"pretrain | {n_tokens / 1e6:.1f}M tokens to see: "
@@ -321,7 +316,7 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
-    if args.fsdp:  # weights, gradients and AdamW state split over the ranks (fsdp.py), not DDP
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
         from fsdp import gathered, shard
         shard(raw_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time = last_time = time.time()
