@@ -1,16 +1,18 @@
 """
 bench/bench_fsdp.py: DDP against FSDP2 (the stages' --fsdp, fsdp.py) on this machine: 2 ranks on the
 CPU (gloo), pretrain.py's 30m preset, float32, a few training steps (forward, backward, gradient
-clipping, AdamW) on random tokens; with --modes, LoRA r=8 on q/k/v/o under DDP and under FSDP too.
+clipping, AdamW, or with --optimizer muon pretrain.py's default: Muon on the blocks' matrices) on
+random tokens; with --modes, LoRA r=8 on q/k/v/o under DDP and under FSDP too.
 
     python bench/bench_fsdp.py                  # ~2 minutes on 2 CPU cores
     python bench/bench_fsdp.py --steps 3 --context 256
     python bench/bench_fsdp.py --modes ddp,fsdp,lora,lora+fsdp
+    python bench/bench_fsdp.py --optimizer muon
 
-Printed per rank for each: the bytes of weights + gradients + AdamW moments it holds (counted from
-its tensors: with FSDP its shards; gradients of the trained weights only), its RSS after set-up
+Printed per rank for each: the bytes of weights + gradients + optimizer state it holds (counted
+from its tensors: with FSDP its shards; gradients of the trained weights only), its RSS after set-up
 (model and optimizer built, before the first step), its peak RSS over the steps, its RSS after
-them (weights, gradients freed, AdamW state, what the allocator kept), and the median step time;
+them (weights, gradients freed, optimizer state, what the allocator kept), the median step time;
 then each mode's ratios to DDP's. Each runs in fresh processes (peak RSS only grows).
 """
 import argparse
@@ -56,7 +58,8 @@ def worker(args):
     raw = Transformer(config)
     if args.mode.startswith("lora"):
         add_lora(raw, 8)
-    optimizer = raw.configure_optimizer(3e-4, 0.1)  # before sharding, as in the stages
+    muon_lr = 0.02 if args.optimizer == "muon" else 0.0  # pretrain.py's --muon-lr
+    optimizer = raw.configure_optimizer(3e-4, 0.1, muon_lr=muon_lr)  # before sharding, as stages
     model = shard(raw, optimizer) if args.mode.endswith("fsdp") else DDP(raw)
     setup_rss = rss_bytes()
     generator = torch.Generator().manual_seed(rank)
@@ -97,6 +100,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--modes", default="ddp,fsdp", help="of ddp, fsdp, lora, lora+fsdp")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--mode", choices=["ddp", "fsdp", "lora", "lora+fsdp"],
                         help=argparse.SUPPRESS)  # a worker
     args = parser.parse_args()
@@ -123,10 +127,10 @@ def main():
     mb = 2 ** 20
     params = results["ddp"]["params"]
     print(f"{args.preset} preset: {params / 1e6:.1f}M params, {args.nproc} ranks on CPU (gloo), "
-          f"float32, {args.batch_size} sequence(s) per rank, {args.steps} steps, "
+          f"float32, {args.optimizer}, {args.batch_size} sequence(s) per rank, {args.steps} steps, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
           f"MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']}")
-    print("mode       rank  weights+grads+AdamW  RSS after set-up  peak RSS  RSS at the end  "
+    print("mode       rank  weights+grads+optim  RSS after set-up  peak RSS  RSS at the end  "
           "step time")
     for mode, result in results.items():
         for r in result["ranks"]:
@@ -137,13 +141,14 @@ def main():
     for mode in modes[1:]:
         other = results[mode]["ranks"]
         ratios = [f"{name} {max(r[key] for r in other) / max(r[key] for r in ddp):.2f}"
-                  for key, name in (("state", "weights+grads+AdamW"), ("peak_rss", "peak RSS"),
+                  for key, name in (("state", "weights+grads+optim"), ("peak_rss", "peak RSS"),
                                     ("end_rss", "RSS at the end"), ("step_s", "step time"))]
         saved = max(r["peak_rss"] for r in ddp) - max(r["peak_rss"] for r in other)
         print(f"{mode} / ddp (worst rank): {', '.join(ratios)}; peak RSS saved per rank "
               f"{saved / mb:.0f} MB")
-    print(f"(expected from FSDP over {args.nproc} ranks: (N - 1) / N x 16 bytes per parameter "
-          f"fewer, {16 * params * (args.nproc - 1) / args.nproc / mb:.0f} MB)")
+    state = results["ddp"]["ranks"][0]["state"]  # 16 bytes per parameter with AdamW
+    print(f"(expected from FSDP over {args.nproc} ranks: (N - 1) / N of DDP's state fewer, "
+          f"{state * (args.nproc - 1) / args.nproc / mb:.0f} MB)")
 
 
 if __name__ == "__main__":
