@@ -25,7 +25,7 @@ Implementation details:
 4. --on-policy (GKD): that share of the steps, drawn from (seed, step), trains on replies the
    student samples, every token scored by the teacher, with the divergence alone (alpha = 1).
 5. The teacher runs in eval mode without gradients, only when its logits count (alpha > 0).
-   Batches, schedule, optimizer, clipping, DDP and the loss's constant denominator are sft.py's.
+   Batches, schedule, optimizer, clipping, DDP (or --fsdp), the loss's constant denominator: sft's.
 6. Teacher and student: greedy held-out accuracy and think rate on --eval-data.
 """
 
@@ -312,9 +312,8 @@ def main(args: Args):
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     student = torch.compile(student) if args.compile else student
-    if ddp and not args.fsdp:
-        student = DDP(student, device_ids=[torch.device(args.device).index]
-                      if device_type == "cuda" else None)
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    student = DDP(student, device_ids=device_ids) if ddp and not args.fsdp else student
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
     if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
         from fsdp import gathered, shard
