@@ -25,7 +25,7 @@ Implementation details:
 4. --on-policy (GKD): that share of the steps, drawn from (seed, step), trains on replies the
    student samples, every token scored by the teacher, with the divergence alone (alpha = 1).
 5. The teacher runs in eval mode without gradients, only when its logits count (alpha > 0).
-   Batches, schedule, optimizer, clipping, DDP and the loss's constant denominator are sft.py's.
+   Batches, schedule, optimizer, clipping, DDP (or --fsdp), the loss's constant denominator: sft's.
 6. Teacher and student: greedy held-out accuracy and think rate on --eval-data.
 """
 
@@ -100,6 +100,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the student"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order, on-policy steps and samples)"""
 
@@ -310,10 +312,12 @@ def main(args: Args):
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     student = torch.compile(student) if args.compile else student
-    if ddp:
-        student = DDP(student, device_ids=[torch.device(args.device).index]
-                      if device_type == "cuda" else None)
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    student = DDP(student, device_ids=device_ids) if ddp and not args.fsdp else student
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_student, optimizer, bf16=args.dtype == "bfloat16")
     # -------------------------------------------------------------- the training loop
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
@@ -370,6 +374,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    raw_student = gathered(raw_student) if args.fsdp else raw_student  # all ranks gather
     if master:  # detail 6
         print(f"distill | done in {format_time(time.time() - start_time)}")
         results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}

@@ -2338,6 +2338,117 @@ def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
 
 
 # ==================================================================================================
+# 5b. fsdp.py: --fsdp, each stage sharded over 2 gloo ranks
+# ==================================================================================================
+
+
+def fsdp_args(world, tiny_sft, tiny_reward, stage):
+    """(script, arguments, optimizer updates) of a stage's tiny run; one process and 2 ranks x 2
+    micro-steps see the same global batch."""
+    lora = ["--lora-rank", "4", "--lora-targets", ALL_TARGETS] if "lora" in stage else []
+    rl = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward), "--lr", "1e-3"]
+    script = stage.split("-")[0]
+    args = {"pretrain": [*TINY_PRETRAIN(world), "--save-every", "2", "--grad-accum", "2"],
+            "sft": [*TINY_SFT(world), "--save-every", "2", "--grad-accum", "2"],
+            "reward": [*TINY_REWARD(world), "--grad-accum", "2"],
+            "dpo": [*TINY_DPO(world), "--grad-accum", "2"],
+            "distill": [*TINY_DISTILL(world, tiny_sft), "--grad-accum", "2"],
+            "grpo": [*rl, "--prompts-per-step", "4", "--group-size", "3"],  # 2 iterations
+            "ppo": [*rl, "--prompts-per-step", "8"]}[script]  # 2 epochs x 2 minibatches
+    args += ["--on-policy", "1"] if stage == "distill-on-policy" else []
+    updates = {"grpo": 2 * 3, "ppo": 4 * 3}.get(script, 3)
+    return script + ".py", [*lora, *args, "--steps", "3", "--warmup", "2"], updates
+
+
+def assert_close_weights(a_path, b_path, lr, updates):
+    """The same weights to float rounding: the ranks add gradients in another order (relative
+    error ~1e-6) and an AdamW update moves a weight by at most ~lr in a direction that such
+    rounding barely turns, so they may differ by a small part (1 %) of lr per update."""
+    a, b = (torch.load(path, weights_only=True)["model"] for path in (a_path, b_path))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 0.01 * lr * updates, name
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-lora", "reward", "dpo", "distill",
+                                   "distill-on-policy", "grpo", "grpo-lora", "ppo"])
+def test_fsdp_equals_unsharded(world, tiny_sft, tiny_reward, tmp_path, stage):
+    """2 sharded ranks give the losses (to rounding) and the final weights of one process with the
+    same global batch, in a plain checkpoint. Where the model samples (RL, on-policy distillation):
+    of DDP, whose ranks sample with the same seeds, so the replies of the sharded model (gathered
+    once per rollout) must be the same."""
+    script, args, updates = fsdp_args(world, tiny_sft, tiny_reward, stage)
+    lr = 1e-3 if script in ("grpo.py", "ppo.py") else 3e-3
+    samples = script in ("grpo.py", "ppo.py") or stage == "distill-on-policy"
+    if samples:
+        run_ddp(script, *args, "--lr", str(lr), "--out", str(tmp_path / "unsharded.pt"))
+    else:
+        run_ok(script, *args, "--lr", str(lr), "--out", str(tmp_path / "unsharded.pt"))
+    stdout = run_ddp(script, *args, "--lr", str(lr), "--fsdp", "--out", str(tmp_path / "fsdp.pt"))
+    assert stdout.count(f"{script[:-3]} | step 3/3") == 1  # only rank 0 prints
+    unsharded, fsdp = read_log(tmp_path / "unsharded.jsonl"), read_log(tmp_path / "fsdp.jsonl")
+    assert [r["step"] for r in unsharded] == [r["step"] for r in fsdp]
+    for a, b in zip(unsharded, fsdp):  # every metric (RL's reply lengths and rewards too), but
+        assert a.keys() == b.keys(), (a, b)  # pretrain's validation, in batches of a micro-batch
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in a if k not in ("tok_per_s", "val_loss",
+                                                                   "val_bpb")), (a, b)
+    checkpoint = load_checkpoint(str(tmp_path / "fsdp.pt"))[2]  # loads as any checkpoint
+    assert checkpoint["step"] == 3 and "optimizer" not in checkpoint
+    assert ("lora" in checkpoint) == ("lora" in stage)
+    assert_close_weights(tmp_path / "unsharded.pt", tmp_path / "fsdp.pt", lr, updates)
+
+
+@pytest.mark.e2e
+def test_fsdp_resume_after_kill_reproduces_the_run(world, tmp_path):
+    """kill -9 a sharded run mid-way, --resume it sharded: the losses and final weights of the
+    uninterrupted run, exactly (the checkpoint's full Muon and AdamW state is cut back into the
+    shards). Its resumable checkpoint is a plain one: its optimizer state loads unsharded."""
+    args = [*TINY_PRETRAIN(world), "--steps", "40", "--save-every", "4", "--fsdp"]
+    command = [os.path.join(ROOT, "pretrain.py"), *args]
+    run_ddp(*command, "--out", str(tmp_path / "full.pt"))
+    with socket.socket() as s:  # the two ranks started by hand (as torchrun does), to kill them
+        s.bind(("127.0.0.1", 0))
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(s.getsockname()[1]),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([PY, *command, "--out", str(tmp_path / "killed.pt")], cwd=ROOT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for rank in (0, 1)]
+    log = tmp_path / "killed.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 9):
+        time.sleep(0.005)
+    for process in ranks:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    checkpoint = torch.load(tmp_path / "killed.pt", weights_only=True)
+    assert "optimizer" in checkpoint and 8 <= checkpoint["step"] < 40
+    model = load_checkpoint(str(tmp_path / "killed.pt"))[0]
+    optimizer = model.configure_optimizer(3e-3, 0.1, muon_lr=0.02)  # pretrain's default, Muon
+    optimizer.load_state_dict(checkpoint["optimizer"])  # a one-process optimizer's state dict
+    assert all(optimizer.state[p] for p in model.parameters())  # momenta of full shapes:
+    assert all(v.shape == p.shape for p in model.parameters() for v in optimizer.state[p].values()
+               if v.dim())
+    run_ddp(*command, "--out", str(tmp_path / "killed.pt"), "--resume")
+    full, resumed = losses(tmp_path / "full.jsonl"), losses(log)
+    assert sorted(full) == sorted(resumed) == list(range(1, 41)) and full == resumed
+    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"]
+            for name in ("full", "killed"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_fsdp_without_torchrun_leaves_the_model_whole():
+    """One process, no process group: --fsdp has nothing to split over (as DDP without torchrun)."""
+    from fsdp import gathered, shard
+    model = tiny_model()
+    optimizer = model.configure_optimizer(1e-3, 0.1)
+    params = list(model.parameters())
+    assert shard(model, optimizer) is model and gathered(model) is model
+    assert all(a is b for a, b in zip(model.parameters(), params)) and not hasattr(model, "unshard")
+
+
+# ==================================================================================================
 # 6. pretrain.py
 # ==================================================================================================
 
@@ -2460,7 +2571,8 @@ def test_sft_example_keeps_the_head_and_aligns_targets():
 
 def test_sft_ptx_mixture_rows():
     """--ptx-share s: round(s x batch) rows of a step are text windows (every token a target), the
-    conversations are sft_example's rows unchanged, share 0 is the plain batch, ranks split it."""
+    conversations are sft_example's rows unchanged, share 0 is the plain batch, ranks split it
+    into as many micro-batches each (a rank short of windows gets one row without targets)."""
     tokenizer, context, batch, accum = Tokenizer(merges=[]), 24, 8, 2
     examples = [sft_example(tokenizer, [{"role": "user", "content": f"{i} + 1?"},
                                         {"role": "assistant", "content": str(i + 1)}], context)[:2]
@@ -2486,8 +2598,12 @@ def test_sft_ptx_mixture_rows():
                                        grad_accum=accum)
         ranks = [micro_batches(examples, text, n_text, context, batch, 3, 5, r, 2, 1)
                  for r in range(2)]  # two ranks take the one process's rows
+        assert len(ranks[0]) == len(ranks[1])  # as many passes: --fsdp's collectives match
+        blank = [row for micros in ranks for row in sum(micros[1:], [])  # text rows, loss 0
+                 if set(row[1]) == {-100}]
+        assert len(blank) == n_text % 2 and all(row == ([0], [-100]) for row in blank)
         assert (sorted(map(str, sum(sum(ranks, []), [])))
-                == sorted(map(str, chat + windows)))
+                == sorted(map(str, chat + windows + blank)))
 
 
 # --------------------------------------------------------------------------------- end to end (e2e)
