@@ -16,6 +16,7 @@ them (weights, gradients freed, optimizer state, what the allocator kept), the m
 then each mode's ratios to DDP's. Each runs in fresh processes (peak RSS only grows).
 """
 import argparse
+import gc
 import json
 import os
 import resource
@@ -88,6 +89,8 @@ def worker(args):
     if rank == 0:
         print("REPORT " + json.dumps({"mode": args.mode, "params": raw.num_params(False),
                                       "ranks": reports}))
+    del model, raw, optimizer  # DDP sits in a reference cycle: a gc pass frees it (and the group)
+    gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
     dist.destroy_process_group()
 
 
