@@ -85,8 +85,14 @@ for r in $(seq 1 "$ROUNDS"); do
   [ "$r" = "$ROUNDS" ] && break
   run "label_r$r" $PYTHON data.py label --samples "$OUT/samples_r$r.jsonl" \
     --out "$OUT/prefs_r$r.jsonl" --eval-out "$OUT/prefs_r${r}_eval.jsonl"
+  EVAL_PAIRS=$OUT/prefs_r${r}_eval.jsonl
+  if [ ! -s "$EVAL_PAIRS" ]; then  # a policy whose held-out replies all tie (a tiny one, --quick)
+    echo "iterate: no held-out pairs among round $r's replies; reward_r$r is judged on" \
+      "$DATA/prefs_eval.jsonl"
+    EVAL_PAIRS=$DATA/prefs_eval.jsonl
+  fi
   run "reward_r$r" $PYTHON reward.py --init "$RM" --data "$OUT/prefs_r$r.jsonl" \
-    --replay-data "$DATA/prefs.jsonl" --eval-pairs "$OUT/prefs_r${r}_eval.jsonl" \
+    --replay-data "$DATA/prefs.jsonl" --eval-pairs "$EVAL_PAIRS" \
     --out "$OUT/reward_r$r.pt" --seed "$SEED" "${Q_REWARD[@]}"
   RM=$OUT/reward_r$r.pt
 done

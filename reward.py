@@ -34,6 +34,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -101,6 +102,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (score head and data order)"""
     lora_rank: int = 0
@@ -329,7 +332,7 @@ def main(args: Args):
                                                  device_type=device_type)
     model = torch.compile(reward_model) if args.compile else reward_model
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-    model = DDP(model, device_ids=device_ids) if ddp else model
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
 
     # -------------------------------------------------------------- the training loop
     if master:  # detail 7: held-out accuracy before training
@@ -341,6 +344,9 @@ def main(args: Args):
         print(f"reward | before: {format_pairs(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(reward_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     model.train()
@@ -394,6 +400,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    reward_model = gathered(reward_model) if args.fsdp else reward_model  # all ranks gather
     if master:
         after = evaluate(reward_model, eval_pairs, pad_id, args, autocast)
         mean, std = 0.0, 1.0  # a process reward model's rewards are log-probabilities
@@ -424,6 +431,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()
