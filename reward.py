@@ -117,7 +117,7 @@ class Args:
     replay_data: str = ""
     """old preference pairs replayed among the pairs of --data (detail 11)"""
     replay_share: float = 0.1
-    """share of the training pairs that are replayed from --replay-data (DeepSeekMath: 10 %)"""
+    """share of the training pairs that are replayed from --replay-data (DeepSeekMath: a tenth)"""
 
 
 def parse_args(cls):

@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules te
 import data
 import distill
 from distill import generalized_jsd, kd_loss
+import dpo
 from dpo import LOSS_TYPES, dpo_loss
 import engine
 from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,
@@ -61,6 +62,7 @@ import model as model_module
 from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy, load_balancing_loss,
                    load_checkpoint, save_checkpoint)
 import ppo
+import pretrain
 import reward
 from ppo import adaptive_kl_coef, gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from pretrain import lr_at
@@ -5374,6 +5376,16 @@ def test_serve_command_serves_a_checkpoint(tmp_path):
 # ==================================================================================================
 # 16. pipeline.sh: the whole pipeline, end to end
 # ==================================================================================================
+
+
+@pytest.mark.parametrize("module", [data, pretrain, sft, reward, ppo, grpo, dpo, distill,
+                                    evaluate])
+def test_every_stage_prints_its_help(module, monkeypatch, capsys):
+    """--help prints every option with its docstring (a '%' in a docstring breaks argparse)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(module.Args)
+    assert exit_info.value.code == 0 and "--seed" in capsys.readouterr().out
 
 
 @pytest.mark.e2e
