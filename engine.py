@@ -22,7 +22,8 @@ Implementation details (tagged `# detail N` in the code):
    come in runs of batches and be learned in alternation.
 5. Process supervision: a step of a reply ends before a space, </think> or <|im_end|>
    (`step_end_mask`). A process reward model is a language model: P(step right) = σ(m + offset), m
-   the least log-prob it gives the step's tokens and the one after (reward.py --process).
+   the least log-prob it gives the step's tokens and the one after; a step's reward is 2 P - 1,
+   +1 for a surely right step, -1 for a wrong one: the sign, not the count of steps, pays.
 """
 import json
 import os
@@ -414,9 +415,9 @@ def load_reward(path, tokenizer, device, process=None):
     """A reward model (reward.py) as a function of a batch (prompt_ids, prompt_mask, completion_ids,
     completion_mask) -> (B,): the score at the last real token, normalised with the mean and std
     that reward.py stored, so that a reward weight or KL coefficient is independent of its scale.
-    A process reward model (reward.py --process, a language model) gives (B, N) instead: log
-    P(step right) at each step's last token (detail 5), 0 elsewhere. process=True/False: that
-    kind or a one-line error."""
+    A process reward model (reward.py --process, a language model) gives (B, N) instead: 2 P(step
+    right) - 1 at each step's last token (detail 5), 0 elsewhere. process=True/False: that kind or
+    a one-line error."""
     model, reward_tokenizer, checkpoint = load_checkpoint(path, device=device)
     is_process, head = checkpoint.get("stage") == "prm", model.config.head
     if process is not None and process != is_process:
@@ -434,7 +435,7 @@ def load_reward(path, tokenizer, device, process=None):
         def step_rewards(batch):
             steps = step_end_mask(tokenizer, *batch[2:])
             logits = process_logits(model, *batch, steps, stats["step_offset"])
-            return torch.nn.functional.logsigmoid(logits) * steps
+            return (2 * torch.sigmoid(logits) - 1) * steps  # detail 5
         return step_rewards
     mean, std = stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)
     return lambda batch: (sequence_scores(model, *batch) - mean) / std

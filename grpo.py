@@ -27,7 +27,7 @@ Implementation details:
    PEFT). Its dropout must be 0: replies sampled under one mask, trained under another.
 10. `--save-samples`: the trained policy's own replies, 4 to each of `sample_prompts` prompts,
    for the labeler (`python data.py label`) in iterative RL (DeepSeekMath 4.1.4; iterate.sh).
-11. `--process-reward`: log P(step right) per step, normalised over the group's steps; a token's
+11. `--process-reward`: P(step right) per step, normalised over the group's steps; a token's
    advantage sums those at or after it (DeepSeekMath 4.1.3). No answers unless --process-outcome.
 """
 

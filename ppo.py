@@ -15,7 +15,7 @@ Implementation details:
    `missing_eos_penalty` for a reply that never emitted <|im_end|> (TRL's).
 3. r_t = -kl_coef (logp_t - ref_logp_t) + the score at the last real token (Ziegler et al.; KL in
    the reward, not the loss; `--adaptive-kl` steers kl_coef). A process reward model (reward.py
-   --process): log P(step right) at each step's last token; critic: its weights, score head at 0.
+   --process): 2 P(step right) - 1 at each step's last token; critic: its trunk, score head at 0.
 4. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, R_t = A_t + V_t,
    0 past the last real token; A whitened over the real tokens (engine.masked_whiten, TRL's).
 5. Policy loss: token mean of -min(ratio A, clip(ratio, 1 +- clip) A); value loss: 0.5 token mean

@@ -3147,8 +3147,8 @@ def test_reward_model_trained_further_with_replay(world, tiny_reward, tmp_path, 
 
 @pytest.mark.e2e
 def test_reward_process_end_to_end_ddp_and_bad_records(tiny_sft, tmp_path):
-    """reward.py --process (details 9, 10): a checkpoint of stage "prm" whose reward is log P(step
-    right) at each step's last token; the mean over the global batch's steps under DDP too."""
+    """reward.py --process (details 9, 10): a checkpoint of stage "prm" whose reward is 2 P(step
+    right) - 1 at each step's last token; the mean over the global batch's steps under DDP too."""
     world = tiny_sft.parent.parent
     steps = world / "data" / "steps.jsonl"
     args = [*TINY_REWARD(world), "--process", "--step-data", str(steps), "--eval-steps",
@@ -3166,7 +3166,10 @@ def test_reward_process_end_to_end_ddp_and_bad_records(tiny_sft, tmp_path):
                            tokenizer.encode_reply("5")], tokenizer.pad_id)
     step_rewards = reward((prompt_ids, prompt_mask, ids, mask))
     ends = engine.step_end_mask(tokenizer, ids, mask)
-    assert ((step_rewards < 0) == (ends == 1)).all() and ends.sum(dim=1).tolist() == [3, 1]
+    assert ends.sum(dim=1).tolist() == [3, 1] and (step_rewards[ends == 0] == 0).all()
+    prm = load_checkpoint(str(tmp_path / "prm.pt"))[0].eval()
+    logits = engine.process_logits(prm, prompt_ids, prompt_mask, ids, mask.float(), ends, 4.0)
+    assert torch.allclose(step_rewards, (2 * torch.sigmoid(logits) - 1) * ends, atol=1e-6)
     with pytest.raises(ValueError, match="pass it as --process-reward"):
         engine.load_reward(str(tmp_path / "prm.pt"), tokenizer, "cpu", process=False)
     stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
@@ -3698,7 +3701,8 @@ def test_grpo_and_ppo_with_a_process_reward_model(world, tiny_sft, tiny_reward, 
     out = run_ok("ppo.py", *args[:-4], "--reward-model", str(tiny_prm), "--prompts-per-step", "4",
                  "--out", str(tmp_path / "ppo.pt"))
     assert "ppo | step 2/2" in out and "score" in out.splitlines()[-1]
-    assert all(r["score"] <= 0 for r in read_log(tmp_path / "ppo.jsonl"))  # sums of log P
+    # a reply's score: the sum of its steps' 2 P - 1, at most one step per token of 12
+    assert all(abs(r["score"]) <= 12 for r in read_log(tmp_path / "ppo.jsonl"))
 
 
 @pytest.mark.e2e
