@@ -5,6 +5,7 @@ data.py: the built-in "thinking world", deterministic procedural datasets for ev
     python data.py --scale 0.02     # a tiny world for tests
     python data.py --seed 1         # other training data of the same kind; the same eval files
     python data.py label --samples out/ppo_samples.jsonl --out out/prefs_r1.jsonl  # iterative RL
+    python data.py label --steps --samples out/ppo_samples.jsonl --out out/steps_r1.jsonl  # (PRM)
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
@@ -733,6 +734,24 @@ def sampled_pairs(record, replies: list[str], worked: bool = True) -> list[dict]
     return pairs
 
 
+# a step as a trace writes it: a head, a bare answer, a column, the answer after </think>
+STEP_FORM = re.compile(r"<think>[\d+\-:]*|-?\d+| \d[\d+\-=]*|</think>-?\d*")
+
+
+def sampled_steps(record, replies: list[str], worked: bool = True) -> list[dict]:
+    """Stepwise records of the replies a policy sampled to `record`'s task (with worked=True the
+    labeler's worked_reply among them), each step judged by the labeler `judge_steps` (for
+    reward.py --process): every distinct reply whose steps have a trace's form (STEP_FORM; other
+    text, " +7" say, would not cut into steps at token boundaries)."""
+    records = []
+    for reply in dict.fromkeys([worked_reply(record), *replies] if worked else replies):
+        steps = reply_steps(reply)
+        if steps and all(STEP_FORM.fullmatch(step) for step in steps):
+            records.append({"prompt": record["prompt"], "completions": steps,
+                            "labels": judge_steps(record, steps), "family": record["family"]})
+    return records
+
+
 @dataclass
 class LabelArgs:
     samples: str = "out/ppo_samples.jsonl"
@@ -742,6 +761,9 @@ class LabelArgs:
     eval_out: str = ""
     """if set, the pairs of every tenth prompt go here instead, held out (reward.py --eval-pairs):
     among the policy's own replies only"""
+    steps: bool = False
+    """write stepwise records (each step of each reply, and of the worked reply, judged) instead of
+    pairs, for reward.py --process"""
 
 
 def label(args: LabelArgs):
@@ -767,19 +789,23 @@ def label(args: LabelArgs):
     split = {args.out: [], args.eval_out: []}
     for i, record in enumerate(records):
         held_out = bool(args.eval_out) and i % 10 == 9
-        split[args.eval_out if held_out else args.out] += sampled_pairs(record, record["replies"],
-                                                                        worked=not held_out)
+        split[args.eval_out if held_out else args.out] += (
+            sampled_steps(record, record["replies"], worked=not held_out) if args.steps
+            else sampled_pairs(record, record["replies"], worked=not held_out))
     if not split[args.out]:
-        raise ValueError(f"{args.samples}: no pairs (every prompt's replies tie)")
+        raise ValueError(f"{args.samples}: no " + ("replies made of steps" if args.steps else
+                                                   "pairs (every prompt's replies tie)"))
     replies = [(record, reply) for record in records for reply in record["replies"]]
     right = sum(rank(record, reply)[0] for record, reply in replies) / max(len(replies), 1)
     for path, pairs in split.items():
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             write_file(path, jsonl(pairs))
-            kinds = collections.Counter(pair["kind"] for pair in pairs)
-            print(f"label | {len(pairs)} pairs ({', '.join(f'{k} {n}' for k, n in kinds.items())})"
-                  f" -> {path}")
+            kinds = collections.Counter(
+                f"{sum(not x for x in pair['labels'])} wrong" if args.steps else pair["kind"]
+                for pair in pairs)
+            print(f"label | {len(pairs)} {'replies' if args.steps else 'pairs'} "
+                  f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}) -> {path}")
     print(f"label | {len(records)} prompts, {len(replies)} replies, {right:.1%} right")
 
 

@@ -5,6 +5,7 @@
 #   bash iterate.sh --rounds 2                               # PPO; out/iter/, data/
 #   bash iterate.sh --rounds 2 --seed 1 -- --kl-coef 0.05    # flags after -- go to the RL stage
 #   bash iterate.sh --stage grpo --out out/iter_grpo         # GRPO with the reward model added
+#   bash iterate.sh --process --reward-model out/prm.pt      # a process reward model, steps judged
 #   bash iterate.sh --quick                                  # tiny sizes, after pipeline.sh --quick
 #   (--data D, --init sft.pt, --reward-model reward.pt: other inputs; PYTHON=... as pipeline.sh)
 #
@@ -16,9 +17,12 @@
 # reward model r, whose accuracy on the held-out pairs it prints before and after. Round r runs at
 # seed --seed + 1000 (r-1), on other prompts. eval.py then puts sft and each round side by side
 # (O/eval.json). Writes O/STAGE_rN.pt, samples_rN.jsonl, prefs_rN(_eval).jsonl, reward_rN.pt, logs/.
+# --process: the reward model is a process reward model (reward.py --process; grpo.py takes it as
+# --process-reward); the labeler judges every step of each sampled reply (steps_rN(_eval).jsonl),
+# and reward.py --process trains it further, replaying D/steps.jsonl.
 set -eo pipefail
 PYTHON=${PYTHON:-python}
-ROUNDS=2 STAGE=ppo SEED=0 QUICK=0 DATA="" OUT="" INIT="" REWARD=""
+ROUNDS=2 STAGE=ppo SEED=0 QUICK=0 PROCESS=0 DATA="" OUT="" INIT="" REWARD=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds|--seed)
@@ -34,8 +38,9 @@ while [ $# -gt 0 ]; do
       case "$1" in --data) DATA=$2 ;; --out) OUT=$2 ;; --init) INIT=$2 ;; *) REWARD=$2 ;; esac
       shift ;;
     --quick) QUICK=1 ;;
+    --process) PROCESS=1 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "iterate: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -74,31 +79,42 @@ run() {  # run NAME COMMAND...: log it, stop at the first failure
 }
 
 CHECKPOINTS=("$REFERENCE")
+RM_FLAG=--reward-model KIND=prefs LABEL=() EVAL_RM=$FIRST_RM
+if [ "$PROCESS" = 1 ]; then
+  [ "$STAGE" = grpo ] && RM_FLAG=--process-reward
+  KIND=steps LABEL=(--steps)
+  EVAL_RM=$BASE/reward.pt  # eval's reward column: the outcome model's, as pipeline.sh's
+fi
 for r in $(seq 1 "$ROUNDS"); do
   SAVE=(--save-samples "$OUT/samples_r$r.jsonl" --sample-prompts "$SAMPLES")
   [ "$r" = "$ROUNDS" ] && SAVE=()  # the last round's policy needs no new reward model
-  run "${STAGE}_r$r" $PYTHON "$STAGE.py" --init "$POLICY" --reward-model "$RM" \
+  run "${STAGE}_r$r" $PYTHON "$STAGE.py" --init "$POLICY" "$RM_FLAG" "$RM" \
     --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/${STAGE}_r$r.pt" \
     --seed $((SEED + 1000 * (r - 1))) "${SAVE[@]}" "${Q_RL[@]}" "${STAGE_FLAGS[@]}"
   POLICY=$OUT/${STAGE}_r$r.pt
   CHECKPOINTS+=("$POLICY")
   [ "$r" = "$ROUNDS" ] && break
-  run "label_r$r" $PYTHON data.py label --samples "$OUT/samples_r$r.jsonl" \
-    --out "$OUT/prefs_r$r.jsonl" --eval-out "$OUT/prefs_r${r}_eval.jsonl"
-  EVAL_PAIRS=$OUT/prefs_r${r}_eval.jsonl
-  if [ ! -s "$EVAL_PAIRS" ]; then  # a policy whose held-out replies all tie (a tiny one, --quick)
-    echo "iterate: no held-out pairs among round $r's replies; reward_r$r is judged on" \
-      "$DATA/prefs_eval.jsonl"
-    EVAL_PAIRS=$DATA/prefs_eval.jsonl
+  run "label_r$r" $PYTHON data.py label "${LABEL[@]}" --samples "$OUT/samples_r$r.jsonl" \
+    --out "$OUT/${KIND}_r$r.jsonl" --eval-out "$OUT/${KIND}_r${r}_eval.jsonl"
+  HELD_OUT=$OUT/${KIND}_r${r}_eval.jsonl
+  if [ ! -s "$HELD_OUT" ]; then  # a policy whose held-out replies all tie (a tiny one, --quick)
+    echo "iterate: nothing held out among round $r's replies; reward_r$r is judged on" \
+      "$DATA/${KIND}_eval.jsonl"
+    HELD_OUT=$DATA/${KIND}_eval.jsonl
   fi
-  run "reward_r$r" $PYTHON reward.py --init "$RM" --data "$OUT/prefs_r$r.jsonl" \
-    --replay-data "$DATA/prefs.jsonl" --eval-pairs "$EVAL_PAIRS" \
-    --out "$OUT/reward_r$r.pt" --seed "$SEED" "${Q_REWARD[@]}"
+  if [ "$PROCESS" = 1 ]; then
+    TRAIN=(--process --step-data "$OUT/steps_r$r.jsonl" --replay-data "$DATA/steps.jsonl"
+           --eval-steps "$HELD_OUT" --eval-pairs "$DATA/prefs_eval.jsonl")
+  else
+    TRAIN=(--data "$OUT/prefs_r$r.jsonl" --replay-data "$DATA/prefs.jsonl" --eval-pairs "$HELD_OUT")
+  fi
+  run "reward_r$r" $PYTHON reward.py --init "$RM" "${TRAIN[@]}" --out "$OUT/reward_r$r.pt" \
+    --seed "$SEED" "${Q_REWARD[@]}"
   RM=$OUT/reward_r$r.pt
 done
 run eval $PYTHON eval.py --checkpoints "${CHECKPOINTS[*]}" --eval-data "$DATA/eval.jsonl" \
   --val-data "$DATA/pretrain_val.txt" --chat-data "$DATA/chat_eval.jsonl" \
-  --reference "$REFERENCE" --reward-model "$FIRST_RM" --out "$OUT/eval.json" --seed "$SEED" \
+  --reference "$REFERENCE" --reward-model "$EVAL_RM" --out "$OUT/eval.json" --seed "$SEED" \
   "${Q_EVAL[@]}"
 echo
 for r in $(seq 1 "$ROUNDS"); do  # each round's headline: the before/after lines it ends with

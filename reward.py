@@ -28,7 +28,8 @@ Implementation details:
 10. Its before/after: step accuracy (s_k > 0), first-wrong-step accuracy (none counts), and the
    held-out pairs by each reply's least step (Math-Shepherd's min aggregate).
 11. Iterative RL (DeepSeekMath 4.1.4): `--init` a reward model trains it further, its head kept, on
-   pairs of the policy's own replies, with a `--replay-share` of old pairs from `--replay-data`.
+   the policy's own replies judged by the labeler (pairs, or steps with --process), with a
+   `--replay-share` of old records from `--replay-data`.
 """
 
 import argparse
@@ -115,7 +116,7 @@ class Args:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
     replay_data: str = ""
-    """old preference pairs replayed among the pairs of --data (detail 11)"""
+    """old preference pairs (stepwise records with --process) replayed among the new (detail 11)"""
     replay_share: float = 0.1
     """share of the training pairs that are replayed from --replay-data (DeepSeekMath: a tenth)"""
 
@@ -312,6 +313,10 @@ def main(args: Args):
     if args.process:  # detail 9: it trains on stepwise records, not pairs
         step_columns = ("prompt", "completions", "labels")
         pairs, skipped = step_examples(tokenizer, read_jsonl(data, step_columns), context, data)
+        if args.replay_data:  # detail 11
+            old_pairs = step_examples(tokenizer, read_jsonl(args.replay_data, step_columns),
+                                      context, args.replay_data)[0]
+            pairs = with_replay(pairs, old_pairs, args.replay_share, args.seed)
         eval_steps = step_examples(tokenizer, read_jsonl(args.eval_steps, step_columns), context,
                                    args.eval_steps)[0]
         evaluate, sides = partial(process_metrics, tokenizer=tokenizer, examples=eval_steps), (

@@ -645,6 +645,26 @@ def test_data_label_command_splits_and_refuses_malformed_samples(tmp_path, capsy
             data.label(args)
 
 
+def test_data_label_steps_judges_every_step_of_the_samples(tmp_path, capsys):
+    """`data.py label --steps`: each distinct reply in a trace's form (and the worked one, but for
+    the held-out prompts), cut into steps, each judged by the labeler; other text is left out."""
+    record = {"prompt": "What is 385 + 48?", "family": "add", "answer": "433"}
+    right = "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+    slip = "<think>385+048: 5+8+0=14 8+4+1=13 3+0+1=4</think>434"
+    replies = [right, slip, right, "433", "a story", " ", "4 +3", "<think>385+048: 5+8+0=1x"]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({**record, "replies": replies}) + "\n" for _ in range(10)))
+    data.label(data.LabelArgs(samples=str(path), out=str(tmp_path / "steps.jsonl"),
+                              eval_out=str(tmp_path / "steps_eval.jsonl"), steps=True))
+    train, held_out = (read_log(tmp_path / n) for n in ("steps.jsonl", "steps_eval.jsonl"))
+    assert data.worked_reply(record) == right  # 3 distinct replies of sums per prompt
+    assert len(train) == 27 and len(held_out) == 3
+    assert [(r["completions"], r["labels"]) for r in held_out] == [
+        (data.reply_steps(right), [True] * 5), (data.reply_steps(slip), [True, False] + [True] * 3),
+        (["433"], [True])]
+    assert "label | 27 replies (0 wrong 18, 1 wrong 9)" in capsys.readouterr().out
+
+
 def test_data_step_labels_by_hand():
     """The labeler judges each step given the steps before it: one mistake, one wrong step."""
     T, F = True, False
@@ -5534,7 +5554,8 @@ def test_pipeline_quick_end_to_end(tmp_path):
 
 
 @pytest.mark.e2e
-def test_iterate_two_rounds_with_the_labeler_in_the_loop(world, tiny_sft, tiny_reward, tmp_path):
+def test_iterate_two_rounds_with_the_labeler_in_the_loop(world, tiny_sft, tiny_reward, tiny_prm,
+                                                         tmp_path):
     """iterate.sh: round 2 starts from round 1's policy (its reference too) and trains against the
     reward model retrained on round 1's labelled samples; eval.py puts sft and both rounds side by
     side."""
@@ -5558,6 +5579,20 @@ def test_iterate_two_rounds_with_the_labeler_in_the_loop(world, tiny_sft, tiny_r
     assert [row["checkpoint"] for row in rows] == [str(tiny_sft), str(out / "ppo_r1.pt"),
                                                    str(out / "ppo_r2.pt")]
     assert "round 2: ppo | after:" in result.stdout and "round 1: reward | after:" in result.stdout
+    # --process: the policy trains against a process reward model, which trains further on the
+    # labeller's judgement of every step of the policy's samples, replaying D/steps.jsonl
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "iterate.sh"), "--quick", "--process", "--rounds", "2",
+         "--data", str(world / "data"), "--init", str(tiny_sft), "--reward-model", str(tiny_prm),
+         "--out", str(tmp_path / "prm")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    retrained = torch.load(tmp_path / "prm" / "reward_r1.pt", weights_only=True)
+    assert retrained["stage"] == "prm" and retrained["parent"] == str(tiny_prm)
+    assert retrained["args"]["step_data"] == str(tmp_path / "prm" / "steps_r1.jsonl")
+    assert retrained["args"]["replay_data"] == str(world / "data" / "steps.jsonl")
+    second = torch.load(tmp_path / "prm" / "ppo_r2.pt", weights_only=True)
+    assert second["args"]["reward_model"] == str(tmp_path / "prm" / "reward_r1.pt")
     bad = subprocess.run(["bash", os.path.join(ROOT, "iterate.sh"), "--stage", "dpo"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--stage is ppo or grpo" in bad.stderr
