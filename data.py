@@ -4,6 +4,8 @@ data.py: the built-in "thinking world", deterministic procedural datasets for ev
     python data.py                  # writes data/ at the default size
     python data.py --scale 0.02     # a tiny world for tests
     python data.py --seed 1         # other training data of the same kind; the same eval files
+    python data.py label --samples out/ppo_samples.jsonl --out out/prefs_r1.jsonl  # iterative RL
+    python data.py label --steps --samples out/ppo_samples.jsonl --out out/steps_r1.jsonl  # (PRM)
 
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
@@ -27,6 +29,9 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
   chat_eval.jsonl   44 held-out chat prompts, {"prompt", "family": "chat", "kind", "animal" if
                     a story asks for one}, judged by `chat_in_kind`
+  steps.jsonl       8k {"prompt", "completions": [step, ...], "labels": [bool, ...], "family",
+                    "level"}: replies with 0-2 wrong steps (a tenth bare), each step by the labeler
+  steps_eval.jsonl  one such reply per eval problem, for a process reward model's held-out accuracy
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
   add  "What is 385 + 48?"   "433" or "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
@@ -58,6 +63,9 @@ Implementation details
    copying the animal is what a tiny model learns. Pretraining has requested stories and drills of
    request and opening; three in ten SFT conversations chat. `chat_in_kind` judges a reply: a
    greeting back, "I can ...", a story naming the animal; no <think>, no digit.
+8. Step labels (TRL's stepwise format): a step starts at each space and at </think>, so the steps
+   concatenate to the reply; the labeler's `judge_steps` marks each right iff a careful solver
+   writes it there given the steps before it, so a mistake makes one wrong step, not all after it.
 """
 
 import argparse
@@ -96,6 +104,8 @@ class Args:
     """preference pairs in prefs.jsonl at --scale 1"""
     prompts: int = 4_000
     """RL prompts in prompts.jsonl at --scale 1"""
+    step_traces: int = 8_000
+    """step-labelled replies in steps.jsonl at --scale 1 (for a process reward model)"""
     eval_per_family: int = 150
     """held-out problems per family in eval.jsonl (and pairs in prefs_eval.jsonl)"""
     held_out: float = 0.08
@@ -142,18 +152,24 @@ FAMILIES = list(GENERATORS)
 SIGN = {"add": "+", "sub": "-"}
 
 
+def column_step(family: str, x: int, y: int, carry: int) -> tuple[str, int, int]:
+    """One column of a trace: its text ("8+4+1=13"), its result (13) and the carry out (1). carry:
+    the carry (add) or the borrow (sub) into the column."""
+    if family == "add":
+        return f"{x}+{y}+{carry}={x + y + carry}", x + y + carry, (x + y + carry) // 10
+    d = x - y - carry  # a negative difference borrows: "2-5-0=-3+10=7"
+    if d >= 0:
+        return f"{x}-{y}-{carry}={d}", d, 0
+    return f"{x}-{y}-{carry}={d}+10={d + 10}", d + 10, 1
+
+
 def trace(family: str, a: int, b: int) -> str:
     """detail 1: the worked steps, trace("add", 385, 48) == "385+048: 5+8+0=13 8+4+1=13 3+0+1=4"."""
     top, bottom = f"{a:03d}", f"{b:03d}"
-    steps, carry = [], 0  # carry: the carry (add) or the borrow (sub) into this column
+    steps, carry = [], 0
     for x, y in zip(map(int, reversed(top)), map(int, reversed(bottom))):
-        if family == "add":
-            steps.append(f"{x}+{y}+{carry}={x + y + carry}")
-            carry = (x + y + carry) // 10
-        else:
-            d = x - y - carry  # a negative difference borrows: "2-5-0=-3+10=7"
-            steps.append(f"{x}-{y}-{carry}={d}" if d >= 0 else f"{x}-{y}-{carry}={d}+10={d + 10}")
-            carry = int(d < 0)
+        text, _, carry = column_step(family, x, y, carry)
+        steps.append(text)
     return f"{top}{SIGN[family]}{bottom}: " + " ".join(steps)
 
 
@@ -236,6 +252,47 @@ def win_rate(records, replies, reference_replies) -> float:
     return sum(judged) / max(len(judged), 1)
 
 
+def reply_steps(reply: str) -> list[str]:
+    """detail 8: a reply cut into the steps a process reward model judges, which concatenate to
+    it: a step starts at each space and at </think> ("<think>385+048:", " 5+8+0=13", ...,
+    "</think>433")."""
+    return [step for step in re.split(r"(?= |</think>)", reply) if step]
+
+
+def judge_steps(record, steps: list[str]) -> list[bool]:
+    """The labeler on each step of a reply (detail 8): right iff it is what a careful solver writes
+    there, given the steps before it. The head ("<think>385+048:") restates the operands; a column
+    takes its digits from the head and its carry (borrow) from the column before, as written, and
+    computes right; the answer ("</think>433") is what the three columns spell. A reply that does
+    not think is right iff it is the answer. Anything else (a fourth column, a step after the
+    answer, text that is no step) is wrong."""
+    family, a, b = operands(record)
+    if not steps or not steps[0].startswith("<think>"):
+        right = final_answer("".join(steps)) == str(a + b if family == "add" else a - b)
+        return [right] * len(steps)
+    sign = SIGN[family]
+    head = re.fullmatch(rf"<think>(\d{{3}})\{sign}(\d{{3}}):", steps[0])
+    top, bottom = head.groups() if head else (f"{a:03d}", f"{b:03d}")
+    labels, carry, results, answered = [steps[0] == f"<think>{a:03d}{sign}{b:03d}:"], 0, [], False
+    for step in steps[1:]:
+        if step.startswith("</think>"):  # the answer: what the written columns spell
+            right = not answered and len(results) == 3 and step[8:] == answer_from_steps(results)
+            labels.append(right)
+            answered = True
+            continue
+        written = re.fullmatch(rf" \d\{sign}\d\{sign}\d=(-?\d+)(?:\+10=(\d+))?", step)
+        if answered or len(results) == 3 or not written:
+            labels.append(False)
+            continue
+        column = len(results)
+        expected, _, _ = column_step(family, int(top[2 - column]), int(bottom[2 - column]), carry)
+        labels.append(step == " " + expected)
+        first = int(written[1])  # what the next column's carry (borrow) follows from, as written
+        results.append(int(written[2]) if written[2] else first)
+        carry = first // 10 if family == "add" else int(first < 0)
+    return labels
+
+
 # ---- PREFERENCE PAIRS (detail 6): the right worked reply against a plausible failure, by prefer
 REJECT_KINDS = {"bare_right": 0.4, "bare_wrong": 0.3, "cut_off": 0.2, "wrong_step": 0.1}
 
@@ -280,6 +337,62 @@ def preference_record(rng, p):
     chosen, rejected = (a, b) if label == 1.0 else (b, a)
     return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
             "family": p.family, "level": p.level, "kind": kind}
+
+
+# ---- STEP LABELS (detail 8): a trace's steps, each judged by the labeler, TRL's stepwise format
+STEP_KINDS = {0: 0.35, 1: 0.3, 2: 0.25, "bare": 0.1}  # wrong steps in a worked reply, or bare
+
+
+def flawed_reply(rng, p: Problem, n_wrong: int) -> str:
+    """A worked reply with n_wrong mistakes, each in its own step, as a model makes them: a
+    mis-copied operand (in the head or a column), a dropped carry, a slipped digit (in a column's
+    result or the answer), the smaller digit taken from the larger where a borrow is due (Brown and
+    Burton's commonest bug); every other step carries on from what was written."""
+    where = rng.sample(range(5), n_wrong)  # 0: the head, 1-3: the columns, 4: the answer
+    top, bottom = f"{p.a:03d}", f"{p.b:03d}"
+    if 0 in where:  # one digit of one operand mis-copied
+        written, which, i = [top, bottom], rng.randrange(2), rng.randrange(3)
+        digit = rng.choice([d for d in "0123456789" if d != written[which][i]])
+        written[which] = written[which][:i] + digit + written[which][i + 1:]
+        top, bottom = written
+    steps, carry, results = [f"<think>{top}{SIGN[p.family]}{bottom}:"], 0, []
+    for column in range(3):
+        x, y = int(top[2 - column]), int(bottom[2 - column])
+        borrows = p.family == "sub" and x - y - carry < 0
+        mistake = (rng.choice(["copy", "slip"] + ["carry"] * carry + ["reverse"] * 2 * borrows)
+                   if column + 1 in where else None)
+        if mistake == "copy":  # a digit that is not the head's
+            x = rng.choice([d for d in range(10) if d != x])
+        text, result, next_carry = column_step(p.family, x, y, 0 if mistake == "carry" else carry)
+        if mistake == "reverse":  # "1-3-0=2": the smaller from the larger, and no borrow
+            result, next_carry = abs(x - y - carry), 0
+            text = f"{x}-{y}-{carry}={result}"
+        if mistake == "slip":  # the result off by 1 or 2; the carry follows the written result
+            result = rng.choice([r for r in (result - 2, result - 1, result + 1, result + 2)
+                                 if r >= 0])
+            text = text.rsplit("=", 1)[0] + f"={result}"
+            next_carry = result // 10 if p.family == "add" else next_carry
+        steps.append(f" {text}")
+        results.append(result)
+        carry = next_carry
+    answer = answer_from_steps(results)
+    if 4 in where:
+        answer = str(slip(rng, int(answer)))
+    return "".join(steps) + f"</think>{answer}"
+
+
+def step_record(rng, p: Problem) -> dict:
+    """A reply to p with 0-2 wrong steps (or a bare answer, right or slipped), cut into its steps,
+    each labelled by the labeler `judge_steps`."""
+    record = prompt_record(rng, p)
+    kind = rng.choices(list(STEP_KINDS), weights=list(STEP_KINDS.values()))[0]
+    if kind == "bare":
+        reply = p.answer if rng.random() < 0.5 else str(slip(rng, int(p.answer)))
+    else:
+        reply = flawed_reply(rng, p, kind)
+    steps = reply_steps(reply)
+    return {"prompt": record["prompt"], "completions": steps, "labels": judge_steps(record, steps),
+            "family": p.family, "level": p.level}
 
 
 # ---- PROSE: a small generative grammar, so a base model's samples read as language (no digits)
@@ -563,6 +676,7 @@ def main(args: Args):
 
     prefs_rng, prompts_rng, chat_rng = rng("prefs"), rng("prompts"), rng("chat")
     eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # at every seed
+    steps_rng, steps_eval_rng = rng("steps"), random.Random("steps_eval")
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
     files = {
         "pretrain.txt": pretrain_text(rng("pretrain"), n(args.pretrain_bytes), frac),
@@ -576,6 +690,9 @@ def main(args: Args):
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
         "chat_eval.jsonl": jsonl(chat_eval_records()),
+        "steps.jsonl": jsonl(step_record(steps_rng, p)
+                             for p in training_problems(steps_rng, n(args.step_traces), frac)),
+        "steps_eval.jsonl": jsonl(step_record(steps_eval_rng, p) for p in evals),
     }
     for name, text in files.items():
         path = os.path.join(args.out, name)
@@ -587,6 +704,109 @@ def main(args: Args):
     print("eval problems per family, levels 1/2/3: " + ", ".join(
         f"{f} {levels[f, 1]}/{levels[f, 2]}/{levels[f, 3]}" for f in FAMILIES))
     print(f"done in {time.time() - t0:.1f}s")
+
+
+# ---- THE LABELER IN THE LOOP (iterative RL): the policy's own replies, judged by `prefer`
+
+def worked_reply(record) -> str:
+    """The labeler's own worked reply to a task record (the chosen side of prefs.jsonl)."""
+    family, a, b = operands(record)
+    return f"<think>{trace(family, a, b)}</think>{a + b if family == 'add' else a - b}"
+
+
+def sampled_pairs(record, replies: list[str], worked: bool = True) -> list[dict]:
+    """Preference pairs among the replies a policy sampled to `record`'s task (ppo.py / grpo.py
+    --save-samples), with worked=True the labeler's worked_reply among them (so that a task every
+    reply gets wrong gives pairs too): every two distinct non-empty replies the labeler does not
+    tie, its preferred one chosen; "kind" says what is wrong with the rejected one."""
+    replies = [worked_reply(record), *replies] if worked else replies
+    distinct, pairs = list(dict.fromkeys(reply for reply in replies if reply.strip())), []
+    for i, reply_a in enumerate(distinct):
+        for reply_b in distinct[i + 1:]:
+            label = prefer(record, reply_a, reply_b)
+            if label == 0.5:
+                continue
+            chosen, rejected = (reply_a, reply_b) if label == 1.0 else (reply_b, reply_a)
+            right, _, answered = rank(record, rejected)
+            kind = "worse_work" if right else "wrong_answer" if answered else "no_answer"
+            pairs.append({"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
+                          "family": record["family"], "kind": kind})
+    return pairs
+
+
+# a step as a trace writes it: a head, a bare answer, a column, the answer after </think>
+STEP_FORM = re.compile(r"<think>[\d+\-:]*|-?\d+| \d[\d+\-=]*|</think>-?\d*")
+
+
+def sampled_steps(record, replies: list[str], worked: bool = True) -> list[dict]:
+    """Stepwise records of the replies a policy sampled to `record`'s task (with worked=True the
+    labeler's worked_reply among them), each step judged by the labeler `judge_steps` (for
+    reward.py --process): every distinct reply whose steps have a trace's form (STEP_FORM; other
+    text, " +7" say, would not cut into steps at token boundaries)."""
+    records = []
+    for reply in dict.fromkeys([worked_reply(record), *replies] if worked else replies):
+        steps = reply_steps(reply)
+        if steps and all(STEP_FORM.fullmatch(step) for step in steps):
+            records.append({"prompt": record["prompt"], "completions": steps,
+                            "labels": judge_steps(record, steps), "family": record["family"]})
+    return records
+
+
+@dataclass
+class LabelArgs:
+    samples: str = "out/ppo_samples.jsonl"
+    """sampled replies, {"prompt", "family", "replies": [str, ...]} a line (--save-samples)"""
+    out: str = "out/prefs_sampled.jsonl"
+    """the preference pairs, by `prefer` (for reward.py --data)"""
+    eval_out: str = ""
+    """if set, the pairs of every tenth prompt go here instead, held out (reward.py --eval-pairs):
+    among the policy's own replies only"""
+    steps: bool = False
+    """write stepwise records (each step of each reply, and of the worked reply, judged) instead of
+    pairs, for reward.py --process"""
+
+
+def label(args: LabelArgs):
+    """`python data.py label`: the labeler judges a policy's own replies, as pairs."""
+    if not os.path.exists(args.samples):
+        raise FileNotFoundError(f"{args.samples} not found: run ppo.py or grpo.py --save-samples")
+    records = []
+    with open(args.samples, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                operands(record)  # the labeler's reading of the task: "prompt" and "family"
+                replies = record["replies"]
+            except (ValueError, KeyError, TypeError, IndexError):
+                replies = None
+            if not (isinstance(replies, list) and all(isinstance(r, str) for r in replies)
+                    and record["family"] in FAMILIES):
+                raise ValueError(f"{args.samples}:{line_no}: not a task record with its replies, "
+                                 "{\"prompt\", \"family\", \"replies\": [str, ...]}")
+            records.append(record)
+    split = {args.out: [], args.eval_out: []}
+    for i, record in enumerate(records):
+        held_out = bool(args.eval_out) and i % 10 == 9
+        split[args.eval_out if held_out else args.out] += (
+            sampled_steps(record, record["replies"], worked=not held_out) if args.steps
+            else sampled_pairs(record, record["replies"], worked=not held_out))
+    if not split[args.out]:
+        raise ValueError(f"{args.samples}: no " + ("replies made of steps" if args.steps else
+                                                   "pairs (every prompt's replies tie)"))
+    replies = [(record, reply) for record in records for reply in record["replies"]]
+    right = sum(rank(record, reply)[0] for record, reply in replies) / max(len(replies), 1)
+    for path, pairs in split.items():
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            write_file(path, jsonl(pairs))
+            kinds = collections.Counter(
+                f"{sum(not x for x in pair['labels'])} wrong" if args.steps else pair["kind"]
+                for pair in pairs)
+            print(f"label | {len(pairs)} {'replies' if args.steps else 'pairs'} "
+                  f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}) -> {path}")
+    print(f"label | {len(records)} prompts, {len(replies)} replies, {right:.1%} right")
 
 
 def parse_args(cls):
@@ -607,7 +827,11 @@ def parse_args(cls):
 
 if __name__ == "__main__":
     try:
-        main(parse_args(Args))
+        if sys.argv[1:2] == ["label"]:  # python data.py label --samples ... --out ...
+            del sys.argv[1]
+            label(parse_args(LabelArgs))
+        else:
+            main(parse_args(Args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,9 @@
 """
 engine.py: what the stages after pretraining do with a model: batched KV-cache generation, per-token
 log-probs of replies (with one pass per shared prompt), reward-model scores, reply texts, held-out
-accuracy, the order of training batches, and RL's pieces (policy and reference, normalised reward,
-rollouts). model.py is the network; this is its engine, as nanochat's engine.py beside gpt.py.
+accuracy (greedy, or by a vote of samples), the order of training batches, and RL's pieces (policy
+and reference, normalised reward, rollouts, the policy's samples for the labeler). model.py is the
+network; this is its engine, as nanochat's engine.py beside gpt.py.
 
     from engine import generate, heldout_accuracy
     completions, logps, mask = generate(model, [prompt_ids], max_new_tokens=32, temperature=0)
@@ -19,13 +20,20 @@ Implementation details (tagged `# detail N` in the code):
 4. Batches depend only on (seed, step): each epoch a fresh permutation cut into whole batches, so
    resume and DDP are exact. Not length-bucketed: what goes with length (a task family, say) would
    come in runs of batches and be learned in alternation.
+5. Process supervision: a step of a reply ends before a space, </think> or <|im_end|>
+   (`step_end_mask`). A process reward model is a language model: P(step right) = σ(m + offset), m
+   the least log-prob it gives the step's tokens and the one after; a step's reward is 2 P - 1,
+   +1 for a surely right step, -1 for a wrong one: the sign, not the count of steps, pays.
 """
+import json
+import os
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from model import KVCache, load_checkpoint, unwrap
+from model import KVCache, ModelConfig, Transformer, load_checkpoint, unwrap
 from tokenizer import final_answer, thinks
 
 
@@ -250,11 +258,12 @@ def sequence_scores(model, prompt_ids, prompt_mask, completion_ids, completion_m
 
 
 # pairs of replies to one prompt (reward.py, dpo.py): {"prompt", "chosen", "rejected"} token ids
-def pair_scores(model, pairs: list[dict], pad_id: int, device):
-    """Score-head rewards (B,), (B,) of the chosen and the rejected replies, as two batches."""
+def pair_scores(model, pairs: list[dict], pad_id: int, device, score=sequence_scores):
+    """Score-head rewards (B,), (B,) of the chosen and the rejected replies, as two batches (score:
+    how a reply's reward is read, the last real token's by default)."""
     prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs], pad_id, device)  # (B, P)
-    return tuple(sequence_scores(model, prompt_ids, prompt_mask,
-                                 *right_pad([p[side] for p in pairs], pad_id, device))  # (B, N)
+    return tuple(score(model, prompt_ids, prompt_mask,
+                       *right_pad([p[side] for p in pairs], pad_id, device))  # (B, N)
                  for side in ("chosen", "rejected"))
 
 
@@ -347,6 +356,42 @@ def format_accuracy(result):
                if "forced_think_accuracy" in result else ""))
 
 
+# self-consistency (Wang et al. 2022, arXiv:2203.11171): the answer most replies give
+def majority_answer(replies: list[str]) -> str | None:
+    """The final answer (tokenizer.final_answer) given by most of the replies, the one given first
+    among equally many; None if no reply has an answer (a think block never closed)."""
+    answers = Counter(answer for answer in map(final_answer, replies) if answer is not None)
+    return answers.most_common(1)[0][0] if answers else None
+
+
+@torch.no_grad()
+def vote_accuracy(model, tokenizer, records, ks, temperature=1.0, max_new_tokens=32,
+                  batch_size=128, seed=0) -> dict:
+    """Self-consistency on held-out {"prompt", "answer"} records: n = max(ks) replies sampled to
+    each (batch_size prompts at a time); for each k, the share of problems whose majority_answer of
+    k replies is the answer, averaged over the n // k disjoint sets of k -> {k: accuracy}.
+    Temperature 0 is greedy: every reply, and k = 1, is heldout_accuracy's."""
+    n, device = max(ks), next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    hits = dict.fromkeys(ks, 0.0)
+    for i in range(0, len(records), batch_size):
+        batch = records[i:i + batch_size]
+        prompts = [tokenizer.encode_prompt(record["prompt"]) for record in batch for _ in range(n)]
+        completions, _, mask = generate(model, prompts, max_new_tokens, temperature,
+                                        eos_id=tokenizer.im_end_id, pad_id=tokenizer.pad_id,
+                                        generator=generator, group_size=n)
+        texts, _ = reply_texts(tokenizer, completions, mask)
+        for j, record in enumerate(batch):
+            replies, answer = texts[j * n:(j + 1) * n], str(record["answer"]).strip()
+            for k in ks:  # the n // k disjoint sets of k replies
+                sets = [replies[s:s + k] for s in range(0, n - k + 1, k)]
+                hits[k] += sum(majority_answer(r) == answer for r in sets) / len(sets)
+    model.train(was_training)
+    return {k: hits[k] / len(records) for k in ks}
+
+
 # ---- reinforcement learning (grpo.py, ppo.py; load_policy also dpo.py): the policy and its
 #      reference, the reward model, the prompts, rollouts and the judged replies
 
@@ -366,17 +411,47 @@ def load_policy(path, device, lora=None, with_reference=True):
     return policy, tokenizer, reference, nullcontext
 
 
-def load_reward(path, tokenizer, device):
+def load_reward(path, tokenizer, device, process=None):
     """A reward model (reward.py) as a function of a batch (prompt_ids, prompt_mask, completion_ids,
     completion_mask) -> (B,): the score at the last real token, normalised with the mean and std
-    that reward.py stored, so that a reward weight or KL coefficient is independent of its scale."""
-    model, reward_tokenizer, checkpoint = load_checkpoint(path, device=device, head="score")
+    that reward.py stored, so that a reward weight or KL coefficient is independent of its scale.
+    A process reward model (reward.py --process, a language model) gives (B, N) instead: 2 P(step
+    right) - 1 at each step's last token (detail 5), 0 elsewhere. process=True/False: that kind or
+    a one-line error."""
+    model, reward_tokenizer, checkpoint = load_checkpoint(path, device=device)
+    is_process, head = checkpoint.get("stage") == "prm", model.config.head
+    if process is not None and process != is_process:
+        raise ValueError(f"{path} is {'an outcome' if process else 'a process'} reward model: "
+                         f"pass it as {'--reward-model' if process else '--process-reward'}")
+    if head != ("lm" if is_process else "score"):  # as load_checkpoint(head=...) says it
+        raise ValueError(f"{path} is a {checkpoint.get('stage')!r} checkpoint with a {head!r} "
+                         f"head, expected a {'lm' if is_process else 'score'!r} head: check the "
+                         "checkpoint path")
     if reward_tokenizer is None or reward_tokenizer.to_dict() != tokenizer.to_dict():
         raise ValueError(f"{path} was trained with another tokenizer than the policy")
     model.eval().requires_grad_(False)
     stats = checkpoint["metrics"]
+    if is_process:
+        def step_rewards(batch):
+            steps = step_end_mask(tokenizer, *batch[2:])
+            logits = process_logits(model, *batch, steps, stats["step_offset"])
+            return (2 * torch.sigmoid(logits) - 1) * steps  # detail 5
+        return step_rewards
     mean, std = stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)
     return lambda batch: (sequence_scores(model, *batch) - mean) / std
+
+
+def load_value_model(path, device):
+    """PPO's critic: the reward model's weights; from a process reward model (a language model),
+    its weights under a score head that starts at 0."""
+    model, _, checkpoint = load_checkpoint(path, device=device)
+    if model.config.head == "score":
+        return model
+    critic = Transformer(ModelConfig(**{**checkpoint["config"], "head": "score"}))
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    critic.load_state_dict(weights, strict=False)
+    torch.nn.init.zeros_(critic.score.weight)
+    return critic.to(device)
 
 
 def encode_prompts(tokenizer, records, max_new_tokens, context, path, needed=1):
@@ -433,6 +508,38 @@ def judge_replies(tokenizer, completion_ids, completion_mask, answers):
                             for text, answer in zip(texts, answers)], device=completion_ids.device)
     accuracy = (correct.sum() / max(1, sum(answer is not None for answer in answers))).item()
     return correct, ended, accuracy, sum(map(thinks, texts)) / len(texts)
+
+
+@torch.no_grad()
+def save_samples(path, policy, tokenizer, records, n_prompts, max_new_tokens, temperature,
+                 generator=None, seed=0, replies=4, batch_size=64) -> int:
+    """The policy's own replies for the labeler (`python data.py label`, iterative RL): `replies`
+    sampled to each of n_prompts records drawn by seed (those with room for max_new_tokens),
+    written to `path` as JSONL, each record with its "replies" added. -> the prompts written."""
+    context = unwrap(policy).config.max_position_embeddings
+    chosen = []
+    for i in torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist():
+        prompt = tokenizer.encode_prompt(records[i]["prompt"])
+        if len(prompt) + max_new_tokens <= context and len(chosen) < n_prompts:
+            chosen.append((records[i], prompt))
+    was_training = policy.training
+    policy.eval()
+    lines = []
+    for start in range(0, len(chosen), batch_size):
+        batch = chosen[start:start + batch_size]
+        completions, _, mask = generate(policy, [p for _, p in batch for _ in range(replies)],
+                                        max_new_tokens, temperature, eos_id=tokenizer.im_end_id,
+                                        pad_id=tokenizer.pad_id, generator=generator,
+                                        group_size=replies)
+        texts, _ = reply_texts(tokenizer, completions, mask)
+        lines += [json.dumps({**record, "replies": texts[j * replies:(j + 1) * replies]},
+                             ensure_ascii=False) + "\n" for j, (record, _) in enumerate(batch)]
+    policy.train(was_training)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+    os.replace(path + ".tmp", path)  # atomic, as the checkpoints
+    return len(lines)
 
 
 def masked_mean(x, mask):
@@ -521,3 +628,135 @@ def check_resumable(path, checkpoint, args, same):
         raise ValueError(f"{path} ran with other settings ({', '.join(changed)}): "
                          "resume with the same ones")
 
+
+# ---- process supervision (reward.py --process, grpo.py --process-reward, ppo.py with a process
+#      reward model): a language model's judgement of every step of a reply (detail 5)
+
+def step_end_mask(tokenizer, completion_ids, completion_mask):
+    """(B, N) 1.0 at the last token of each step of a reply, where a process reward model reads its
+    score: a real token, not a space or <|im_end|>, followed by a space, </think>, <|im_end|> or the
+    reply's end (data.reply_steps' cut in tokens: a space between steps is a token of its own)."""
+    [space] = tokenizer.encode(" ")
+    think_end = tokenizer.special_tokens.get("</think>", space)
+    real = completion_mask.bool()
+    next_ids = torch.cat([completion_ids[:, 1:], completion_ids[:, -1:]], dim=1)        # (B, N)
+    next_real = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
+    before_cut = ((next_ids == space) | (next_ids == think_end) | (next_ids == tokenizer.im_end_id)
+                  | ~next_real)
+    can_end = (completion_ids != space) & (completion_ids != tokenizer.im_end_id)
+    return (real & can_end & before_cut).float()
+
+
+# detail 5: m_k = min of log π(y_t | y_<t) over step k's tokens and the token after it
+def step_minima(logp, step_mask):
+    """logp (B, N) of the reply tokens (0 past the end), step_mask (B, N) -> (B, N): at each step's
+    last token the least log-prob of the step's tokens and of the token after it (a step that stops
+    too early or runs on shows there), 0 elsewhere."""
+    after = torch.cat([logp[:, 1:], torch.zeros_like(logp[:, :1])], dim=1)
+    running, minima = torch.zeros_like(logp[:, 0]), []  # 0: above every log-prob
+    for t in range(logp.shape[1]):
+        running = torch.minimum(running, logp[:, t])
+        minima.append(torch.minimum(running, after[:, t]) * step_mask[:, t])
+        running = torch.where(step_mask[:, t] > 0, torch.zeros_like(running), running)  # next step
+    return torch.stack(minima, dim=1)
+
+
+def process_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, step_mask,
+                   offset):
+    """A process reward model's logit of "step right" (B, N) at each step's last token (step_mask
+    1 there), 0 elsewhere: the least log-prob it gives the step's tokens, + offset (detail 5)."""
+    logp = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return (step_minima(logp, step_mask) + offset) * step_mask
+
+
+def least_step_scores(model, prompt_ids, prompt_mask, completion_ids, completion_mask, tokenizer,
+                      offset):
+    """A process reward model's score of whole replies (B,): the least of its steps' logits (the
+    min aggregate of Math-Shepherd, Wang et al. 2023); +inf for a reply without a step."""
+    steps = step_end_mask(tokenizer, completion_ids, completion_mask)
+    logits = process_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, steps,
+                            offset)
+    return logits.masked_fill(steps == 0, float("inf")).min(dim=1).values
+
+
+def step_examples(tokenizer, records: list[dict], context: int, path: str):
+    """Tokenized {"prompt", "reply", "ends", "labels"} of stepwise records ({"prompt",
+    "completions": [step, ...], "labels": [bool, ...]}, TRL's; the reply is the steps concatenated,
+    "ends" the positions of their last tokens), and the count skipped as longer than the context."""
+    examples, skipped = [], {"longer than the context": 0}
+    for line_no, record in enumerate(records, 1):
+        steps, labels = record["completions"], record["labels"]
+        if (not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps)
+                or not isinstance(labels, list) or len(labels) != len(steps)
+                or not all(isinstance(label, bool) for label in labels)):
+            raise ValueError(f"{path}:{line_no}: 'completions' must be a list of strings and "
+                             "'labels' a list of as many booleans")
+        try:
+            prompt = tokenizer.encode_prompt(record["prompt"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}:{line_no}: bad prompt ({e})") from None
+        reply = tokenizer.encode_reply("".join(steps))
+        ids, ones = torch.tensor([reply]), torch.ones(1, len(reply))
+        ends = step_end_mask(tokenizer, ids, ones)[0].nonzero().flatten().tolist()
+        if len(ends) != len(steps):
+            raise ValueError(f"{path}:{line_no}: {len(steps)} steps whose text cuts into "
+                             f"{len(ends)} (a step starts at a space or </think>, none is blank)")
+        if len(prompt) + len(reply) > context:
+            skipped["longer than the context"] += 1
+            continue
+        examples.append({"prompt": prompt, "reply": reply, "ends": ends,
+                         "labels": [float(label) for label in labels]})
+    if not examples:
+        raise ValueError(f"{path}: no usable stepwise records ({format_skipped(skipped)})")
+    return examples, skipped
+
+
+def step_scores(model, examples: list[dict], pad_id: int, device, offset):
+    """A process reward model on step_examples: its logits (B, N) at the steps' last tokens, the
+    labels (B, N) there and the step-end mask (B, N), 1 at the last token of each step."""
+    prompt_ids, prompt_mask = left_pad([e["prompt"] for e in examples], pad_id, device)
+    completion_ids, completion_mask = right_pad([e["reply"] for e in examples], pad_id, device)
+    labels, step_mask = (torch.zeros(completion_ids.shape, device=device) for _ in range(2))
+    for row, example in enumerate(examples):
+        step_mask[row, example["ends"]] = 1.0
+        labels[row, example["ends"]] = torch.tensor(example["labels"], device=device)
+    logits = process_logits(model, prompt_ids, prompt_mask, completion_ids,
+                            completion_mask.float(), step_mask, offset)
+    return logits, labels, step_mask
+
+
+@torch.no_grad()
+def step_accuracy(model, examples: list[dict], pad_id: int, device, offset, batch_size=128) -> dict:
+    """A process reward model on held-out step_examples: "accuracy", the share of steps it judges
+    as the labeler did (right iff the logit > 0), and "first_wrong", the share of replies whose
+    first step it judges wrong is the labeler's first wrong step (or where it finds none, as he)."""
+    was_training = model.training
+    model.eval()
+    right = first_right = steps = 0
+    for i in range(0, len(examples), batch_size):
+        logits, labels, step_mask = step_scores(model, examples[i: i + batch_size], pad_id, device,
+                                                offset)
+        judged = (logits > 0).float()
+        right += ((judged == labels).float() * step_mask).sum().item()
+        steps += step_mask.sum().item()
+        position = torch.arange(logits.shape[1], device=logits.device).float()
+        first_wrong = [torch.where((y == 0) & (step_mask == 1), position, torch.inf).amin(dim=1)
+                       for y in (labels, judged)]  # (B,) each; inf: no wrong step
+        first_right += (first_wrong[0] == first_wrong[1]).sum().item()
+    model.train(was_training)
+    return {"accuracy": right / max(steps, 1), "first_wrong": first_right / max(len(examples), 1)}
+
+
+# DeepSeekMath 4.1.3: r~ = (r - mean(R)) / std(R), R every step reward of the group's replies;
+#                     A_t = sum of r~ over the steps that end at or after token t
+def process_advantages(step_rewards, step_mask, group_size, eps=1e-4):
+    """step_rewards (B, N), each step's reward at its last token (step_mask (B, N) 1 there), the G
+    replies of a prompt in adjacent rows -> per-token advantages (B, N); unbiased std, as GRPO's."""
+    B, N = step_rewards.shape
+    rewards = step_rewards.reshape(-1, group_size * N)                        # (prompts, G * N)
+    mask = step_mask.reshape(-1, group_size * N)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = (rewards * mask).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    variance = ((rewards - mean) ** 2 * mask).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    normalized = ((rewards - mean) / (variance.sqrt() + eps) * mask).view(B, N)
+    return normalized.flip(1).cumsum(dim=1).flip(1)  # the sum over the steps at or after t

@@ -32,7 +32,10 @@ Columns (one row per checkpoint):
    reply (up to --chat-tokens) answers in kind by data.py's `chat_in_kind`: a greeting back, a
    story naming the animal asked for, never a think block or a number. Blank without the file.
 7. The reward model (a score head) has no replies: its row holds its held-out pairwise accuracy
-   (from its checkpoint's metrics) in the accuracy column, blanks elsewhere.
+   (from its checkpoint's metrics) in the accuracy column, blanks elsewhere; a process reward
+   model (reward.py --process) its held-out step accuracy.
+8. vote@K (`--vote "1 4 16"`, "accuracy/vote@K" in eval.json): self-consistency (Wang et al. 2022),
+   the accuracy of the majority final answer of K replies at --vote-temperature (vote_accuracy).
 A cell is blank when it does not apply or its input is missing (no reward.pt, no sft.pt, a
 different tokenizer). Rows are in pipeline order.
 """
@@ -55,7 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from data import CHAT_KINDS, chat_in_kind, win_rate
-from engine import completion_logprobs, generate, heldout_accuracy, left_pad, sequence_scores
+from engine import (completion_logprobs, generate, heldout_accuracy, left_pad, sequence_scores,
+                    vote_accuracy)
 from model import STAGES, load_checkpoint
 from tokenizer import read_documents
 
@@ -85,6 +89,10 @@ class Args:
     samples: int = 100
     """prompts (evenly spread over --eval-data) whose sampled replies give the reward, KL and
     length columns (0 = all)"""
+    vote: str = ""
+    """self-consistency: sample sizes K separated by spaces, e.g. "1 4 16", a vote@K column each"""
+    vote_temperature: float = 1.0
+    """sampling temperature of the --vote replies (0: greedy)"""
     val_tokens: int = 8192
     """tokens of --val-data used for bits per byte"""
     batch_size: int = 128
@@ -276,6 +284,9 @@ def plot(rows: list[dict], log_paths: list[str], path: str):
 def main(args: Args):
     if args.chat_tokens < 1:
         raise ValueError(f"--chat-tokens must be at least 1 (got {args.chat_tokens})")
+    votes = sorted({int(k) for k in args.vote.split() if k.isdigit() and int(k) > 0})
+    if len(votes) < len(set(args.vote.split())) or args.vote_temperature < 0:
+        raise ValueError(f"--vote {args.vote!r}: whole numbers > 0; --vote-temperature: >= 0")
     if args.device == "auto":
         args.device = ("cuda" if torch.cuda.is_available()
                        else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -339,7 +350,7 @@ def main(args: Args):
                "think_rate": None, "forced_think_accuracy": None, "win_rate": None,
                "chat_rate": None, "well_formed": None, "reward": None,
                "kl_to_sft": None, "reply_length": None, "val_bpb": None}
-        if model.config.head == "score":  # column 7: a reward model's own held-out number
+        if model.config.head == "score" or checkpoint.get("stage") == "prm":  # column 7
             row["accuracy"] = checkpoint.get("metrics", {}).get("after", {}).get("accuracy")
             rows.append(row)
             continue
@@ -356,6 +367,10 @@ def main(args: Args):
                 row["forced_think_accuracy"] = heldout_accuracy(
                     model, tokenizer, records, args.max_new_tokens, args.batch_size,
                     force_think=True)["accuracy"]
+            if votes:  # column 8, beside the families' accuracies
+                row.update({f"accuracy/vote@{k}": accuracy for k, accuracy in vote_accuracy(
+                    model, tokenizer, records, votes, args.vote_temperature, args.max_new_tokens,
+                    args.batch_size, args.seed).items()})
             if reference_replies is not None:  # column 2: judged by the labeler against sft's
                 row["win_rate"] = win_rate(records, replies, reference_replies)
             families += [k.split("/", 1)[1] for k in row

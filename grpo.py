@@ -25,6 +25,10 @@ Implementation details:
    entropy, length, "equal" (share of groups with equal rewards); held-out accuracy before, after.
 9. `--lora-rank r` trains a LoRA adapter; the reference is the policy with it off (as TRL with
    PEFT). Its dropout must be 0: replies sampled under one mask, trained under another.
+10. `--save-samples`: the trained policy's own replies, 4 to each of `sample_prompts` prompts,
+   for the labeler (`python data.py label`) in iterative RL (DeepSeekMath 4.1.4; iterate.sh).
+11. `--process-reward`: P(step right) per step, normalised over the group's steps; a token's
+   advantage sums those at or after it (DeepSeekMath 4.1.3). No answers unless --process-outcome.
 """
 
 import argparse
@@ -47,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import (all_gathered, batch_indices, completion_logprobs, encode_prompts,
                     format_accuracy, heldout_accuracy, judge_replies, load_policy, load_reward,
-                    masked_mean, rollout)
+                    masked_mean, process_advantages, rollout, save_samples, step_end_mask)
 from model import save_checkpoint
 
 
@@ -67,6 +71,10 @@ class Args:
     """weight of the normalised learned reward"""
     length_penalty: float = 0.0
     """subtracted from the reward times the reply length / max_new_tokens"""
+    process_reward: str = ""
+    """a process reward model (reward.py --process): per-step rewards instead (detail 11)"""
+    process_outcome: bool = False
+    """with --process-reward: add the outcome advantage (details 3, 4) on top"""
     steps: int = 20
     """optimizer steps = steps x iterations; one batch of samples per step"""
     prompts_per_step: int = 16
@@ -119,6 +127,10 @@ class Args:
     """LoRA: dropout on the adapter's input (must be 0 here: detail 9)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
+    save_samples: str = ""
+    """after training, write replies sampled from the policy to this JSONL file (detail 10)"""
+    sample_prompts: int = 1000
+    """prompts of --data (drawn by --seed) that --save-samples replies to, 4 replies each"""
 
 
 def parse_args(cls):
@@ -247,7 +259,7 @@ def k3_kl(logp, ref_logp):
 def grpo_token_loss(logp, old_logp, advantages, eps_low, eps_high, ref_logp=None, beta=0.0):
     """Per-token loss (B, N) and where the clip removed the gradient (B, N); advantages (B,)."""
     ratio = torch.exp(logp - old_logp)                           # (B, N)
-    advantages = advantages[:, None]                             # (B, 1): one per reply
+    advantages = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, N)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
     clipped = (((ratio > 1 + eps_high) & (advantages > 0))
                | ((ratio < 1 - eps_low) & (advantages < 0)))
@@ -282,9 +294,11 @@ def main(args: Args):
     lora = (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     policy, tokenizer, reference, as_reference = load_policy(args.init, args.device, lora,
                                                              with_reference=args.beta > 0)
-    reward = load_reward(args.reward_model, tokenizer, args.device) if args.reward_model else None
+    reward, process = (load_reward(path, tokenizer, args.device, kind) if path else None  # 3, 11
+                       for path, kind in ((args.reward_model, False), (args.process_reward, True)))
     context = policy.config.max_position_embeddings
-    data = read_jsonl(args.data, ("prompt",) if reward else ("prompt", "answer"))  # detail 3
+    no_key = reward or (process and not args.process_outcome)  # detail 3: answers not needed
+    data = read_jsonl(args.data, ("prompt",) if no_key else ("prompt", "answer"))
     records, too_long = encode_prompts(tokenizer, data, args.max_new_tokens, context, args.data,
                                        args.prompts_per_step)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
@@ -320,6 +334,7 @@ def main(args: Args):
                                                 args.temperature, sampler, reference, as_reference,
                                                 G, old_logp=args.iterations > 1)
             scores = reward(batch) if reward else None
+            step_rewards = process(batch) if process else None                         # (B, N)
         prompt_ids, _, completion_ids, completion_mask = batch
         tokens_seen += (prompt_ids.numel() + completion_ids.numel()) * world
 
@@ -330,6 +345,9 @@ def main(args: Args):
                                args.max_new_tokens)
         all_rewards = all_gathered(rewards) if ddp else rewards  # the global batch's
         advantages = grpo_advantages(all_rewards, G, args.scale_rewards).view(world, -1)[rank]
+        if process:  # detail 11: per-token advantages (B, N); a rank holds whole groups
+            by_steps = process_advantages(step_rewards, step_end_mask(tokenizer, *batch[2:]), G)
+            advantages = by_steps + advantages[:, None] * args.process_outcome
         equal_groups = (all_rewards.view(-1, G).diff(dim=1) == 0).all(dim=1).float().mean()
         loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask
         scale = (loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
@@ -363,7 +381,8 @@ def main(args: Args):
         metrics = {"loss": loss_sum / args.iterations, "reward": rewards.mean().item(),
                    "accuracy": accuracy, "think": think, "kl": kl,
                    "clip": clip_sum / args.iterations, "entropy": entropy_sum / args.iterations,
-                   "length": lengths.mean().item(), "equal": equal_groups.item()}
+                   "length": lengths.mean().item(), "equal": equal_groups.item(),
+                   **({"process": step_rewards.sum(dim=1).mean().item()} if process else {})}
         sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
         steps_since_log += 1
         if step % args.log_every == 0 or step == args.steps:
@@ -385,6 +404,10 @@ def main(args: Args):
         print(f"grpo | done in {format_time(time.time() - start_time)}")
         print(f"grpo | before: {format_accuracy(before)}")
         print(f"grpo | after:  {format_accuracy(after)} | wrote {args.out}")
+        if args.save_samples:  # detail 10
+            count = save_samples(args.save_samples, policy, tokenizer, data, args.sample_prompts,
+                                 args.max_new_tokens, args.temperature, sampler, args.seed)
+            print(f"grpo | wrote 4 replies to each of {count} prompts to {args.save_samples}")
         log_file.close()
     if ddp:  # the ranks leave together, once rank 0 has evaluated and saved
         dist.barrier()

@@ -13,9 +13,9 @@ Implementation details:
 2. Four models, as TRL's PPOTrainer: policy and frozen reference from sft.pt, frozen reward model
    and critic (its own trunk) from reward.pt. Score: normalised as reward.py stored it, minus
    `missing_eos_penalty` for a reply that never emitted <|im_end|> (TRL's).
-3. r_t = -kl_coef (logp_t - ref_logp_t) at every reply token, + the score at the last real token
-   (Ziegler et al.): the KL is in the reward, not in the loss. `--adaptive-kl` steers kl_coef
-   towards kl_target (proportional, error clipped to +-0.2).
+3. r_t = -kl_coef (logp_t - ref_logp_t) + the score at the last real token (Ziegler et al.; KL in
+   the reward, not the loss; `--adaptive-kl` steers kl_coef). A process reward model (reward.py
+   --process): 2 P(step right) - 1 at each step's last token; critic: its trunk, score head at 0.
 4. GAE: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, R_t = A_t + V_t,
    0 past the last real token; A whitened over the real tokens (engine.masked_whiten, TRL's).
 5. Policy loss: token mean of -min(ratio A, clip(ratio, 1 +- clip) A); value loss: 0.5 token mean
@@ -26,6 +26,8 @@ Implementation details:
    reference, clip, approx KL, value loss, explained variance, entropy, length, updates, kl_coef.
 8. `--lora-rank r` trains a LoRA adapter on the policy (the critic in full, as TRL); the reference
    is the policy with it off. Its dropout must be 0, or the ratio would not start at 1.
+9. `--save-samples`: the trained policy's own replies, 4 to each of `sample_prompts` prompts,
+   for the labeler (`python data.py label`) in iterative RL (DeepSeekMath 4.1.4; iterate.sh).
 """
 
 import argparse
@@ -48,9 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import (approximate_kl, batch_indices, completion_logprobs, completion_values,
                     encode_prompts, explained_variance, format_accuracy, heldout_accuracy,
-                    judge_replies, load_policy, load_reward, masked_mean, masked_whiten,
-                    mean_over_ranks, minibatches, rollout)
-from model import load_checkpoint, save_checkpoint
+                    judge_replies, load_policy, load_reward, load_value_model, masked_mean,
+                    masked_whiten, mean_over_ranks, minibatches, rollout, save_samples)
+from model import save_checkpoint
 
 
 @dataclass
@@ -127,6 +129,10 @@ class Args:
     """LoRA: dropout on the adapter's input (must be 0 here: detail 8)"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
+    save_samples: str = ""
+    """after training, write replies sampled from the policy to this JSONL file (detail 9)"""
+    sample_prompts: int = 1000
+    """prompts of --data (drawn by --seed) that --save-samples replies to, 4 replies each"""
 
 
 def parse_args(cls):
@@ -225,10 +231,12 @@ def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: flo
 
 # ----------------------------------------------------------------------------- ALGO LOGIC: PPO
 
-# detail 3: r_t = -kl_coef * (logp_t - ref_logp_t), + score at the last real token
-def ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef):
-    """Per-token rewards (B, N): logp, ref_logp, completion_mask (B, N), scores (B,)."""
+# detail 3: r_t = -kl_coef * (logp_t - ref_logp_t) + step reward_t, + score at the last real token
+def ppo_rewards(logp, ref_logp, scores, completion_mask, kl_coef, step_rewards=None):
+    """(B, N) from logp, ref_logp, completion_mask, step_rewards (B, N) and scores (B,)."""
     rewards = -kl_coef * (logp - ref_logp) * completion_mask                 # (B, N)
+    if step_rewards is not None:
+        rewards = rewards + step_rewards * completion_mask
     last = (completion_mask.sum(dim=1).long() - 1).clamp(min=0)              # (B,) right-padded
     return rewards.index_put((torch.arange(len(last), device=last.device), last), scores,
                              accumulate=True)
@@ -285,10 +293,10 @@ def main(args: Args):
     lora = (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     policy, tokenizer, reference, as_reference = load_policy(args.init, args.device, lora)
     reward = load_reward(args.reward_model, tokenizer, args.device)  # detail 2: four models
-    value_model = load_checkpoint(args.reward_model, device=args.device, head="score")[0]
+    value_model = load_value_model(args.reward_model, args.device)
     context = policy.config.max_position_embeddings
-    records, too_long = encode_prompts(tokenizer, read_jsonl(args.data, ("prompt",)),
-                                       args.max_new_tokens, context, args.data,
+    data = read_jsonl(args.data, ("prompt",))
+    records, too_long = encode_prompts(tokenizer, data, args.max_new_tokens, context, args.data,
                                        args.prompts_per_step)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
@@ -333,8 +341,11 @@ def main(args: Args):
         _, ended, accuracy, think = judge_replies(tokenizer, *batch[2:], answers)
 
         # ---------------------------------------------------------- rewards, GAE (detail 2, 3, 4)
-        penalized_scores = scores - args.missing_eos_penalty * (~ended).float()
-        rewards = ppo_rewards(old_logp, ref_logp, penalized_scores, completion_mask, kl_coef)
+        process = scores.dim() == 2  # detail 3: a process reward model's step rewards (B, N)
+        step_rewards, scores = (scores, scores.sum(dim=1)) if process else (None, scores)
+        penalized_scores = (0 if process else scores) - args.missing_eos_penalty * (~ended).float()
+        rewards = ppo_rewards(old_logp, ref_logp, penalized_scores, completion_mask, kl_coef,
+                              step_rewards)
         advantages, returns = gae(rewards, old_values, completion_mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, completion_mask)
         kl = mean_over_ranks((old_logp - ref_logp).sum(dim=1).mean(), ddp)          # sequence KL
@@ -402,6 +413,10 @@ def main(args: Args):
         print(f"ppo | before: {format_accuracy(before)} | score {before['score']:.3f}")
         print(f"ppo | after:  {format_accuracy(after)} | score {after['score']:.3f} | "
               f"wrote {args.out}")
+        if args.save_samples:  # detail 9
+            count = save_samples(args.save_samples, policy, tokenizer, data, args.sample_prompts,
+                                 args.max_new_tokens, args.temperature, sampler, args.seed)
+            print(f"ppo | wrote 4 replies to each of {count} prompts to {args.save_samples}")
         log_file.close()
     if ddp:  # the ranks leave together, once rank 0 has evaluated and saved
         dist.barrier()

@@ -6,6 +6,7 @@ Run (after `python sft.py`), out/sft.pt + data/prefs.jsonl -> out/reward.pt:
     python reward.py                                                  # CPU defaults
     python reward.py --device cuda --batch-size 64 --steps 1000       # one GPU
     torchrun --nproc_per_node 8 reward.py --batch-size 256            # many GPUs, no code change
+    python reward.py --process --out out/prm.pt     # a process reward model, on data/steps.jsonl
 
 Implementation details:
 1. The reward model is sft.pt with a scalar head `score` (Qwen2ForSequenceClassification's name)
@@ -21,6 +22,14 @@ Implementation details:
 7. Before and after: pairwise accuracy on held-out pairs, per rejected `kind`; a tie is wrong.
 8. `--lora-rank r`: a LoRA adapter on the trunk, the new score head trained in full (PEFT's
    modules_to_save); the checkpoint holds the merged weights, which PPO's critic starts from.
+9. `--process`: a process reward model (stage "prm") on stepwise records, kept a language model:
+   P(step k right) = σ(s_k), s_k = m_k + step_offset, m_k the least log-prob of the step's tokens
+   and the one after it (engine.process_logits); L = mean of BCE over the batch's steps.
+10. Its before/after: step accuracy (s_k > 0), first-wrong-step accuracy (none counts), and the
+   held-out pairs by each reply's least step (Math-Shepherd's min aggregate).
+11. Iterative RL (DeepSeekMath 4.1.4): `--init` a reward model trains it further, its head kept, on
+   the policy's own replies judged by the labeler (pairs, or steps with --process), with a
+   `--replay-share` of old records from `--replay-data`.
 """
 
 import argparse
@@ -35,6 +44,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, get_args, get_origin
 
 import torch
@@ -42,7 +52,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import all_pairs, batch_indices, format_skipped, pair_scores, preference_pairs
+from engine import (all_pairs, batch_indices, format_skipped, least_step_scores, pair_scores,
+                    preference_pairs, sequence_scores, step_accuracy, step_examples, step_scores)
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 
 
@@ -54,6 +65,14 @@ class Args:
     """preference pairs, one {"prompt", "chosen", "rejected"} per line (optional "margin")"""
     eval_pairs: str = "data/prefs_eval.jsonl"
     """held-out preference pairs, for the before/after pairwise accuracy"""
+    process: bool = False
+    """train a process reward model on --step-data instead of the pairs (details 9, 10)"""
+    step_data: str = "data/steps.jsonl"
+    """with --process: {"prompt", "completions": [step, ...], "labels": [bool, ...]} per line"""
+    eval_steps: str = "data/steps_eval.jsonl"
+    """with --process: held-out stepwise records, for the before/after step accuracy"""
+    step_offset: float = 4.0
+    """with --process: P(step right) = σ(least log-prob of its tokens + step_offset) (detail 9)"""
     out: str = "out/reward.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
     steps: int = 120
@@ -96,6 +115,10 @@ class Args:
     """LoRA: dropout on the adapter's input"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """LoRA: the layers that get an adapter (add gate_proj,up_proj,down_proj for the MLP too)"""
+    replay_data: str = ""
+    """old preference pairs (stepwise records with --process) replayed among the new (detail 11)"""
+    replay_share: float = 0.1
+    """share of the training pairs that are replayed from --replay-data (DeepSeekMath: a tenth)"""
 
 
 def parse_args(cls):
@@ -217,9 +240,11 @@ def reward_model_from(lm_model: Transformer, seed: int) -> Transformer:
 
 
 # detail 7: held-out pairwise accuracy, overall and per rejected kind, and the mean margin
-def heldout_metrics(reward_model, pairs: list[dict], pad_id: int, args, autocast) -> dict:
-    chosen_rewards, rejected_rewards = all_pairs(pair_scores, reward_model, pairs, pad_id,
-                                                 args.device, args.eval_batch_size, autocast)
+def heldout_metrics(reward_model, pairs: list[dict], pad_id: int, args, autocast,
+                    score=sequence_scores) -> dict:
+    chosen_rewards, rejected_rewards = all_pairs(partial(pair_scores, score=score), reward_model,
+                                                 pairs, pad_id, args.device, args.eval_batch_size,
+                                                 autocast)
     result = {"accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards),
               "margin": (chosen_rewards - rejected_rewards).mean().item()}
     for kind in sorted({p["kind"] for p in pairs}):
@@ -229,11 +254,42 @@ def heldout_metrics(reward_model, pairs: list[dict], pad_id: int, args, autocast
 
 
 def format_pairs(result: dict) -> str:
+    if "first_wrong" in result:  # a process reward model's (detail 10)
+        return (f"step accuracy {result['accuracy']:.1%} | first wrong step "
+                f"{result['first_wrong']:.1%} | pairs by the least step: " + format_pairs(
+                    {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("pairs/")}))
     kinds = " ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in result.items() if "/" in k)
     return f"pairwise accuracy {result['accuracy']:.1%} ({kinds}) | margin {result['margin']:.2f}"
 
 
+# detail 9: L = sum over steps k of BCE(σ(s_k), y_k), divided by the global batch's step count
+def process_loss(step_logits, step_labels, step_mask):
+    """Each reply's summed per-step binary cross-entropy (B,): logits s_k at the step ends, labels,
+    step mask (B, N)."""
+    losses = F.binary_cross_entropy_with_logits(step_logits, step_labels, reduction="none")
+    return (losses * step_mask).sum(dim=1)
+
+
+# detail 10: step and first-wrong-step accuracy, pairs by each reply's least step score
+def process_metrics(reward_model, pairs, pad_id, args, autocast, tokenizer, examples) -> dict:
+    with autocast:
+        result = step_accuracy(reward_model, examples, pad_id, args.device, args.step_offset,
+                               args.eval_batch_size)
+    least = partial(least_step_scores, tokenizer=tokenizer, offset=args.step_offset)
+    by_pairs = heldout_metrics(reward_model, pairs, pad_id, args, autocast, least)
+    return {**result, **{f"pairs/{key}": value for key, value in by_pairs.items()}}
+
+
+# detail 11: share / (1 - share) old pairs per new pair, drawn at random (all if too few)
+def with_replay(pairs: list, old_pairs: list, share: float, seed: int) -> list:
+    n_old = min(len(old_pairs), round(len(pairs) * share / (1 - share)))
+    order = torch.randperm(len(old_pairs), generator=torch.Generator().manual_seed(seed))
+    return pairs + [old_pairs[i] for i in order[:n_old].tolist()]
+
+
 def main(args: Args):
+    if not 0 <= args.replay_share < 1:
+        raise ValueError(f"--replay-share {args.replay_share}: must be in [0, 1)")
     ddp, rank, world, device_type, autocast = setup(args)
     master = rank == 0
     torch.manual_seed(args.seed)
@@ -242,17 +298,37 @@ def main(args: Args):
                          f"--grad-accum = {world * args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
 
-    reward_model, tokenizer, _ = load_checkpoint(args.init, device=args.device, head="lm")
-    reward_model = reward_model_from(reward_model, args.seed)  # detail 1: lm head -> score head
+    reward_model, tokenizer, _ = load_checkpoint(args.init, device=args.device)
+    if reward_model.config.head == "lm" and not args.process:  # detail 1 (11: or go on; 9)
+        reward_model = reward_model_from(reward_model, args.seed)
     if args.lora_rank:  # detail 8: an adapter on the trunk, the new score head trained in full
         from lora import add_lora
         lora = (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        add_lora(reward_model, *lora).score.requires_grad_(True)
+        add_lora(reward_model, *lora)
+        if not args.process:
+            reward_model.score.requires_grad_(True)
     context, pad_id = reward_model.config.max_position_embeddings, tokenizer.pad_id
-    columns = ("prompt", "chosen", "rejected")
-    pairs, skipped = preference_pairs(tokenizer, read_jsonl(args.data, columns), context, args.data)
+    columns, data = ("prompt", "chosen", "rejected"), args.step_data if args.process else args.data
+    evaluate, sides = heldout_metrics, ("prompt", "prompt", "chosen", "rejected")  # tokens
+    if args.process:  # detail 9: it trains on stepwise records, not pairs
+        step_columns = ("prompt", "completions", "labels")
+        pairs, skipped = step_examples(tokenizer, read_jsonl(data, step_columns), context, data)
+        if args.replay_data:  # detail 11
+            old_pairs = step_examples(tokenizer, read_jsonl(args.replay_data, step_columns),
+                                      context, args.replay_data)[0]
+            pairs = with_replay(pairs, old_pairs, args.replay_share, args.seed)
+        eval_steps = step_examples(tokenizer, read_jsonl(args.eval_steps, step_columns), context,
+                                   args.eval_steps)[0]
+        evaluate, sides = partial(process_metrics, tokenizer=tokenizer, examples=eval_steps), (
+            "prompt", "reply")
+    else:
+        pairs, skipped = preference_pairs(tokenizer, read_jsonl(data, columns), context, data)
+        if args.replay_data:  # detail 11
+            old_pairs = preference_pairs(tokenizer, read_jsonl(args.replay_data, columns), context,
+                                         args.replay_data)[0]
+            pairs = with_replay(pairs, old_pairs, args.replay_share, args.seed)
     if len(pairs) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(pairs)} usable pairs, fewer than "
+        raise ValueError(f"{data}: {len(pairs)} usable records, fewer than "
                          f"--batch-size {args.batch_size}")
     eval_pairs, eval_skipped = preference_pairs(
         tokenizer, read_jsonl(args.eval_pairs, columns), context, args.eval_pairs)
@@ -265,8 +341,9 @@ def main(args: Args):
 
     # -------------------------------------------------------------- the training loop
     if master:  # detail 7: held-out accuracy before training
-        before = heldout_metrics(reward_model, eval_pairs, pad_id, args, autocast)
-        print(f"reward | {len(pairs)} pairs ({format_skipped(skipped)} skipped), "
+        before = evaluate(reward_model, eval_pairs, pad_id, args, autocast)
+        kind = "step-labelled replies" if args.process else "pairs"
+        print(f"reward | {len(pairs)} {kind} ({format_skipped(skipped)} skipped), "
               f"{len(eval_pairs)} held out ({format_skipped(eval_skipped)} skipped), "
               f"{world} process(es) on {args.device} in {args.dtype}")
         print(f"reward | before: {format_pairs(before)}")
@@ -282,21 +359,30 @@ def main(args: Args):
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(len(pairs), args.batch_size, args.seed, step)[rank::world]
+        indices = batch_indices(len(pairs), args.batch_size, args.seed, step)
+        # detail 6 (9): the mean over the global batch's pairs (steps)
+        count = sum(len(pairs[i]["labels"]) for i in indices) if args.process else args.batch_size
+        indices = indices[rank::world]
         stats = torch.zeros(3, device=args.device)  # this rank's sums: losses, correct, margins
         for micro in range(args.grad_accum):
             rows = [pairs[i] for i in indices[micro * micro_batch: (micro + 1) * micro_batch]]
-            margin = torch.tensor([p["margin"] for p in rows], device=args.device)
-            tokens_seen += world * sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"])
-                                       for p in rows)
+            tokens_seen += world * sum(len(p[side]) for p in rows for side in sides)
             no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:
-                chosen_rewards, rejected_rewards = pair_scores(model, rows, pad_id, args.device)
-                losses = reward_loss(chosen_rewards, rejected_rewards, margin, args.center_coef)
-                loss = losses.sum() / args.batch_size  # detail 6: its share of the global mean
+                if args.process:  # detail 9: margins (steps,) > 0 where judged as the labeler
+                    logits, labels, step_mask = step_scores(model, rows, pad_id, args.device,
+                                                            args.step_offset)
+                    losses = process_loss(logits, labels, step_mask)
+                    margins = ((2 * labels - 1) * logits)[step_mask.bool()]
+                else:
+                    margin = torch.tensor([p["margin"] for p in rows], device=args.device)
+                    chosen_rewards, rejected_rewards = pair_scores(model, rows, pad_id, args.device)
+                    losses = reward_loss(chosen_rewards, rejected_rewards, margin, args.center_coef)
+                    margins = chosen_rewards - rejected_rewards  # (b,)
+                loss = losses.sum() / count  # detail 6: its share of the global mean
             with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
-            margins = (chosen_rewards - rejected_rewards).detach()  # (b,)
+            margins = margins.detach()
             stats += torch.stack([losses.detach().sum(), (margins > 0).sum(), margins.sum()])
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -304,7 +390,7 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        values = (stats * world / args.batch_size).tolist()  # as the means of the whole batch
+        values = (stats * world / count).tolist()  # as the means of the whole batch
         metrics = dict(zip(("loss", "accuracy", "margin"), values))
         sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
         steps_since_log += 1
@@ -321,19 +407,22 @@ def main(args: Args):
 
     reward_model = gathered(reward_model) if args.fsdp else reward_model  # all ranks gather
     if master:
-        after = heldout_metrics(reward_model, eval_pairs, pad_id, args, autocast)
-        # detail 4: the mean and std of the rewards of training replies, stored for PPO
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
-        sample = [pairs[i] for i in order[: args.stats_pairs].tolist()]
-        rewards = torch.cat(all_pairs(pair_scores, reward_model, sample, pad_id, args.device,
-                                      args.eval_batch_size, autocast))
-        mean, std = rewards.mean().item(), rewards.std().item()
+        after = evaluate(reward_model, eval_pairs, pad_id, args, autocast)
+        mean, std = 0.0, 1.0  # a process reward model's rewards are log-probabilities
+        if not args.process:  # detail 4: the mean and std of training replies' rewards, for PPO
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
+            sample = [pairs[i] for i in order[: args.stats_pairs].tolist()]
+            rewards = torch.cat(all_pairs(pair_scores, reward_model, sample, pad_id, args.device,
+                                          args.eval_batch_size, autocast))
+            mean, std = rewards.mean().item(), rewards.std().item()
         metrics = {"reward_mean": mean, "reward_std": std, "before": before, "after": after,
                    "skipped": skipped}
-        save_checkpoint(args.out, reward_model, tokenizer, "reward", parent=args.init, step=step,
-                        args=dataclasses.asdict(args), metrics=metrics)
-        print(f"reward | done in {format_time(time.time() - start_time)} | training rewards: "
-              f"mean {mean:.3f}, std {std:.3f} (stored for PPO)")
+        if args.process:  # what engine.load_reward reads the steps with
+            metrics["step_offset"] = args.step_offset
+        save_checkpoint(args.out, reward_model, tokenizer, "prm" if args.process else "reward",
+                        parent=args.init, step=step, args=dataclasses.asdict(args), metrics=metrics)
+        print(f"reward | done in {format_time(time.time() - start_time)}" + ("" if args.process else
+              f" | training rewards: mean {mean:.3f}, std {std:.3f} (stored for PPO)"))
         print(f"reward | before: {format_pairs(before)}")
         print(f"reward | after:  {format_pairs(after)} | wrote {args.out}")
         log_file.close()

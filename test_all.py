@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the modules te
 import data
 import distill
 from distill import generalized_jsd, kd_loss
+import dpo
 from dpo import LOSS_TYPES, dpo_loss
 import engine
 from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,
@@ -61,9 +62,11 @@ import model as model_module
 from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy, load_balancing_loss,
                    load_checkpoint, save_checkpoint)
 import ppo
+import pretrain
+import reward
 from ppo import adaptive_kl_coef, gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from pretrain import lr_at
-from reward import pairwise_accuracy, reward_loss, reward_model_from
+from reward import pairwise_accuracy, process_loss, reward_loss, reward_model_from, with_replay
 import serve
 from serve import show_reply
 import sft
@@ -168,6 +171,17 @@ def tiny_reward(world, tiny_sft):
     path = world / "out" / "reward_rl.pt"
     save_checkpoint(str(path), reward_model, tokenizer, "reward", parent=str(tiny_sft),
                     metrics={"reward_mean": 0.1, "reward_std": 2.0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(world, tiny_sft):
+    """A process reward model for the tiny world: a language model of stage "prm" (reward.py
+    --process writes one), the tiny SFT model itself."""
+    model, tokenizer, _ = load_checkpoint(str(tiny_sft))
+    path = world / "out" / "prm_rl.pt"
+    save_checkpoint(str(path), model, tokenizer, "prm", parent=str(tiny_sft),
+                    metrics={"step_offset": 4.0})
     return path
 
 
@@ -397,7 +411,8 @@ def serve_generate(model, tokenizer, messages, max_tokens=None, temperature=0.0,
 # ==================================================================================================
 
 DATA_FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl",
-              "chat.jsonl", "eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"]
+              "chat.jsonl", "eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl", "steps.jsonl",
+              "steps_eval.jsonl"]
 
 DATA_FAMILIES = ["add", "sub"]
 
@@ -585,6 +600,160 @@ def test_data_labeler():
                   "433") == 1.0
 
 
+def test_data_sampled_replies_become_pairs_by_the_labeler():
+    """Iterative RL: every two distinct replies the labeler does not tie, the preferred one
+    chosen; the labeler's worked reply joins them (so a task every reply gets wrong gives pairs)."""
+    record = {"prompt": "What is 385 + 48?", "family": "add", "answer": "433"}
+    right = "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+    wrong = "<think>385+048: 5+8+0=14 8+4+1=13 3+0+1=4</think>434"
+    cut_off = "<think>385+048: 5+8+0=13"
+    assert data.worked_reply(record) == right
+    pairs = data.sampled_pairs(record, [right, "433", right, wrong, "434", cut_off, " "],
+                               worked=False)
+    found = {(p["chosen"], p["rejected"], p["kind"]) for p in pairs}
+    assert found == {(right, "433", "worse_work"), (right, wrong, "wrong_answer"),
+                     (right, "434", "wrong_answer"), (right, cut_off, "no_answer"),
+                     ("433", wrong, "wrong_answer"), ("433", "434", "wrong_answer"),
+                     ("433", cut_off, "no_answer"), (wrong, cut_off, "no_answer"),
+                     ("434", cut_off, "no_answer")}  # wrong and 434 tie; the duplicate is one
+    assert len(pairs) == 9 and all(p["prompt"] == record["prompt"] for p in pairs)
+    assert all(data.prefer(record, p["chosen"], p["rejected"]) == 1.0 for p in pairs)
+    assert data.sampled_pairs(record, [wrong, wrong], worked=False) == []
+    assert [(p["chosen"], p["rejected"]) for p in data.sampled_pairs(record, [wrong, wrong])] == [
+        (right, wrong)]
+
+
+def test_data_label_command_splits_and_refuses_malformed_samples(tmp_path, capsys):
+    record = {"prompt": "Compute 305 - 148.", "family": "sub", "answer": "157"}
+    samples = [{**record, "replies": ["157", "158"]} for _ in range(10)]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    args = data.LabelArgs(samples=str(path), out=str(tmp_path / "pairs.jsonl"),
+                          eval_out=str(tmp_path / "pairs_eval.jsonl"))
+    data.label(args)
+    train, held_out = (read_log(tmp_path / name) for name in ("pairs.jsonl", "pairs_eval.jsonl"))
+    worked = data.worked_reply(record)  # 9 prompts: worked > 157 > 158 (3 pairs); the tenth: 1
+    assert len(train) == 27 and len(held_out) == 1 and held_out[0]["chosen"] == "157"
+    assert {(p["chosen"], p["rejected"]) for p in train} == {(worked, "157"), (worked, "158"),
+                                                             ("157", "158")}
+    assert "label | 10 prompts, 20 replies, 50.0% right" in capsys.readouterr().out
+    for line in ['{"prompt": "Compute 305 - 148.", "family": "sub", "replies": "157"}',
+                 '{"prompt": "Compute 305 - 148.", "replies": ["157"]}',
+                 '{"prompt": "Say hi.", "family": "sub", "replies": ["157"]}', "not json"]:
+        path.write_text(json.dumps(samples[0]) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match="samples.jsonl:2: not a task record"):
+            data.label(args)
+
+
+def test_data_label_steps_judges_every_step_of_the_samples(tmp_path, capsys):
+    """`data.py label --steps`: each distinct reply in a trace's form (and the worked one, but for
+    the held-out prompts), cut into steps, each judged by the labeler; other text is left out."""
+    record = {"prompt": "What is 385 + 48?", "family": "add", "answer": "433"}
+    right = "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+    slip = "<think>385+048: 5+8+0=14 8+4+1=13 3+0+1=4</think>434"
+    replies = [right, slip, right, "433", "a story", " ", "4 +3", "<think>385+048: 5+8+0=1x"]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({**record, "replies": replies}) + "\n" for _ in range(10)))
+    data.label(data.LabelArgs(samples=str(path), out=str(tmp_path / "steps.jsonl"),
+                              eval_out=str(tmp_path / "steps_eval.jsonl"), steps=True))
+    train, held_out = (read_log(tmp_path / n) for n in ("steps.jsonl", "steps_eval.jsonl"))
+    assert data.worked_reply(record) == right  # 3 distinct replies of sums per prompt
+    assert len(train) == 27 and len(held_out) == 3
+    assert [(r["completions"], r["labels"]) for r in held_out] == [
+        (data.reply_steps(right), [True] * 5), (data.reply_steps(slip), [True, False] + [True] * 3),
+        (["433"], [True])]
+    assert "label | 27 replies (0 wrong 18, 1 wrong 9)" in capsys.readouterr().out
+
+
+def test_data_step_labels_by_hand():
+    """The labeler judges each step given the steps before it: one mistake, one wrong step."""
+    T, F = True, False
+    record = {"prompt": "What is 385 + 48?", "family": "add"}
+    right = "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
+    steps = data.reply_steps(right)
+    assert steps == ["<think>385+048:", " 5+8+0=13", " 8+4+1=13", " 3+0+1=4", "</think>433"]
+
+    def judged(reply, record=record):
+        steps = data.reply_steps(reply)
+        assert "".join(steps) == reply
+        return data.judge_steps(record, steps)
+    assert judged(right) == [T] * 5
+    # a slipped digit: that column; the carry and the answer follow what was written
+    assert judged("<think>385+048: 5+8+0=14 8+4+1=13 3+0+1=4</think>434") == [T, F, T, T, T]
+    assert judged("<think>385+048: 5+8+0=3 8+4+0=12 3+0+1=4</think>423") == [T, F, T, T, T]
+    # a dropped carry; with it an answer that is not what the columns spell: two wrong steps
+    assert judged("<think>385+048: 5+8+0=13 8+4+0=12 3+0+1=4</think>423") == [T, T, F, T, T]
+    assert judged("<think>385+048: 5+8+0=13 8+4+0=12 3+0+1=4</think>433") == [T, T, F, T, F]
+    # a mis-copied operand, in the head (the columns follow the head) or in a column
+    assert judged("<think>385+058: 5+8+0=13 8+5+1=14 3+0+1=4</think>443") == [F, T, T, T, T]
+    assert judged("<think>385+048: 5+9+0=14 8+4+1=13 3+0+1=4</think>434") == [T, F, T, T, T]
+    # a fourth column, a step after the answer, a trace cut off, bare replies
+    assert (judged("<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4 0+0+0=0</think>433")
+            == [T, T, T, T, F, T])
+    assert judged(right + " sure") == [T] * 5 + [F]
+    assert judged("<think>385+048: 5+8+0=13") == [T, T]
+    assert judged("433") == [T] and judged("434") == [F]
+    # subtraction: a borrow is decided by the difference written; a dropped borrow
+    sub = {"prompt": "Compute 305 - 148.", "family": "sub"}
+    assert judged("<think>305-148: 5-8-0=-3+10=7 0-4-1=-5+10=5 3-1-1=1</think>157", sub) == [T] * 5
+    assert (judged("<think>305-148: 5-8-0=-3+10=7 0-4-0=-4+10=6 3-1-1=1</think>167", sub)
+            == [T, T, F, T, T])
+    assert (judged("<think>305-148: 5-8-0=-3+10=8 0-4-1=-5+10=5 3-1-1=1</think>158", sub)
+            == [T, F, T, T, T])
+    # the smaller digit from the larger, no borrow: the next column borrows nothing, as written
+    assert (judged("<think>305-148: 5-8-0=3 0-4-0=-4+10=6 3-1-1=1</think>163", sub)
+            == [T, F, T, T, T])
+
+
+def data_judge_steps(family, prompt, steps):
+    """Each step's label recomputed from the prompt alone, independently of data.py: the head
+    restates the operands; a column "x+y+c=r" (or "x-y-c=d", "+10=d+10" when d < 0) takes its
+    digits from the head, its carry (borrow) from the column written before, and computes right;
+    the answer is what the three columns spell; a bare reply is right iff it is the answer."""
+    a, b = map(int, re.findall(r"\d+", prompt))
+    truth = a + b if family == "add" else a - b
+    if len(steps) == 1:
+        return [steps[0] == str(truth)]
+    head = re.fullmatch(r"<think>(\d{3})([+-])(\d{3}):", steps[0])
+    labels = [(int(head[1]), head[2], int(head[3])) == (a, "+-"[family == "sub"], b)]
+    carry, results = 0, []
+    for column, step in enumerate(steps[1:-1]):
+        left, *right = step[1:].split("=")
+        x, y, c = map(int, re.split(r"[+-]", left))
+        value = x + y + c if family == "add" else x - y - c
+        written = int(re.match(r"-?\d+", right[0])[0])
+        ok = (x, y, c) == (int(head[1][2 - column]), int(head[3][2 - column]), carry)
+        ok = ok and written == value and right[1:] == ([str(value + 10)] if value < 0 else [])
+        labels.append(ok and (right[0] == str(value) + ("+10" if value < 0 else "")))
+        results.append(int(right[-1]))
+        carry = written // 10 if family == "add" else int(written < 0)
+    assert steps[-1].startswith("</think>") and len(results) == 3, steps
+    digits = [results[2], results[1] % 10, results[0] % 10]
+    return labels + [steps[-1][len("</think>"):] == str(int("".join(map(str, digits))))]
+
+
+def test_data_step_labels_checked_by_an_independent_solver(tiny_data):
+    eval_keys = {data_solve(r["family"], r["prompt"])[0]
+                 for r in data_read(tiny_data, "eval.jsonl")}
+    for name in ("steps.jsonl", "steps_eval.jsonl"):
+        wrong = Counter()
+        for r in data_read(tiny_data, name):
+            assert set(r) == {"prompt", "completions", "labels", "family", "level"}, r
+            steps, labels = r["completions"], r["labels"]
+            assert data.reply_steps("".join(steps)) == steps and len(labels) == len(steps), r
+            assert labels == data_judge_steps(r["family"], r["prompt"], steps), r
+            key, answer = data_solve(r["family"], r["prompt"])
+            assert (key in eval_keys) == (name == "steps_eval.jsonl"), r  # held out, or never
+            if len(steps) == 1:  # a bare answer, right or slipped
+                wrong["bare"] += 1
+                continue
+            wrong[labels.count(False)] += 1  # 0-2 mistakes, each its own wrong step
+            assert all(labels) == (final_answer("".join(steps)) == answer
+                                   and data.prefer(r, "".join(steps), answer) == 1.0), r
+        assert set(wrong) == {0, 1, 2, "bare"}, (name, wrong)
+    assert len(data_read(tiny_data, "steps_eval.jsonl")) == len(eval_keys)
+
+
 def test_data_pretraining_text(tiny_data):
     for name in ("pretrain.txt", "pretrain_val.txt"):
         text = data_read(tiny_data, name)
@@ -605,10 +774,10 @@ def test_data_held_out_split_is_disjoint(tiny_data):
     evals = data_read(tiny_data, "eval.jsonl")
     eval_prompts = {r["prompt"] for r in evals}
     eval_keys = {data_solve(r["family"], r["prompt"])[0] for r in evals}
-    train_prompts = {r["prompt"] for name in ("prefs.jsonl", "prompts.jsonl")
-                     for r in data_read(tiny_data, name)}
+    train_files = ("prefs.jsonl", "prompts.jsonl", "steps.jsonl")
+    train_prompts = {r["prompt"] for name in train_files for r in data_read(tiny_data, name)}
     train_keys = {data_solve(r["family"], r["prompt"])[0]
-                  for name in ("prefs.jsonl", "prompts.jsonl") for r in data_read(tiny_data, name)}
+                  for name in train_files for r in data_read(tiny_data, name)}
     for r in data_read(tiny_data, "sft.jsonl"):
         for m in r["messages"]:
             if m["role"] == "user":
@@ -780,7 +949,7 @@ def test_data_is_deterministic(tiny_data, tmp_path):
     # another seed gives other training data, the same eval files, and never leaks the held-out keys
     data_generate(tmp_path / "seed1", *DATA_TINY, "--seed", "1")
     assert (tmp_path / "seed1" / "sft.jsonl").read_bytes() != (tiny_data / "sft.jsonl").read_bytes()
-    for name in ("eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl"):
+    for name in ("eval.jsonl", "prefs_eval.jsonl", "chat_eval.jsonl", "steps_eval.jsonl"):
         assert (tmp_path / "seed1" / name).read_bytes() == (tiny_data / name).read_bytes(), name
     eval_keys = {data_solve(r["family"], r["prompt"])[0]
                  for r in data_read(tiny_data, "eval.jsonl")}
@@ -1967,6 +2136,51 @@ def test_heldout_accuracy_forced_think_scores_by_the_same_rule(monkeypatch):
     assert "forced think 33.3%" in format_accuracy({**plain, "forced_think_accuracy": 1 / 3})
 
 
+def test_majority_answer_ties_and_replies_without_an_answer():
+    assert engine.majority_answer(["<think>1+1=2</think>2", " 3", "3 "]) == "3"
+    # a tie goes to the answer given first; a think block never closed casts no vote
+    assert engine.majority_answer(["<think>5", "5", "<think>1</think> 6", "6", "5"]) == "5"
+    assert engine.majority_answer(["6", "5", "5", "6", "<think>6"]) == "6"
+    assert engine.majority_answer(["<think>7", "<think>8</think"]) is None
+    assert engine.majority_answer([]) is None
+
+
+def test_vote_accuracy_on_fixed_replies(monkeypatch):
+    """n = 4 replies a problem; vote@k is the mean over the 4 // k disjoint sets of k."""
+    tokenizer, seen = Tokenizer(merges=[]), {}
+    replies = ["12", "<think>6+6</think>12", "7", "<think>6+6=12", "8", "9", "9", "8"]
+    encoded = [tokenizer.encode(r, allowed_special="all") + [tokenizer.im_end_id] for r in replies]
+    n = max(map(len, encoded))
+
+    def fixed_generate(model, prompts, max_new_tokens, temperature, **kwargs):
+        seen.update(temperature=temperature, group_size=kwargs["group_size"], rows=len(prompts))
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in encoded])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in encoded])
+        return ids, torch.zeros(len(encoded), n), mask
+
+    monkeypatch.setattr(engine, "generate", fixed_generate)
+    records = [{"prompt": "a", "answer": "12"}, {"prompt": "b", "answer": " 8"}]
+    result = engine.vote_accuracy(tiny_model(vocab_size=261), tokenizer, records, [1, 2, 4],
+                                  temperature=0.7, max_new_tokens=n)
+    # a: 12 12 7 none -> k=1 2/4, k=2 (12 12) right (7 none) wrong, k=4 12; b: 8 9 9 8 -> k=1
+    # 2/4, k=2 (8 9) 8 by the tie (9 8) 9, k=4 a tie of 8 and 9, 8 given first
+    assert result == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    assert seen == {"temperature": 0.7, "group_size": 4, "rows": 8}
+
+
+def test_vote_of_one_greedy_reply_is_the_greedy_accuracy():
+    model, tokenizer = tiny_model(vocab_size=261, max_position_embeddings=128), Tokenizer(merges=[])
+    records = [{"prompt": p, "answer": "x"} for p in ["a", "bb", "c", "dd", "e"]]
+    greedy = heldout_accuracy(model, tokenizer, records, max_new_tokens=6, batch_size=2)
+    for record, reply in list(zip(records, greedy["replies"]))[::2]:
+        record["answer"] = final_answer(reply) or "x"  # three replies right
+    accuracy = heldout_accuracy(model, tokenizer, records, max_new_tokens=6, batch_size=2)
+    assert accuracy["accuracy"] >= 0.4
+    votes = engine.vote_accuracy(model.train(), tokenizer, records, [1, 3], temperature=0,
+                                 max_new_tokens=6, batch_size=2)
+    assert votes == {1: accuracy["accuracy"], 3: accuracy["accuracy"]} and model.training
+
+
 def test_prompt_longer_than_context_is_an_error():
     with pytest.raises(ValueError, match="longer than the context"):
         generate(tiny_model(), [[1] * 60], 10)
@@ -2045,6 +2259,61 @@ def test_reply_texts_cut_at_eos():
     completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     texts, ended = reply_texts(tokenizer, completion_ids, completion_mask)
     assert texts == ["12", "abcd"] and ended.tolist() == [True, False]
+
+
+def test_step_end_mask_marks_the_last_token_of_each_step():
+    """engine detail 5: a step ends before a space, </think> or <|im_end|>: the last token of each
+    of data.reply_steps' steps, tokenized one by one (TRL's way), padded or cut off alike."""
+    tokenizer = Tokenizer(merges=[])
+    replies = ["<think>305-148: 5-8-0=-3+10=7 0-4-1=-5+10=5 3-1-1=1</think>157", "157",
+               "<think>385+048: 5+8+0=13 8+4"]  # the last one cut off: no <|im_end|>
+    rows, expected = [], []
+    for reply in replies:
+        pieces = [tokenizer.encode(step, tokenizer.think_tokens)
+                  for step in data.reply_steps(reply)]
+        ends = [sum(map(len, pieces[: i + 1])) - 1 for i in range(len(pieces))]
+        rows.append(sum(pieces, []) + ([] if reply.endswith("8+4") else [tokenizer.im_end_id]))
+        assert rows[-1] == tokenizer.encode_reply(reply)[: len(rows[-1])]  # the same ids
+        expected.append(ends)
+    ids, mask = right_pad(rows, tokenizer.pad_id)
+    step_mask = engine.step_end_mask(tokenizer, ids, mask)
+    assert [row.nonzero().flatten().tolist() for row in step_mask] == expected
+    assert [len(e) for e in expected] == [5, 1, 3]
+
+
+def test_process_advantages_by_hand():
+    """DeepSeekMath 4.1.3: each step's reward normalised over the group's steps, a token's
+    advantage the sum of those of the steps ending at or after it."""
+    # group 1: steps end at t = 1 (reward 1) and t = 3 (0) of reply 0, t = 2 (0) of reply 1;
+    # mean 1/3, unbiased std sqrt(1/3): normalised 2/sqrt(3) and -1/sqrt(3) (twice)
+    rewards = torch.tensor([[0, 1.0, 0, 0], [0, 0, 0, 9], [0.5, 0, 0, 0], [0, 0.5, 0, 0]])
+    steps = torch.tensor([[0, 1.0, 0, 1], [0, 0, 1, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    advantages = engine.process_advantages(rewards, steps, group_size=2)
+    high, low = 2 / math.sqrt(3), -1 / math.sqrt(3)
+    assert torch.allclose(advantages[:2], torch.tensor(
+        [[high + low, high + low, low, low], [low, low, low, 0.0]]), rtol=1e-3)
+    # the first tokens' advantages (each reply's whole sum) add up to 0 over a group; equal
+    # step rewards give no advantage at all
+    assert abs(advantages[:2, 0].sum()) < 1e-6 and advantages[2:].abs().max() == 0
+
+
+def test_step_minima_by_hand_and_the_critic_of_a_process_reward_model(tmp_path):
+    """engine detail 5: at each step's last token, the least log-prob of its tokens and of the
+    token after it; PPO's critic from a process reward model: its weights, a score head at 0."""
+    logp = torch.tensor([[-0.1, -2.0, -0.3, -0.2, -4.0, -0.5, 0.0],
+                         [-0.7, -0.1, -0.2, 0.0, 0.0, 0.0, 0.0]])  # 0 past a reply's end
+    steps = torch.tensor([[0, 1.0, 0, 1, 0, 1, 0], [1.0, 0, 1, 0, 0, 0, 0]])
+    minima = engine.step_minima(logp, steps)
+    # row 0: steps 0-1 (+ token 2), 2-3 (+ token 4: the one after decides it), 4-5 (+ 6: none)
+    assert torch.allclose(minima, torch.tensor([[0, -2.0, 0, -4.0, 0, -4.0, 0],
+                                                [-0.7, 0, -0.2, 0, 0, 0, 0]]))
+    model = tiny_model()
+    path = tmp_path / "prm.pt"
+    save_checkpoint(str(path), model, None, "prm", metrics={"step_offset": 4.0})
+    critic = engine.load_value_model(str(path), "cpu")
+    assert critic.config.head == "score" and critic.score.weight.abs().max() == 0
+    assert torch.equal(critic.model.layers[0].mlp.up_proj.weight,
+                       model.model.layers[0].mlp.up_proj.weight)
 
 
 # ==================================================================================================
@@ -2729,6 +2998,17 @@ def test_pairwise_accuracy_by_hand_and_swap():
     assert pairwise_accuracy(chosen, chosen) == 0.0  # a tie is not a correct ranking
 
 
+def test_replay_adds_old_pairs_as_a_share_of_the_whole():
+    new, old = list("abcdefghi"), list(range(10))
+    mixed = with_replay(new, old, 0.1, seed=0)  # 9 new: 1 old is a tenth of 10
+    assert mixed[:9] == new and len(mixed) == 10 and mixed[9] in old
+    assert with_replay(new, old, 0.1, seed=0) == mixed  # drawn by the seed
+    half = with_replay(new, old, 0.5, seed=1)
+    assert half[:9] == new and len(set(half[9:])) == 9 and set(half[9:]) <= set(old)
+    assert with_replay(new, old, 0.0, seed=0) == new
+    assert sorted(with_replay(new, old, 0.9, seed=0)[9:]) == old  # 81 wanted: all 10 there are
+
+
 def test_reward_model_copies_the_body_and_reads_the_last_real_token():
     lm = tiny_model()
     reward_model = reward_model_from(lm, seed=0).eval()
@@ -2788,6 +3068,52 @@ def test_trl_reward_loss_parity(with_margin, center_coef):
     assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-12)
 
 
+def test_process_loss_reads_exactly_the_step_ends(tmp_path):
+    """reward.py detail 9: the binary cross-entropy of the score at the last token of each step,
+    nowhere else; on tokenized stepwise records, the scores of the unpadded prompt + reply."""
+    scores = torch.tensor([[0.3, -1.2, 2.0, 0.7], [1.5, 0.1, -0.4, 9.0]], requires_grad=True)
+    labels = torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    step_mask = torch.tensor([[0, 1.0, 0, 1.0], [1.0, 0, 1.0, 0]])
+    losses = process_loss(scores, labels, step_mask)
+    s = scores.detach()
+    by_hand = [-F.logsigmoid(s[0, 1]) - F.logsigmoid(-s[0, 3]),
+               -F.logsigmoid(-s[1, 0]) - F.logsigmoid(s[1, 2])]
+    assert torch.allclose(losses, torch.stack(by_hand))
+    # the gradient is sigma(s) - y at the step ends, 0 elsewhere
+    [grad] = torch.autograd.grad(losses.sum(), scores)
+    assert torch.allclose(grad, (torch.sigmoid(s) - labels) * step_mask) and (grad[step_mask == 0]
+                                                                             == 0).all()
+    # tokenized records: a step's logit is the least log-prob of its tokens and the one after it
+    # (of the unpadded prompt + reply) + the offset, and the loss is the loss there, by hand
+    tokenizer = Tokenizer(merges=[])
+    records = [{"prompt": "What is 2 + 3?", "completions": ["<think>002+003:", " 2+3+0=5",
+                " 0+0+0=0", " 0+0+0=0", "</think>5"], "labels": [True, True, True, True, True]},
+               {"prompt": "What is 9 + 9?", "completions": ["17"], "labels": [False]}]
+    examples, _ = engine.step_examples(tokenizer, records, 128, "x.jsonl")
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    logits, labels, step_mask = engine.step_scores(model, examples, tokenizer.pad_id, "cpu", 4.0)
+    for row, (example, record) in enumerate(zip(examples, records)):
+        P = len(example["prompt"])
+        lm_logits, _ = model(torch.tensor([example["prompt"] + example["reply"]]))
+        logp = torch.log_softmax(lm_logits[0, P - 1:-1], -1).gather(
+            1, torch.tensor(example["reply"])[:, None])[:, 0]  # (N,) of each reply token
+        starts = [0] + [end + 1 for end in example["ends"][:-1]]
+        by_hand = torch.stack([logp[start: end + 2].min() + 4.0
+                               for start, end in zip(starts, example["ends"])])
+        assert torch.allclose(logits[row][step_mask[row] == 1], by_hand, atol=1e-5)
+        assert labels[row][step_mask[row] == 1].tolist() == record["labels"]
+        expected = F.binary_cross_entropy_with_logits(by_hand, labels[row][step_mask[row] == 1],
+                                                      reduction="sum")
+        assert process_loss(logits, labels, step_mask)[row].item() == pytest.approx(
+            expected.item(), abs=1e-5)
+    assert step_mask.sum(dim=1).tolist() == [5, 1] and (logits[step_mask == 0] == 0).all()
+    # malformed stepwise records: a one-line error naming the record
+    for bad in ({"labels": [True, False]}, {"completions": ["17", " 1"]}, {"labels": ["yes"]},
+                {"completions": ["1", "7"], "labels": [True, True]}):
+        with pytest.raises(ValueError, match=r"x\.jsonl:1: "):
+            engine.step_examples(tokenizer, [{**records[1], **bad}], 128, "x.jsonl")
+
+
 # --------------------------------------------------------------------------------- end to end (e2e)
 
 
@@ -2811,6 +3137,71 @@ def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
     assert sorted(single) == sorted(ddp) == [1, 2, 3]
     for step in single:
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+
+
+@pytest.mark.e2e
+def test_reward_model_trained_further_with_replay(world, tiny_reward, tmp_path, capsys):
+    """--init a reward model (detail 11): its own head goes on training (at lr 0, the same weights
+    and the same held-out accuracy before as its own); --replay-data adds a share of old pairs."""
+    _, tokenizer, checkpoint = load_checkpoint(str(tiny_reward))
+    rows = [json.loads(line) for line in open(world / "data" / "prefs.jsonl")]
+    context = checkpoint["config"]["max_position_embeddings"]
+    rows = [r for r in rows if len(tokenizer.encode_prompt(r["prompt"])) + max(  # ones that fit
+        len(tokenizer.encode_reply(r[side])) for side in ("chosen", "rejected")) <= context]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:18]))
+    args = reward.Args(init=str(tiny_reward), data=str(tmp_path / "new.jsonl"),
+                       eval_pairs=head(world / "data" / "prefs_eval.jsonl", 60), steps=1, lr=0.0,
+                       batch_size=8, stats_pairs=16, device="cpu", out=str(tmp_path / "r1.pt"),
+                       replay_data=str(world / "data" / "prefs.jsonl"), replay_share=0.25)
+    reward.main(args)
+    assert "reward | 24 pairs" in capsys.readouterr().out  # 18 new and 6 old
+    before, after = (torch.load(p, weights_only=True) for p in (tiny_reward, tmp_path / "r1.pt"))
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    reward.main(dataclasses.replace(args, init=str(tmp_path / "r1.pt"),
+                                    out=str(tmp_path / "r2.pt")))
+    again = torch.load(tmp_path / "r2.pt", weights_only=True)["metrics"]
+    assert again["before"] == after["metrics"]["before"] == after["metrics"]["after"]
+    with pytest.raises(ValueError, match="--replay-share 1"):
+        reward.main(dataclasses.replace(args, replay_share=1.0))
+
+
+@pytest.mark.e2e
+def test_reward_process_end_to_end_ddp_and_bad_records(tiny_sft, tmp_path):
+    """reward.py --process (details 9, 10): a checkpoint of stage "prm" whose reward is 2 P(step
+    right) - 1 at each step's last token; the mean over the global batch's steps under DDP too."""
+    world = tiny_sft.parent.parent
+    steps = world / "data" / "steps.jsonl"
+    args = [*TINY_REWARD(world), "--process", "--step-data", str(steps), "--eval-steps",
+            head(world / "data" / "steps_eval.jsonl", 60), "--steps", "3"]
+    out = run_ok("reward.py", *args, "--out", str(tmp_path / "prm.pt"))
+    assert "after:  step accuracy" in out and "first wrong step" in out and "wrong_step" in out
+    _, tokenizer, checkpoint = load_checkpoint(str(tmp_path / "prm.pt"), head="lm")
+    assert checkpoint["stage"] == "prm" and checkpoint["step"] == 3
+    assert checkpoint["metrics"]["step_offset"] == 4.0
+    assert {"accuracy", "first_wrong", "pairs/accuracy/wrong_step"} <= checkpoint["metrics"][
+        "after"].keys()
+    reward = engine.load_reward(str(tmp_path / "prm.pt"), tokenizer, "cpu")
+    prompt_ids, prompt_mask = left_pad([tokenizer.encode_prompt("What is 2 + 3?")] * 2, 0)
+    ids, mask = right_pad([tokenizer.encode_reply("<think>002+003: 2+3+0=5</think>5"),
+                           tokenizer.encode_reply("5")], tokenizer.pad_id)
+    step_rewards = reward((prompt_ids, prompt_mask, ids, mask))
+    ends = engine.step_end_mask(tokenizer, ids, mask)
+    assert ends.sum(dim=1).tolist() == [3, 1] and (step_rewards[ends == 0] == 0).all()
+    prm = load_checkpoint(str(tmp_path / "prm.pt"))[0].eval()
+    logits = engine.process_logits(prm, prompt_ids, prompt_mask, ids, mask.float(), ends, 4.0)
+    assert torch.allclose(step_rewards, (2 * torch.sigmoid(logits) - 1) * ends, atol=1e-6)
+    with pytest.raises(ValueError, match="pass it as --process-reward"):
+        engine.load_reward(str(tmp_path / "prm.pt"), tokenizer, "cpu", process=False)
+    stdout = run_ddp("reward.py", *args, "--grad-accum", "2", "--out", str(tmp_path / "ddp.pt"))
+    assert stdout.count("reward | step 3/3") == 1
+    single, ddp = logged(tmp_path / "prm.jsonl"), logged(tmp_path / "ddp.jsonl")
+    assert all(abs(single[step] - ddp[step]) < 1e-5 for step in (1, 2, 3)), (single, ddp)
+    # a malformed record: one line naming file:line, nothing written
+    bad = tmp_path / "steps.jsonl"
+    bad.write_text(open(steps).readline() + '{"prompt": "1 + 1 =", "completions": ["2"], '
+                   '"labels": [1]}\n')
+    line = run_error("reward.py", *args, "--step-data", str(bad), "--out", str(tmp_path / "x.pt"))
+    assert "steps.jsonl:2" in line and "booleans" in line and not (tmp_path / "x.pt").exists()
 
 
 # ==================================================================================================
@@ -2956,6 +3347,27 @@ def test_kl_reward_is_zero_when_policy_equals_reference_and_score_lands_once(tin
     assert torch.equal(rewards[mask == 0], torch.zeros(int((mask == 0).sum())))
 
 
+def test_ppo_process_rewards_land_at_the_step_ends_with_the_kl():
+    """ppo.py detail 3 with a process reward model: r_t = -kl_coef (logp - ref) + its step reward
+    at each step's last token; the outcome score (here the EOS penalty) at the last real token."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(merges=[])
+    replies = [tokenizer.encode_reply("<think>002+003: 2+3+0=5</think>5"),
+               tokenizer.encode("<think>002+003: 2+3")]  # never ended
+    ids, mask = right_pad(replies, tokenizer.pad_id)
+    mask = mask.float()
+    steps = engine.step_end_mask(tokenizer, ids, mask)
+    step_rewards = torch.log(torch.rand(ids.shape)) * steps  # what load_reward's PRM gives
+    logp, ref_logp = -torch.rand(ids.shape) * mask, -torch.rand(ids.shape) * mask
+    eos_penalty = torch.tensor([0.0, -1.0])
+    rewards = ppo_rewards(logp, ref_logp, eos_penalty, mask, 0.1, step_rewards)
+    expected = -0.1 * (logp - ref_logp) * mask + step_rewards
+    expected[1, len(replies[1]) - 1] -= 1.0
+    assert torch.allclose(rewards, expected) and steps.sum(dim=1).tolist() == [3, 2]
+    assert torch.allclose(rewards, ppo_rewards(logp, ref_logp, eos_penalty, mask, 0.1)
+                          + step_rewards)
+
+
 @pytest.mark.e2e
 def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_path):
     args = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward), "--prompts-per-step",
@@ -3016,6 +3428,23 @@ def test_grpo_equal_rewards_give_zero_policy_gradient():
         aggregate_loss(token_loss, torch.ones(6, 5), loss_type, 5).backward()
         assert logp.grad[:3].abs().max() == 0  # the all-equal group teaches nothing
         assert logp.grad[3:].abs().min() > 0
+
+
+def test_grpo_token_loss_takes_per_token_advantages():
+    """grpo.py detail 11: process supervision's advantages (B, N), one per token; a reply's one
+    advantage (B,) is the same as it repeated at every token."""
+    torch.manual_seed(0)
+    old_logp = -torch.rand(4, 5)
+    logp, ref_logp = old_logp + 0.3 * torch.randn(4, 5), old_logp + 0.1 * torch.randn(4, 5)
+    per_reply = torch.randn(4)
+    loss, clipped = grpo_token_loss(logp, old_logp, per_reply, 0.2, 0.28, ref_logp, 0.04)
+    repeated = grpo_token_loss(logp, old_logp, per_reply[:, None].expand(4, 5), 0.2, 0.28,
+                               ref_logp, 0.04)
+    assert torch.equal(loss, repeated[0]) and torch.equal(clipped, repeated[1])
+    per_token = torch.randn(4, 5)
+    ratio = torch.exp(logp - old_logp)
+    by_hand = -torch.min(ratio * per_token, ratio.clamp(0.8, 1.28) * per_token)
+    assert torch.allclose(grpo_token_loss(logp, old_logp, per_token, 0.2, 0.28)[0], by_hand)
 
 
 def test_k3_kl():
@@ -3267,6 +3696,36 @@ def test_grpo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_pa
 
 
 @pytest.mark.e2e
+def test_grpo_and_ppo_with_a_process_reward_model(world, tiny_sft, tiny_reward, tiny_prm,
+                                                  tmp_path):
+    """grpo.py --process-reward (detail 11) needs no answer key; ppo.py takes a process reward
+    model as its --reward-model (detail 3); each flag refuses the other kind of reward model."""
+    no_answers = tmp_path / "prompts.jsonl"
+    no_answers.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
+                                  for r in data_read(world / "data", "prompts.jsonl")[:40]))
+    args = [*TINY_RL(world, tiny_sft), "--data", str(no_answers), "--prompts-per-step", "4",
+            "--group-size", "3", "--max-new-tokens", "12"]
+    out = run_ok("grpo.py", *args, "--process-reward", str(tiny_prm), "--out",
+                 str(tmp_path / "grpo.pt"))
+    assert "grpo | step 2/2" in out
+    assert all("process" in r for r in read_log(tmp_path / "grpo.jsonl"))
+    line = run_error("grpo.py", *args, "--process-reward", str(tiny_prm), "--process-outcome",
+                     "--out", str(tmp_path / "x.pt"))
+    assert "prompts.jsonl:1" in line and "answer" in line  # the outcome on top needs the answers
+    line = run_error("grpo.py", *args, "--process-reward", str(tiny_reward), "--out",
+                     str(tmp_path / "x.pt"))
+    assert "an outcome reward model" in line and "--reward-model" in line
+    line = run_error("grpo.py", *args, "--reward-model", str(tiny_prm), "--out",
+                     str(tmp_path / "x.pt"))
+    assert "a process reward model" in line and "--process-reward" in line
+    out = run_ok("ppo.py", *args[:-4], "--reward-model", str(tiny_prm), "--prompts-per-step", "4",
+                 "--out", str(tmp_path / "ppo.pt"))
+    assert "ppo | step 2/2" in out and "score" in out.splitlines()[-1]
+    # a reply's score: the sum of its steps' 2 P - 1, at most one step per token of 12
+    assert all(abs(r["score"]) <= 12 for r in read_log(tmp_path / "ppo.jsonl"))
+
+
+@pytest.mark.e2e
 def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
     out = tmp_path / "x.pt"
     prompts = tmp_path / "prompts.jsonl"
@@ -3313,6 +3772,30 @@ def test_rl_bad_input(world, tiny_sft, tiny_reward, tmp_path, capsys):
         tokenizer, torch.tensor([unclosed] * 2), torch.ones(2, len(unclosed)), [None, "2"]
     )
     assert correct.tolist() == [0.0, 0.0] and accuracy == 0.0
+
+
+@pytest.mark.e2e
+def test_rl_save_samples_for_the_labeler(world, tiny_sft, tiny_reward, tmp_path):
+    """--save-samples: after training, 4 replies of the trained policy to each of --sample-prompts
+    prompts of --data (drawn by --seed), each with its record; `data.py label` makes them pairs."""
+    prompts = world / "data" / "prompts.jsonl"
+    common = dict(init=str(tiny_sft), data=str(prompts), eval_data=TINY_RL(world, tiny_sft)[5],
+                  steps=1, max_new_tokens=6, device="cpu", sample_prompts=5)
+    grpo.main(grpo.Args(**common, prompts_per_step=2, group_size=2, out=str(tmp_path / "grpo.pt"),
+                        save_samples=str(tmp_path / "grpo_samples.jsonl")))
+    ppo.main(ppo.Args(**common, prompts_per_step=4, reward_model=str(tiny_reward),
+                      out=str(tmp_path / "ppo.pt"),
+                      save_samples=str(tmp_path / "ppo_samples.jsonl")))
+    records = read_log(prompts)
+    for name in ("grpo", "ppo"):
+        samples = read_log(tmp_path / f"{name}_samples.jsonl")
+        assert len(samples) == 5 and len({s["prompt"] for s in samples}) == 5
+        assert all({k: v for k, v in s.items() if k != "replies"} in records for s in samples)
+        assert all(len(s["replies"]) == 4 and all(isinstance(r, str) for r in s["replies"])
+                   for s in samples)
+    out = run_ok("data.py", "label", "--samples", str(tmp_path / "ppo_samples.jsonl"), "--out",
+                 str(tmp_path / "pairs.jsonl"))
+    assert "label | 5 prompts, 20 replies" in out and read_log(tmp_path / "pairs.jsonl")
 
 
 # ==================================================================================================
@@ -3996,6 +4479,32 @@ def test_eval_chat_rate_judges_greedy_chat_replies(tmp_path, monkeypatch, capsys
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "Joke?", "kind": "joke"}) + "\n")
     with pytest.raises(ValueError, match="a chat kind is not one of"):
         evaluate.main(args)
+
+
+@pytest.mark.e2e
+def test_eval_vote_columns_and_bad_flags(tmp_path, capsys):
+    """--vote "1 4": a vote@K column each ("accuracy/vote@K" in eval.json); at temperature 0 every
+    vote is the greedy reply's."""
+    tokenizer = Tokenizer(merges=[])
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    save_checkpoint(str(tmp_path / "sft.pt"), model, tokenizer, "sft")
+    records = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    greedy = heldout_accuracy(model, tokenizer, records, max_new_tokens=4)["replies"]
+    records[1]["answer"] = final_answer(greedy[1]) or "?"  # one right
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    none = str(tmp_path / "none")
+    args = evaluate.Args(checkpoints=str(tmp_path / "sft.pt"),
+                         eval_data=str(tmp_path / "eval.jsonl"), chat_data=none, val_data=none,
+                         reference=none, reward_model=none,
+                         out=str(tmp_path / "eval.json"), max_new_tokens=4, device="cpu",
+                         vote="4 1", vote_temperature=0.0)
+    evaluate.main(args)
+    [row] = json.load(open(tmp_path / "eval.json"))
+    assert row["accuracy/vote@1"] == row["accuracy/vote@4"] == row["accuracy"] >= 1 / 3
+    assert "| vote@1 | vote@4 |" in capsys.readouterr().out
+    for vote, temperature in (("0", 1.0), ("4 x", 1.0), ("4", -1.0)):
+        with pytest.raises(ValueError, match="--vote"):
+            evaluate.main(dataclasses.replace(args, vote=vote, vote_temperature=temperature))
 
 
 # ==================================================================================================
@@ -4893,6 +5402,16 @@ def test_serve_command_serves_a_checkpoint(tmp_path):
 # ==================================================================================================
 
 
+@pytest.mark.parametrize("module", [data, pretrain, sft, reward, ppo, grpo, dpo, distill,
+                                    evaluate])
+def test_every_stage_prints_its_help(module, monkeypatch, capsys):
+    """--help prints every option with its docstring (a '%' in a docstring breaks argparse)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(module.Args)
+    assert exit_info.value.code == 0 and "--seed" in capsys.readouterr().out
+
+
 @pytest.mark.e2e
 def test_distill_baseline_shares_the_students_start(tmp_path):
     """pipeline.sh's baseline (sft.py on the student) has distill's start and budget: the same
@@ -5032,6 +5551,51 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert rows["reward.pt"]["accuracy"] is not None and rows["reward.pt"]["val_bpb"] is None
     assert all(rows[f"{s}.pt"]["val_bpb"] > 0 and rows[f"{s}.pt"]["reward"] is not None
                for s in stages if s != "reward")
+
+
+@pytest.mark.e2e
+def test_iterate_two_rounds_with_the_labeler_in_the_loop(world, tiny_sft, tiny_reward, tiny_prm,
+                                                         tmp_path):
+    """iterate.sh: round 2 starts from round 1's policy (its reference too) and trains against the
+    reward model retrained on round 1's labelled samples; eval.py puts sft and both rounds side by
+    side."""
+    out = tmp_path / "iter"
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "iterate.sh"), "--quick", "--rounds", "2", "--seed", "3",
+         "--data", str(world / "data"), "--init", str(tiny_sft), "--reward-model",
+         str(tiny_reward), "--out", str(out), "--", "--kl-coef", "0.05"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second = (torch.load(out / f"ppo_r{r}.pt", weights_only=True) for r in (1, 2))
+    assert (first["parent"], first["args"]["reward_model"]) == (str(tiny_sft), str(tiny_reward))
+    assert (second["parent"], second["args"]["reward_model"]) == (str(out / "ppo_r1.pt"),
+                                                                  str(out / "reward_r1.pt"))
+    assert (first["args"]["seed"], second["args"]["seed"], second["args"]["kl_coef"]) == (3, 1003,
+                                                                                         0.05)
+    retrained = torch.load(out / "reward_r1.pt", weights_only=True)
+    assert retrained["parent"] == str(tiny_reward) and retrained["args"]["replay_share"] == 0.1
+    assert not (out / "reward_r2.pt").exists()  # the last round's policy needs none
+    rows = json.load(open(out / "eval.json"))
+    assert [row["checkpoint"] for row in rows] == [str(tiny_sft), str(out / "ppo_r1.pt"),
+                                                   str(out / "ppo_r2.pt")]
+    assert "round 2: ppo | after:" in result.stdout and "round 1: reward | after:" in result.stdout
+    # --process: the policy trains against a process reward model, which trains further on the
+    # labeller's judgement of every step of the policy's samples, replaying D/steps.jsonl
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "iterate.sh"), "--quick", "--process", "--rounds", "2",
+         "--data", str(world / "data"), "--init", str(tiny_sft), "--reward-model", str(tiny_prm),
+         "--out", str(tmp_path / "prm")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    retrained = torch.load(tmp_path / "prm" / "reward_r1.pt", weights_only=True)
+    assert retrained["stage"] == "prm" and retrained["parent"] == str(tiny_prm)
+    assert retrained["args"]["step_data"] == str(tmp_path / "prm" / "steps_r1.jsonl")
+    assert retrained["args"]["replay_data"] == str(world / "data" / "steps.jsonl")
+    second = torch.load(tmp_path / "prm" / "ppo_r2.pt", weights_only=True)
+    assert second["args"]["reward_model"] == str(tmp_path / "prm" / "reward_r1.pt")
+    bad = subprocess.run(["bash", os.path.join(ROOT, "iterate.sh"), "--stage", "dpo"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--stage is ppo or grpo" in bad.stderr
 
 
 # --------------------------------------------------------------------------------- bench/scaling.py
