@@ -1600,6 +1600,96 @@ def test_moe_cached_greedy_equals_uncached():
     assert completion[0].tolist() == greedy_without_cache(model, [1, 2, 3], 8)
 
 
+DCA = {"chunk_size": 8, "local_size": 3}  # chunks of 5 positions
+
+
+def naive_dual_chunk_forward(self, x, rope, mask, kv_cache):
+    """Attention.forward by DCA's definition (An et al. 2024), unpadded, no cache: the remapped
+    position of every query-key pair in a matrix, each query rotated once per key, every score."""
+    B, T, _ = x.shape
+    c, s, H, D = DCA["chunk_size"], DCA["chunk_size"] - DCA["local_size"], self.num_heads, self.head_dim
+    q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k, v = (proj(x).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // self.num_kv_heads, 1)
+            for proj in (self.k_proj, self.v_proj))                              # (B, H, T, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    behind = i // s - j // s
+    query_position = torch.where(behind == 0, i % s,
+                                 torch.where(behind == 1, (i % s + s).clamp(max=c), c))  # (T, T)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
+
+    def rotated(x, position):  # x (..., D) turned by position * inv_freq, in HF's two halves
+        angle = position[..., None].float() * inv_freq
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()],
+                         dim=-1)
+
+    scores = (rotated(q[:, :, :, None], query_position) * rotated(k, j[0] % s)[:, :, None]).sum(-1)
+    scores = (scores / math.sqrt(D)).masked_fill(j > i, float("-inf"))          # (B, H, T, T)
+    return self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("length", [5, 9, 37])  # 1, 2 and 8 chunks
+def test_dual_chunk_attention_equals_naive_with_and_without_cache(monkeypatch, length):
+    monkeypatch.setattr(model_module, "DCA_QUERIES", 4)  # several blocks of queries
+    dca, plain = tiny_model(dual_chunk_attention_config=DCA), tiny_model()
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+    logits = dca(ids)[0]
+    # the cache: a prompt, then one token, then the rest at once; row 1 left-padded by 3
+    cache, mask = KVCache(dca.config, 2, length + 3), torch.ones(2, length + 3, dtype=torch.long)
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    padded[0], mask[1, :3] = torch.cat([ids[0], torch.zeros(3, dtype=torch.long)]), 0
+    mask[0, length:] = 0  # row 0: its pads at the end, after every real token
+    cut = [0, min(4, length), min(5, length), length + 3]
+    cached = torch.cat([dca(padded[:, a:b], attention_mask=mask[:, a:b], kv_cache=cache)[0]
+                        for a, b in zip(cut, cut[1:]) if b > a], dim=1)
+    monkeypatch.setattr(model_module.Attention, "forward", naive_dual_chunk_forward)
+    naive = plain(ids)[0]
+    assert (logits - naive).abs().max() < 1e-5
+    assert (cached[0, :length] - naive[0]).abs().max() < 1e-5
+    assert (cached[1, 3:] - naive[1]).abs().max() < 1e-5
+
+
+def test_dual_chunk_attention_is_ordinary_attention_within_one_chunk():
+    dca, plain = tiny_model(dual_chunk_attention_config=DCA), tiny_model()
+    ids = torch.randint(0, 97, (3, 5))  # 5 positions: one chunk
+    assert (dca(ids)[0] - plain(ids)[0]).abs().max() < 1e-5
+    assert torch.equal(generate(dca, [[1, 2], [3]], 3, temperature=0)[0],
+                       generate(plain, [[1, 2], [3]], 3, temperature=0)[0])
+    with pytest.raises(ValueError, match="local_size < chunk_size"):
+        tiny_model(dual_chunk_attention_config={"chunk_size": 4, "local_size": 4})
+
+
+@pytest.mark.parametrize("path", ["loss", "shared_prompt"])
+def test_grad_checkpoint_gives_the_same_gradients_and_keeps_less(path):
+    """detail 12, with dropout (the recomputation replays its random masks) and through the grown
+    KV cache of the shared-prompt log-probs (GRPO, DPO): the same gradients, and the tensors saved
+    for the backward outside the checkpointed blocks are a fraction of all of them."""
+    model = tiny_model(dropout=0.1).train()
+    ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    grads, saved = {}, {}
+    for on in (False, True):
+        model.grad_checkpoint, numel = on, [0]
+        torch.manual_seed(1)
+
+        def pack(tensor):
+            numel[0] += tensor.numel()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if path == "loss":
+                loss = model(ids, ids)[1]
+            else:  # two replies per prompt, the prompts run once through a grown cache
+                prompt_mask = torch.ones(4, 10, dtype=torch.long)
+                prompt_mask[2:, :3] = 0
+                prompts = ids[::2, :10].repeat_interleave(2, dim=0)
+                loss = completion_logprobs(model, prompts, prompt_mask, ids[:, 10:],
+                                           torch.ones(4, 14), group_size=2).sum()
+        grads[on] = torch.autograd.grad(loss, list(model.parameters()))
+        saved[on] = numel[0]
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert saved[True] < 0.5 * saved[False]
+
+
 def test_sampling_reproducible_and_top_k_1_is_greedy():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5]]
