@@ -1607,7 +1607,8 @@ def naive_dual_chunk_forward(self, x, rope, mask, kv_cache):
     """Attention.forward by DCA's definition (An et al. 2024), unpadded, no cache: the remapped
     position of every query-key pair in a matrix, each query rotated once per key, every score."""
     B, T, _ = x.shape
-    c, s, H, D = DCA["chunk_size"], DCA["chunk_size"] - DCA["local_size"], self.num_heads, self.head_dim
+    c, s = DCA["chunk_size"], DCA["chunk_size"] - DCA["local_size"]
+    H, D = self.num_heads, self.head_dim
     q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
     k, v = (proj(x).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // self.num_kv_heads, 1)
             for proj in (self.k_proj, self.v_proj))                              # (B, H, T, D)
