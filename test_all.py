@@ -779,6 +779,47 @@ def test_data_is_deterministic(tiny_data, tmp_path):
                             for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
 
 
+def retrieval_solve(document):
+    """The asked box, and the code its one note gives, read from a retrieval prompt alone."""
+    body, question = document.rsplit("\n", 1)
+    [box] = re.fullmatch(r"What is the code of box (\d+)\?", question).groups()
+    notes = re.findall(r"The code of box (\d+) is (\d+)\.", body)
+    [code] = [code for b, code in notes if b == box]  # exactly one note on the asked box
+    assert len({b for b, _ in notes}) == len(notes) >= 2
+    return box, code, notes
+
+
+def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
+    """detail 8: --retrieval leaves every default file as it was; each answer is the code of the
+    asked box's note; eval prompts have their length's pieces; no asked (box, code) trains."""
+    for seed in (0, 1):
+        data.main(data.Args(out=str(tmp_path / str(seed)), scale=0.02, seed=seed, retrieval=64,
+                            retrieval_eval=8))
+    for name in DATA_FILES:
+        assert (tmp_path / "0" / name).read_bytes() == (tiny_data / name).read_bytes(), name
+    evals = data_read(tmp_path / "0", "retrieval_eval.jsonl")
+    assert evals == data_read(tmp_path / "1", "retrieval_eval.jsonl")  # whatever the seed
+    assert Counter(r["length"] for r in evals) == {1: 8, 2: 8, 4: 8, 8: 8, 16: 8}
+    asked = set()
+    for r in evals:
+        box, code, _ = retrieval_solve(r["prompt"])
+        assert code == r["answer"] and data.is_held_out(f"box:{box}:{code}", 0.08)
+        n_pieces = len(re.findall(SPLIT_PATTERN, f"{r['prompt']} {code}"))
+        assert 64 * r["length"] - 20 < n_pieces <= 64 * r["length"]
+        asked.add((box, code))
+    assert 0.3 < np.mean([r["depth"] for r in evals]) < 0.7
+    for seed in (0, 1):
+        for name in ("retrieval.txt", "retrieval_long.txt"):
+            documents = data_read(tmp_path / str(seed), name).strip().split("\n\n")
+            assert len(documents) > 20
+            for document in documents:
+                prompt, answer = document.rsplit(" ", 1)
+                box, code, notes = retrieval_solve(prompt)
+                assert code == answer
+                assert not any(data.is_held_out(f"box:{b}:{c}", 0.08) for b, c in notes)
+                assert not asked & set(notes)
+
+
 # ==================================================================================================
 # 2. tokenizer.py: byte-level BPE and the chat format
 # ==================================================================================================
