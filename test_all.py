@@ -252,6 +252,16 @@ def TINY_PRETRAIN(d):
             "1", "--eval-every", "1000", "--eval-batches", "2", "--device", "cpu"]
 
 
+def TINY_PHASE2(d):
+    """Phase 2 (pretrain.py detail 8) of the tiny world's pretrain.pt: twice its context, a raised
+    RoPE base, its shape."""
+    args = TINY_PRETRAIN(d)
+    for flag in ("--hidden-size", "--num-layers", "--context"):
+        del args[args.index(flag):args.index(flag) + 2]
+    return [*args, "--init", str(d / "out" / "pretrain.pt"), "--context", "128",
+            "--rope-theta", "1e5"]
+
+
 def TINY_SFT(d):
     return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
             "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
@@ -2500,13 +2510,15 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path, optimizer):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", ["pretrain", "pretrain-muon", "sft", "sft-lora"])
+@pytest.mark.parametrize("stage", ["pretrain", "pretrain-muon", "pretrain-phase2", "sft",
+                                   "sft-lora"])
 def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run:
     its frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint).
     """
     script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
-    args = [*(TINY_PRETRAIN(world) if stage.startswith("pretrain") else TINY_SFT(world)),
+    args = [*(TINY_PHASE2(world) if stage == "pretrain-phase2" else TINY_PRETRAIN(world)
+              if stage.startswith("pretrain") else TINY_SFT(world)),
             "--steps", "120", "--save-every", "4",
             *(["--lora-rank", "4"] if stage == "sft-lora" else []),
             *(["--optimizer", "muon"] if stage == "pretrain-muon" else [])]
@@ -2534,6 +2546,12 @@ def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     assert "optimizer" not in final and final["step"] == 120
     assert all(torch.equal(final["model"][k], v)
                for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
+    if stage == "pretrain-phase2":  # phase 1's weights went on; only its context and base changed
+        phase1 = torch.load(world / "out" / "pretrain.pt", weights_only=True)
+        assert {name for name, value in final["config"].items()
+                if phase1["config"][name] != value} == {"max_position_embeddings", "rope_theta"}
+        assert final["config"]["rope_theta"] == 1e5 and final["parent"].endswith("pretrain.pt")
+        assert full[1] < losses(world / "out" / "pretrain.jsonl")[1] - 0.5
 
 
 @pytest.mark.e2e
