@@ -113,14 +113,14 @@ class Args:
     """a checkpoint to go on from (phase 2, detail 8): its weights and config but the two below"""
     rope_theta: float = 0.0
     """RoPE base (0: 10000, or --init's); raised with --context for a long phase (detail 8)"""
-    grad_checkpoint: bool = False
-    """recompute each block's activations in the backward pass: less memory, more compute"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     seed: int = 0
     """random seed (weights and data order)"""
 

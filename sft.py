@@ -97,6 +97,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     seed: int = 0
     """random seed (data order)"""
     lora_rank: int = 0
@@ -303,6 +305,7 @@ def main(args: Args):
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
+    model.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     raw_model = model
     if args.compile:
         model = torch.compile(model)

@@ -2440,6 +2440,26 @@ def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
 
 
 @pytest.mark.e2e
+def test_grad_checkpoint_in_every_stage_trains_the_same_weights(world, tiny_sft, tiny_reward,
+                                                                tmp_path):
+    """--grad-checkpoint (model.py detail 12) in every training stage: two steps with it move the
+    weights as two steps without do, to rounding (GRPO, DPO: through the shared-prompt cache)."""
+    rl = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward)]
+    runs = {"pretrain": TINY_PRETRAIN(world), "sft": TINY_SFT(world),
+            "reward": TINY_REWARD(world), "dpo": TINY_DPO(world),
+            "grpo": [*rl, "--prompts-per-step", "4", "--group-size", "3"],
+            "ppo": [*rl, "--prompts-per-step", "8"], "distill": TINY_DISTILL(world, tiny_sft)}
+    for stage, args in runs.items():
+        weights = []
+        for flag in ([], ["--grad-checkpoint"]):
+            out = tmp_path / f"{stage}{len(flag)}.pt"
+            run_ok(f"{stage}.py", *args, "--steps", "2", *flag, "--out", str(out))
+            weights.append(torch.load(out, weights_only=True)["model"])
+        plain, checkpointed = weights
+        assert all(torch.allclose(plain[k], v, atol=1e-5) for k, v in checkpointed.items()), stage
+
+
+@pytest.mark.e2e
 def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     out = tmp_path / "x.pt"
     for flags, expected in ((["--lora-rank", "-1"], "--lora-rank -1"),
