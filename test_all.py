@@ -4170,6 +4170,25 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, arc
     assert out[0, len(prompt):].tolist() == ours[0].tolist()
 
 
+def test_export_keeps_a_raised_rope_base_and_the_dual_chunk_config(tmp_path, hf_tok):
+    """A phase-2 model (pretrain.py detail 8) exports with its rope_theta; DCA, which transformers
+    does not run, goes to config.json under Qwen's key and comes back on import. Within one chunk
+    (where DCA is full attention) transformers gives our logits."""
+    dca = {"chunk_size": 48, "local_size": 8}
+    path, model = hf_checkpoint(tmp_path, hf_tok, rope_theta=1e6, dual_chunk_attention_config=dca)
+    hf.export_hf(path, str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_theta"] == 1e6 and config["dual_chunk_attention_config"] == dca
+    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "back.pt"))
+    back = load_checkpoint(str(tmp_path / "back.pt"))[2]["config"]
+    assert back["rope_theta"] == 1e6 and back["dual_chunk_attention_config"] == dca
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = hf_tok.encode(HF_SAMPLE)[:40]  # chunks of 40 positions
+    with torch.no_grad():
+        assert (theirs(torch.tensor([ids])).logits[0] - hf_logits_of(model, ids)).abs().max() < 1e-4
+
+
 def test_export_tokenizer_chat_template_and_eos(tmp_path, hf_tok):
     transformers = pytest.importorskip("transformers")
     path, _ = hf_checkpoint(tmp_path, hf_tok, stage="sft")
