@@ -232,7 +232,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(probs * np.log(probs)).sum())
 
 
-def model_config(args: Args, vocab_size: int, parent: dict | None) -> ModelConfig:
+def model_config(args: Args, vocab_size: int, parent: dict | None = None) -> ModelConfig:
     """The preset's shape, with --hidden-size, --num-layers, --context overriding it; with --init,
     its config with --context and --rope-theta (detail 8)."""
     if parent is not None:
