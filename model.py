@@ -597,8 +597,9 @@ def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=Non
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, device="cpu", head=None):
-    """-> (model, tokenizer, checkpoint dict). head="lm"/"score" checks the kind of model."""
+def load_checkpoint(path, device="cpu", head=None, **changes):
+    """-> (model, tokenizer, checkpoint dict). head="lm"/"score" checks the kind of model; changes
+    replace fields of its config, e.g. dual_chunk_attention_config (detail 11) at inference."""
     if not os.path.exists(path):
         stage = os.path.splitext(os.path.basename(path))[0]
         raise FileNotFoundError(f"{path} not found"
@@ -611,7 +612,7 @@ def load_checkpoint(path, device="cpu", head=None):
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a model.py checkpoint (no 'model' and 'config' entries)")
     try:
-        config = ModelConfig(**checkpoint["config"])
+        config = ModelConfig(**{**checkpoint["config"], **changes})
     except TypeError as e:
         raise ValueError(f"{path} has a config this model.py does not know: {e}")
     if head is not None and config.head != head:
