@@ -792,7 +792,7 @@ def test_data_is_deterministic(tiny_data, tmp_path):
 def retrieval_solve(document):
     """The asked box, and the code its one note gives, read from a retrieval prompt alone."""
     body, question = document.rsplit("\n", 1)
-    [box] = re.fullmatch(r"What is the code of box (\d+)\?", question).groups()
+    box = re.fullmatch(r"What is the code of box (\d+)\? The code of box \1 is", question)[1]
     notes = re.findall(r"The code of box (\d+) is (\d+)\.", body)
     [code] = [code for b, code in notes if b == box]  # exactly one note on the asked box
     assert len({b for b, _ in notes}) == len(notes) >= 2
@@ -814,7 +814,7 @@ def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
     for r in evals:
         box, code, _ = retrieval_solve(r["prompt"])
         assert code == r["answer"] and data.is_held_out(f"box:{box}:{code}", 0.08)
-        n_pieces = len(re.findall(SPLIT_PATTERN, f"{r['prompt']} {code}"))
+        n_pieces = len(re.findall(SPLIT_PATTERN, f"{r['prompt']} {code}."))
         assert 64 * r["length"] - 20 < n_pieces <= 64 * r["length"]
         asked.add((box, code))
     assert 0.3 < np.mean([r["depth"] for r in evals]) < 0.7
@@ -825,7 +825,7 @@ def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
             for document in documents:
                 prompt, answer = document.rsplit(" ", 1)
                 box, code, notes = retrieval_solve(prompt)
-                assert code == answer
+                assert f"{code}." == answer
                 assert not any(data.is_held_out(f"box:{b}:{c}", 0.08) for b, c in notes)
                 assert not asked & set(notes)
 
@@ -1694,6 +1694,9 @@ def test_dual_chunk_attention_equals_naive_with_and_without_cache(monkeypatch, l
     cut = [0, min(4, length), min(5, length), length + 3]
     cached = torch.cat([dca(padded[:, a:b], attention_mask=mask[:, a:b], kv_cache=cache)[0]
                         for a, b in zip(cut, cut[1:]) if b > a], dim=1)
+    prompt = ids[0].tolist()  # generate's cache, across chunks, as its uncached greedy
+    assert generate(dca, [prompt], 6, temperature=0)[0][0].tolist() == greedy_without_cache(
+        dca, prompt, 6)
     monkeypatch.setattr(model_module.Attention, "forward", naive_dual_chunk_forward)
     naive = plain(ids)[0]
     assert (logits - naive).abs().max() < 1e-5
