@@ -58,8 +58,9 @@ Implementation details
    iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. `chat_in_kind`
    judges a reply: a greeting back, "I can ...", a story naming the animal; no <think>, no digit.
 8. Retrieval: notes on 2-6 boxes ("The code of box 17 is 482.") among sentences of prose, then
-   "What is the code of box 17?" and the code. Lengths count pre-tokenizer pieces (a token each once
-   BPE merged the words); a (box, code) pair is held out as in detail 4, and only eval asks one.
+   "What is the code of box 17? The code of box 17 is" 482 (passkey retrieval's form). Lengths count
+   pre-tokenizer pieces (a token each once BPE merged the words); a (box, code) pair is held out as
+   in detail 4, and only eval asks one.
 """
 
 import argparse
@@ -534,19 +535,22 @@ def box_code(rng, fraction, held_out=False):
             return box, code
 
 
-def retrieval_document(rng, n_pieces, fraction, asked=None):
-    """Notes on 2-6 boxes among sentences of prose, the question on the last line, about n_pieces
-    pieces in all -> (prompt, answer, depth of the asked note in the text). asked: the (box, code)
-    to ask for (held out at evaluation), else a training pair."""
-    # as many notes as fit: a note is 13 pieces, the question 11
+def retrieval_document(rng, n_pieces, fraction, asked=None, questions=1):
+    """Notes on 2-6 boxes among sentences of prose, then `questions` of them asked, a line each,
+    about n_pieces pieces in all -> (the text up to the last answer, that answer, the depth of its
+    note in the prose). asked: the (box, code) asked last (held out at evaluation)."""
+    # as many notes and questions as fit: a note is 13 pieces, a question and its answer 24
     notes = [asked or box_code(rng, fraction)]
-    count = max(2, min(rng.randint(2, 6), (n_pieces - 11) // 13))
+    count = max(2, min(rng.randint(2, 6), (n_pieces - 24 * questions) // 13))
     while len(notes) < count:
         box, code = box_code(rng, fraction)
         if box not in (b for b, _ in notes):
             notes.append((box, code))
     texts = [f"The code of box {box} is {code}." for box, code in notes]
-    question = f"\nWhat is the code of box {notes[0][0]}?"
+    asks = [f"\nWhat is the code of box {box}? The code of box {box} is" for box, _ in notes]
+    questions = min(questions, count)
+    question = "".join(f"{ask} {code}." for ask, (_, code) in zip(asks[1:questions], notes[1:]))
+    question += asks[0]  # the asked note's question last
     budget, prose = n_pieces - pieces(question) - sum(map(pieces, texts)), []
     while budget > 0:
         text = story(rng) if rng.random() < 0.5 else facts(rng)
@@ -566,8 +570,9 @@ def retrieval_text(rng, count, shortest, longest, fraction):
     """Documents of shortest to longest pieces (answer included), ~count pieces in all."""
     documents = []
     while count > 0:
-        prompt, answer, _ = retrieval_document(rng, rng.randint(shortest, longest) - 4, fraction)
-        documents.append(f"{prompt} {answer}")
+        prompt, answer, _ = retrieval_document(rng, rng.randint(shortest, longest) - 5, fraction,
+                                               questions=rng.randint(1, 3))
+        documents.append(f"{prompt} {answer}.")
         count -= pieces(documents[-1])
     return "\n\n".join(documents) + "\n"
 
@@ -577,7 +582,7 @@ def retrieval_eval(rng, context, per_length, fraction):
     records = []
     for length in RETRIEVAL_LENGTHS:
         for _ in range(per_length):
-            prompt, answer, depth = retrieval_document(rng, length * context - 4, fraction,
+            prompt, answer, depth = retrieval_document(rng, length * context - 5, fraction,
                                                        box_code(rng, fraction, held_out=True))
             records.append({"prompt": prompt, "answer": answer, "length": length,
                             "depth": round(depth, 3)})
@@ -596,8 +601,8 @@ def jsonl(records):
 
 def main(args: Args):
     t0 = time.time()
-    if args.retrieval and args.retrieval < 48:
-        raise ValueError(f"--retrieval {args.retrieval}: at least 48 pieces (or 0 = none)")
+    if args.retrieval and args.retrieval < 64:
+        raise ValueError(f"--retrieval {args.retrieval}: at least 64 pieces (or 0 = none)")
     if not 0 < args.held_out < 1 or not 0 <= args.think_share <= 1:
         raise ValueError(f"--held-out must be between 0 and 1 (got {args.held_out}), "
                          f"--think-share in [0, 1] (got {args.think_share})")

@@ -790,8 +790,13 @@ def test_data_is_deterministic(tiny_data, tmp_path):
 
 
 def retrieval_solve(document):
-    """The asked box, and the code its one note gives, read from a retrieval prompt alone."""
-    body, question = document.rsplit("\n", 1)
+    """The asked box, and the code its one note gives, read from a retrieval prompt alone (a
+    training document's earlier questions: answered by their notes too)."""
+    body, *answered, question = document.split("\n")
+    for line in answered:
+        box, code = re.fullmatch(r"What is the code of box (\d+)\? The code of box \1 is (\d+)\.",
+                                 line).groups()
+        assert f"The code of box {box} is {code}." in body
     box = re.fullmatch(r"What is the code of box (\d+)\? The code of box \1 is", question)[1]
     notes = re.findall(r"The code of box (\d+) is (\d+)\.", body)
     [code] = [code for b, code in notes if b == box]  # exactly one note on the asked box
