@@ -13,12 +13,15 @@ SFT teaches the chat format with a minority of demos that think first; RL and DP
 think where that gets problems right, as the labeler prefers; distillation hands that on.
 
 Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~80 % skill lines, ~10 % copy
-                    drills, ~10 % prose
+  pretrain.txt      ~4 MB of documents separated by a blank line: ~77 % skill lines, ~10 % copy
+                    drills, ~13 % prose (stories, requested stories, facts)
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
-  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~96 % one task per conversation
-                    (30 % of the replies think first); ~4 % family "chat" (greetings, stories)
+  sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~70 % tasks, one per conversation
+                    mostly (15 % of the replies think first); ~30 % family "chat" (greetings,
+                    what it can do, stories)
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
+  chat.jsonl        2k training chat prompts {"prompt", "family": "chat", "kind", "animal"?}: the
+                    distillation teacher answers them too
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
@@ -55,8 +58,11 @@ Implementation details
    bare answer, right or wrong by a slip; a trace cut off before </think>; a trace with one wrong
    step. Two bare answers, one right and one wrong, are not asked (no model here can tell).
 7. Chat prompts are the cells of a grid (a phrasing by a follow-up or an animal); a cell is held out
-   iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. `chat_in_kind`
-   judges a reply: a greeting back, "I can ...", a story naming the animal; no <think>, no digit.
+   iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. A requested
+   story restates the request ("Here is a story about a frog.") as a trace restates its operands:
+   copying the animal is what a tiny model learns. Pretraining has requested stories and drills of
+   request and opening; three in ten SFT conversations chat. `chat_in_kind` judges a reply: a
+   greeting back, "I can ...", a story naming the animal; no <think>, no digit.
 8. Retrieval: notes on 2-6 boxes ("The code of box 17 is 482.") among sentences of prose, then
    "What is the code of box 17? The code of box 17 is" 482 (passkey retrieval's form). Lengths count
    pre-tokenizer pieces (a token each once BPE merged the words); a (box, code) pair is held out as
@@ -93,7 +99,7 @@ class Args:
     """size of pretrain.txt in bytes at --scale 1 (pretrain_val.txt gets a twentieth of it)"""
     sft: int = 20_000
     """conversations in sft.jsonl at --scale 1"""
-    think_share: float = 0.3
+    think_share: float = 0.15
     """share of the sft task replies that think first"""
     prefs: int = 8_000
     """preference pairs in prefs.jsonl at --scale 1"""
@@ -312,7 +318,7 @@ def a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def story(rng, animal=None):
+def story(rng, animal=None, title=False):
     animal = animal or rng.choice(list(ANIMALS))
     name, friend = rng.sample(NAMES, 2)
     thing, place, other_place = rng.choice(THINGS), *rng.sample(PLACES, 2)
@@ -328,7 +334,8 @@ def story(rng, animal=None):
         "came up.",
     ]
     picked = [middle[i] for i in sorted(rng.sample(range(len(middle)), rng.randint(3, 5)))]
-    return " ".join([f"Once upon a time, there was {a(adj)} {animal} named {name}.",
+    return " ".join([*([f"Here is a story about {a(animal)}."] if title else []),
+                     f"Once upon a time, there was {a(animal)} named {name}.",
                      f"{name} lived near the {place}.", *picked,
                      f"In the end, {name} was {rng.choice(FEELINGS)} and went home."])
 
@@ -376,12 +383,32 @@ def copy_document(rng, fraction):
                      for x in (numbers() for _ in range(rng.randint(4, 12))))
 
 
+def requested_story(rng):
+    """detail 7: a trained story request, then its story: "Tell me a story about a frog." names the
+    animal that the story's first sentence copies."""
+    prompt, animal, _ = rng.choice([cell for cell in chat_prompts("story") if not cell[2]])
+    return f"{prompt}\n{story(rng, animal, title=True)}"
+
+
+def story_openings(rng):
+    """detail 7: drills of trained story requests, each followed by a story's first sentences."""
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        prompt, animal, _ = rng.choice([cell for cell in chat_prompts("story") if not cell[2]])
+        animal = animal or rng.choice(list(ANIMALS))
+        lines.append(f"{prompt} Here is a story about {a(animal)}. Once upon a time, there was "
+                     f"{a(animal)} named {rng.choice(NAMES)}.")
+    return "\n".join(lines)
+
+
 def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
         r = rng.random()
-        document = (story(rng) if r < 0.07 else facts(rng) if r < 0.1
-                    else copy_document(rng, fraction) if r < 0.2 else skill_document(rng, fraction))
+        document = (story(rng) if r < 0.03 else requested_story(rng) if r < 0.06
+                    else story_openings(rng) if r < 0.1 else facts(rng) if r < 0.13
+                    else copy_document(rng, fraction) if r < 0.23
+                    else skill_document(rng, fraction))
         documents.append(document)
         size += len(document) + 2
     return "\n\n".join(documents) + "\n"  # documents are separated by a blank line
@@ -420,17 +447,24 @@ def chat_prompts(kind: str) -> list[tuple[str, str | None, bool]]:
             for row, cells in enumerate(grid) for column, (prompt, animal) in enumerate(cells)]
 
 
-def chat_conversation(rng):
-    """A conversation of a random kind (CHAT_KINDS) on a training prompt: held-out ones are never
-    drawn."""
+def chat_prompt_record(rng) -> dict:
+    """A training chat prompt of a random kind (CHAT_KINDS): held-out ones are never drawn."""
     kind = rng.choices(list(CHAT_KINDS), weights=list(CHAT_KINDS.values()))[0]
     prompt, animal, _ = rng.choice([cell for cell in chat_prompts(kind) if not cell[2]])
+    return {"prompt": prompt, "family": "chat", "kind": kind,
+            **({"animal": animal} if animal else {})}
+
+
+def chat_conversation(rng):
+    """A conversation on a training chat prompt, answered in kind."""
+    record = chat_prompt_record(rng)
+    kind, prompt, animal = record["kind"], record["prompt"], record.get("animal")
     if kind == "greeting":
         reply = rng.choice(GREETING_REPLIES)
     elif kind == "abilities":
         reply = ABILITIES
     else:
-        reply = story(rng, animal)  # no animal asked for: a story about any animal
+        reply = story(rng, animal, title=True)  # no animal asked for: any animal
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
@@ -448,7 +482,8 @@ def chat_eval_records() -> list[dict]:
 def chat_in_kind(record, reply: str) -> bool:
     """Whether `reply` answers a chat record ({"kind", "animal" if a story asks for one}) in kind:
     a greeting back (it opens with a greeting word or offers help), what the assistant can do
-    ("I can ..."), a story ("Once upon a time", its first sentence naming the animal asked for).
+    ("I can ..."), a story ("Here is a story about a frog. Once upon a time, ..." or the story
+    alone), its first sentence naming the animal asked for.
     Never a reply with a think block or a digit: a sum or a bare number is no chat."""
     text = reply.strip()
     if "<think>" in text or re.search(r"\d", text):
@@ -461,7 +496,7 @@ def chat_in_kind(record, reply: str) -> bool:
     if record["kind"] == "story":
         first_sentence = text.split(".")[0].lower()
         animal = record.get("animal")
-        return (text.startswith("Once upon a time")
+        return (text.startswith(("Here is a story", "Once upon a time")) and "Once upon" in text
                 and (animal is None or animal in re.findall(r"[a-z]+", first_sentence)))
     raise ValueError(f"unknown chat kind {record['kind']!r}: expected one of {list(CHAT_KINDS)}")
 
@@ -474,7 +509,7 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant."
 def sft_records(rng, n, fraction, think_share):
     records = []
     for _ in range(n):
-        if rng.random() < 0.04:
+        if rng.random() < 0.3:
             records.append({"messages": chat_conversation(rng), "family": "chat"})
             continue
         family, messages, levels = rng.choice(FAMILIES), [], []
@@ -615,7 +650,7 @@ def main(args: Args):
     def n(count):
         return max(1, round(count * args.scale))
 
-    prefs_rng, prompts_rng = rng("prefs"), rng("prompts")
+    prefs_rng, prompts_rng, chat_rng = rng("prefs"), rng("prompts"), rng("chat")
     eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # at every seed
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
     files = {
@@ -626,6 +661,7 @@ def main(args: Args):
                              for p in training_problems(prefs_rng, n(args.prefs), frac)),
         "prompts.jsonl": jsonl(prompt_record(prompts_rng, p)
                                for p in training_problems(prompts_rng, n(args.prompts), frac)),
+        "chat.jsonl": jsonl(chat_prompt_record(chat_rng) for _ in range(n(args.prompts) // 2)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
         "chat_eval.jsonl": jsonl(chat_eval_records()),

@@ -16,7 +16,8 @@ out/student.pt). Its baseline is sft.py on out/student.pt with the same budget (
 Implementation details:
 1. Sequence-level KD (Kim & Rush 2016): the teacher answers every prompt greedily and the student
    is fine-tuned on those conversations, the loss on the reply tokens. --keep-correct keeps only
-   the right replies (rejection sampling, as for DeepSeek-R1's distilled models).
+   the right replies (rejection sampling, as for DeepSeek-R1's distilled models); a prompt without
+   an answer (--chat-data) keeps its reply, so that the student also learns to talk.
 2. Token-level KD (Hinton et al. 2015), --alpha > 0: L = (1 - alpha) CE + alpha T^2 D(p_t^T, p_s^T)
    with p^T = softmax(logits / T): the soft targets' gradient shrinks as 1 / T^2, the T^2 undoes it.
 3. --beta (GKD, Agarwal et al. 2024): D = JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M),
@@ -24,13 +25,14 @@ Implementation details:
 4. --on-policy (GKD): that share of the steps, drawn from (seed, step), trains on replies the
    student samples, every token scored by the teacher, with the divergence alone (alpha = 1).
 5. The teacher runs in eval mode without gradients, only when its logits count (alpha > 0).
-   Batches, schedule, optimizer, clipping, DDP and the loss's constant denominator are sft.py's.
+   Batches, schedule, optimizer, clipping, DDP (or --fsdp), the loss's constant denominator: sft's.
 6. Teacher and student: greedy held-out accuracy and think rate on --eval-data.
 """
 
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -59,6 +61,8 @@ class Args:
     """the student's starting weights (any lm checkpoint with the teacher's tokenizer)"""
     data: str = "data/prompts.jsonl"
     """training prompts the teacher answers, one {"prompt", "answer"} per line"""
+    chat_data: str = ""
+    """more prompts, without an answer (data/chat.jsonl: small talk, stories): every reply kept"""
     eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers, for the accuracy of teacher and student"""
     out: str = "out/distill.pt"
@@ -73,7 +77,7 @@ class Args:
     """generalized JSD: 0 = forward KL (Hinton), 1 = reverse KL, in between JSD(beta)"""
     on_policy: float = 0.0
     """share of the steps trained on the student's own sampled replies, scored by the teacher"""
-    steps: int = 200
+    steps: int = 400
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
@@ -99,6 +103,8 @@ class Args:
     """torch.compile the student"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order, on-policy steps and samples)"""
 
@@ -261,7 +267,7 @@ def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_
         answer = record.get("answer")
         correct = answer is not None and final_answer(text) == str(answer).strip()
         right += correct
-        if correct or not keep_correct:
+        if correct or answer is None or not keep_correct:  # no answer: nothing to check
             prompt = record["prompt"]
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             conversations.append({"messages": [*prompt, {"role": "assistant", "content": text}]})
@@ -290,6 +296,7 @@ def main(args: Args):
     raw_student, context = student, student.config.max_position_embeddings
     # -------------------------------------------------------------- the data: the teacher's replies
     records = read_jsonl(args.data, ("prompt", "answer") if args.keep_correct else ("prompt",))
+    records += read_jsonl(args.chat_data, ("prompt",)) if args.chat_data else []
     conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens,
                                            args.keep_correct)
     examples = [distill_example(tokenizer, c, context) for c in conversations]
@@ -309,10 +316,12 @@ def main(args: Args):
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     student.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     student = torch.compile(student) if args.compile else student
-    if ddp:
-        student = DDP(student, device_ids=[torch.device(args.device).index]
-                      if device_type == "cuda" else None)
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    student = DDP(student, device_ids=device_ids) if ddp and not args.fsdp else student
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + rank)
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_student, optimizer, bf16=args.dtype == "bfloat16")
     # -------------------------------------------------------------- the training loop
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
@@ -369,6 +378,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    raw_student = gathered(raw_student) if args.fsdp else raw_student  # all ranks gather
     if master:  # detail 6
         print(f"distill | done in {format_time(time.time() - start_time)}")
         results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}
@@ -392,6 +402,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

@@ -25,6 +25,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -98,6 +99,8 @@ class Args:
     """torch.compile the model"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order)"""
     lora_rank: int = 0
@@ -301,7 +304,7 @@ def main(args: Args):
     policy.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     model = torch.compile(policy) if args.compile else policy
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-    model = DDP(model, device_ids=device_ids) if ddp else model
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
 
     if master:  # detail 6: held-out preference and task accuracy before training
         before = {"pairs": preference_metrics(*ref_eval, *ref_eval, kinds, args.beta),
@@ -316,6 +319,9 @@ def main(args: Args):
         print(f"dpo | before: task {format_accuracy(before['task'])}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(policy, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     model.train()
@@ -369,6 +375,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    policy = gathered(policy) if args.fsdp else policy  # all ranks gather
     if master:
         after = {"pairs": preference_metrics(*all_logps(eval_pairs), *ref_eval, kinds, args.beta),
                  "task": heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)}
@@ -391,6 +398,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

@@ -29,6 +29,16 @@ from model import KVCache, load_checkpoint, unwrap
 from tokenizer import final_answer, thinks
 
 
+def unsharded(model):
+    """The plain model inside DDP and torch.compile (model.unwrap); of one sharded by --fsdp, a copy
+    with every weight (fsdp.gathered): a collective, every rank calls it (fsdp.py detail 6)."""
+    model = unwrap(model)
+    if not hasattr(model, "unshard"):  # FSDP2's method: a sharded model
+        return model
+    from fsdp import gathered  # imported only here: a stage copied without --fsdp needs no fsdp.py
+    return gathered(model)
+
+
 # detail 4: every example once an epoch, in a fresh order
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Indices of the examples in the global batch of `step`, a function of (seed, step) only: each
@@ -99,7 +109,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     with pad_id, log-probs of the sampled tokens (B, N), completion_mask (B, N): 1.0 up to and
     including each row's EOS. N <= max_new_tokens: it stops when every row has hit EOS.
     group_size=G: the prompts come in runs of G equal ones (GRPO), and each is prefilled once."""
-    model = unwrap(model)  # no gradient sync or compilation needed to sample
+    model = unsharded(model)  # no gradient sync or compilation needed to sample
     device = next(model.parameters()).device
     context = model.config.max_position_embeddings
     if not prompts or min(map(len, prompts)) == 0:
@@ -394,7 +404,11 @@ def rollout(policy, tokenizer, prompts, max_new_tokens, temperature, generator=N
     """A reply sampled to each prompt (group_size: runs of equal prompts, each prefilled once):
     batch = (prompt_ids, prompt_mask) (B, P) left-padded + (completion_ids, completion_mask) (B, N)
     up to and with <|im_end|>, and the replies' log-probs (B, N) at `temperature` under the policy
-    (None without old_logp) and under the reference, run in as_reference (None without one)."""
+    (None without old_logp) and under the reference, run in as_reference (None without one).
+    A policy sharded by --fsdp is gathered first, on every rank (unsharded): one all-gather of its
+    weights per rollout, where decoding with the shards would all-gather every block per token."""
+    full = unsharded(policy)
+    reference, policy = full if reference is policy else reference, full  # LoRA: the same copy
     completion_ids, _, completion_mask = generate(
         policy, prompts, max_new_tokens, temperature, eos_id=tokenizer.im_end_id,
         pad_id=tokenizer.pad_id, generator=generator, group_size=group_size)

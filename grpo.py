@@ -30,6 +30,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -108,6 +109,8 @@ class Args:
     """torch.compile the model"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order and sampling)"""
     lora_rank: int = 0
@@ -219,12 +222,8 @@ def progress_line(stage: str, step: int, steps: int, metrics: dict, elapsed: flo
 # detail 3: r = [final answer == answer] + reward_weight * score - length_penalty * len / max_len
 def grpo_rewards(correct, scores, lengths, reward_weight, length_penalty, max_new_tokens):
     """correct, lengths (B,), scores (B,) or None -> rewards (B,)."""
-    rewards = correct.clone()
-    if scores is not None:
-        rewards += reward_weight * scores
-    if length_penalty:
-        rewards -= length_penalty * lengths / max_new_tokens
-    return rewards
+    rewards = correct + reward_weight * scores if scores is not None else correct
+    return rewards - length_penalty * lengths / max_new_tokens
 
 
 # detail 4: A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
@@ -295,9 +294,8 @@ def main(args: Args):
     policy.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     model = torch.compile(policy) if args.compile else policy
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-    model = DDP(model, device_ids=device_ids) if ddp else model
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
-
     if master:  # detail 8: held-out accuracy before training
         before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
         print(f"grpo | {len(records)} prompts ({too_long} too long for the context), "
@@ -307,6 +305,9 @@ def main(args: Args):
         print(f"grpo | before: {format_accuracy(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(policy, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     while step < args.steps:
@@ -334,9 +335,8 @@ def main(args: Args):
         advantages = grpo_advantages(all_rewards, G, args.scale_rewards).view(world, -1)[rank]
         equal_groups = (all_rewards.view(-1, G).diff(dim=1) == 0).all(dim=1).float().mean()
         loss_mask = completion_mask * ended[:, None] if args.mask_truncated else completion_mask
-        scale = 1.0  # dapo under DDP: the token mean of the global batch, not the rank's (detail 6)
-        if ddp and args.loss_type == "dapo":
-            scale = loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
+        scale = (loss_mask.sum() * world / all_gathered(loss_mask.sum()[None]).sum().clamp(min=1)
+                 if ddp and args.loss_type == "dapo" else 1.0)  # detail 6: the global token mean
 
         # ---------------------------------------------------------- optimisation (detail 5, 6, 7)
         model.train()
@@ -380,6 +380,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    policy = gathered(policy) if args.fsdp else policy  # all ranks gather
     if master:
         after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens)
         save_checkpoint(args.out, policy, tokenizer, "grpo", parent=args.init, step=step,
@@ -398,6 +399,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

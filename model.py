@@ -543,6 +543,16 @@ def newton_schulz(G, steps=5):
     return X.mT if tall else X
 
 
+def orthogonalised(update):
+    """newton_schulz(update); of a matrix sharded by --fsdp (a DTensor of this rank's rows, fsdp.py
+    detail 7): the whole matrix gathered, orthogonalised on every rank, this rank's rows kept."""
+    if not hasattr(update, "full_tensor"):
+        return newton_schulz(update)
+    from torch.distributed.tensor import distribute_tensor  # only a sharded run gets here
+    return distribute_tensor(newton_schulz(update.full_tensor()), update.device_mesh,
+                             update.placements, src_data_rank=None)  # no copy sent: all hold it
+
+
 class Muon(torch.optim.AdamW):
     """AdamW, except the param groups marked "muon" (Jordan et al. 2024, github.com/KellerJordan/
     Muon): m <- mu m + (1 - mu) g, the Nesterov step u = (1 - mu) g + mu m orthogonalised, and
@@ -563,7 +573,7 @@ class Muon(torch.optim.AdamW):
                 state["step"] += 1
                 momentum = state["momentum_buffer"]
                 momentum.lerp_(p.grad, 1 - mu)
-                update = newton_schulz(p.grad.lerp(momentum, mu))
+                update = orthogonalised(p.grad.lerp(momentum, mu))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 p.grad = None  # done: AdamW's step below skips a parameter without a gradient
@@ -582,8 +592,14 @@ def unwrap(model):
 def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=None, metrics=None,
                     **extra):
     """Write the DESIGN.md checkpoint dict; extra keys (optimizer, rng) make it resumable. A LoRA
-    model is written merged, with its adapter under "lora" (lora.py)."""
+    model is written merged, with its adapter under "lora" (lora.py). A model sharded by --fsdp is
+    gathered whole to rank 0's CPU, which writes (fsdp.py): every rank must call it then."""
     model = unwrap(model)
+    if hasattr(model, "unshard"):  # FSDP2's method: a sharded model; fsdp.py only where it is one
+        from fsdp import full_tensors, gathered
+        model, extra = gathered(model, "cpu", True), full_tensors(extra, "cpu", True)
+        if model is None:  # not rank 0: its part was the gathering
+            return
     state, lora = model.state_dict(), None
     if any(".lora_A." in name for name in state):  # only a LoRA run needs lora.py
         from lora import merged_state_dict

@@ -69,7 +69,7 @@ else
   Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=()
   Q_DPO=() Q_DISTILL=() Q_BASELINE=() Q_EVAL=()
   Q_STUDENT=(--hidden-size 64 --num-layers 4)  # a quarter of the default model's parameters
-  DISTILL_BUDGET=(--steps 200 --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 30
+  DISTILL_BUDGET=(--steps 400 --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 30
                   --weight-decay 0.1 --grad-clip 1.0)  # distill.py's defaults
 fi
 
@@ -114,11 +114,13 @@ run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
 run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
   --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
 run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" \
-  --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/distill.pt" "${S[@]}" \
+  --data "$DATA/prompts.jsonl" --chat-data "$DATA/chat.jsonl" --eval-data "$DATA/eval.jsonl" \
+  --out "$OUT/distill.pt" "${S[@]}" \
   "${DISTILL_BUDGET[@]}" "${Q_DISTILL[@]}"
 # the baseline: the same student, budget and seed, fine-tuned on the SFT demos, not the teacher's
-run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl" \
-  --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" \
+# replies (and, as distill, with no pretraining text mixed in)
+run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl" --ptx-share 0 \
+  --eval-data "$DATA/eval.jsonl" \
   --out "$OUT/distill_baseline.pt" "${S[@]}" \
   "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
 run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" \

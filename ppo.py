@@ -31,6 +31,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -116,6 +117,8 @@ class Args:
     """torch.compile the models"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (prompt order, sampling, minibatches)"""
     lora_rank: int = 0
@@ -293,16 +296,15 @@ def main(args: Args):
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
     value_optimizer = value_model.configure_optimizer(args.lr, args.weight_decay,
                                                       device_type=device_type)
-    # policy and critic as they train (compiled, in DDP); rollouts use the plain modules
+    # policy and critic as they train (compiled, in DDP or sharded); rollouts use the plain modules
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
     policy.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     value_model.grad_checkpoint = args.grad_checkpoint
     model, critic = (torch.compile(m) if args.compile else m for m in (policy, value_model))
-    if ddp:
+    if ddp and not args.fsdp:
         model, critic = DDP(model, device_ids=device_ids), DDP(critic, device_ids=device_ids)
     sampler = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)  # ranks differ
     kl_coef = args.kl_coef
-
     if master:  # detail 7: held-out accuracy and score before training
         before = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens,
                                   score=reward)
@@ -312,6 +314,10 @@ def main(args: Args):
         print(f"ppo | before: {format_accuracy(before)} | score {before['score']:.3f}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(policy, optimizer, bf16=args.dtype == "bfloat16")
+        shard(value_model, value_optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     while step < args.steps:
@@ -391,9 +397,9 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    policy = gathered(policy) if args.fsdp else policy  # all ranks gather
     if master:
-        after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens,
-                                 score=reward)
+        after = heldout_accuracy(policy, tokenizer, eval_records, args.max_new_tokens, score=reward)
         save_checkpoint(args.out, policy, tokenizer, "ppo", parent=args.init, step=step,
                         args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"ppo | done in {format_time(time.time() - start_time)}")
@@ -411,6 +417,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

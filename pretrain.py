@@ -8,6 +8,7 @@ Run (after `python data.py` and `python tokenizer.py`):
     python pretrain.py                                    # the CPU defaults
     python pretrain.py --preset 30m --device cuda --compile          # one GPU
     torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
+    torchrun --nproc_per_node 8 pretrain.py --preset 125m --fsdp     # each GPU holds 1/8 (fsdp.py)
     python pretrain.py --resume                           # continue after a crash / kill -9
     python pretrain.py --init out/pretrain.pt --context 512 --rope-theta 1e6 --out out/long.pt
 
@@ -36,6 +37,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import hashlib
 import inspect
 import json
@@ -121,6 +123,8 @@ class Args:
     """torch.compile the model"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (weights and data order)"""
 
@@ -300,9 +304,9 @@ def main(args: Args):
     if args.resume:  # detail 7: the model, optimizer, RNG and step of the last resumable checkpoint
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
         check_resumable(args.out, checkpoint, args, (
-            "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps",
+            "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps", "seed",
             "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction",
-            "seed", "init", "rope_theta"))
+            "init", "rope_theta"))
         if checkpoint["tokenizer"] != tokenizer.to_dict():
             raise ValueError(f"{args.out} was trained with another tokenizer than "
                              f"{args.tokenizer}: resume with its own")
@@ -314,12 +318,9 @@ def main(args: Args):
                                           muon_lr=muon_lr)
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-        model = DDP(model, device_ids=device_ids)
+    raw_model, model = model, torch.compile(model) if args.compile else model
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
     # detail 6: bits per byte needs the bytes per token of the validation text
     tokens_per_byte = len(val_tokens) / tokenizer.count_bytes(val_tokens)
     entropy = unigram_entropy(train_tokens, tokenizer.vocab_size)
@@ -327,9 +328,8 @@ def main(args: Args):
     # -------------------------------------------------------------- the training loop
     tokens_per_step = args.batch_size * context
     if master:
-        n_params = raw_model.num_params()
-        print(f"pretrain | {n_params / 1e6:.2f}M params (non-embedding), context {context}, "
-              f"{len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on "
+        print(f"pretrain | {raw_model.num_params() / 1e6:.2f}M params (non-embedding), context "
+              f"{context}, {len(train_tokens) / 1e6:.2f}M train tokens, {world} process(es) on "
               f"{args.device} in {args.dtype}")
         n_tokens = args.steps * tokens_per_step
         print(f"pretrain | {n_tokens / 1e6:.1f}M tokens to see: "
@@ -342,6 +342,9 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time = last_time = time.time()
     sums, steps_since_log, tokens_seen = {}, 0, 0
     model.train()
@@ -382,8 +385,10 @@ def main(args: Args):
                 print(progress_line("pretrain", step, args.steps, logged, now - start_time))
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
-        if master and (step % args.eval_every == 0 or step == args.steps):
-            val_loss, sample = evaluate(raw_model, tokenizer, val_tokens, args, micro_batch,
+        evaluating = step % args.eval_every == 0 or step == args.steps
+        evaluated = gathered(raw_model) if args.fsdp and evaluating else raw_model  # all ranks
+        if master and evaluating:
+            val_loss, sample = evaluate(evaluated, tokenizer, val_tokens, args, micro_batch,
                                         context, autocast)
             val_bpb = val_loss / math.log(2) * tokens_per_byte
             print(f"pretrain | step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f} | "
@@ -391,12 +396,13 @@ def main(args: Args):
             log_file.write(json.dumps({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
                            + "\n")
             log_file.flush()
-        # detail 7: resumable checkpoints carry the optimizer and the RNG state
-        if master and step % args.save_every == 0 and step < args.steps:
+        # detail 7: resumable checkpoints carry the optimizer and RNG state (--fsdp: all gather)
+        if (master or args.fsdp) and step % args.save_every == 0 and step < args.steps:
             save_checkpoint(args.out, raw_model, tokenizer, "pretrain", args.init or None, step,
                             args=dataclasses.asdict(args), optimizer=optimizer.state_dict(),
                             rng={"torch": torch.get_rng_state()})
 
+    raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
         metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": entropy}
         save_checkpoint(args.out, raw_model, tokenizer, "pretrain", args.init or None, step,
@@ -415,6 +421,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

@@ -26,6 +26,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -85,6 +86,8 @@ class Args:
     """torch.compile the model"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (score head and data order)"""
     lora_rank: int = 0
@@ -261,7 +264,7 @@ def main(args: Args):
     reward_model.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     model = torch.compile(reward_model) if args.compile else reward_model
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
-    model = DDP(model, device_ids=device_ids) if ddp else model
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
 
     # -------------------------------------------------------------- the training loop
     if master:  # detail 7: held-out accuracy before training
@@ -272,6 +275,9 @@ def main(args: Args):
         print(f"reward | before: {format_pairs(before)}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(reward_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen, step = time.time(), time.time(), 0, 0
     sums, steps_since_log = {}, 0
     model.train()
@@ -316,6 +322,7 @@ def main(args: Args):
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
 
+    reward_model = gathered(reward_model) if args.fsdp else reward_model  # all ranks gather
     if master:
         after = heldout_metrics(reward_model, eval_pairs, pad_id, args, autocast)
         # detail 4: the mean and std of the rewards of training replies, stored for PPO
@@ -343,6 +350,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()

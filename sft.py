@@ -23,7 +23,7 @@ Implementation details:
 5. Step loss = sum of the losses of the global batch's assistant tokens / (batch size x the mean
    assistant tokens per conversation of the data set): a constant, so every token weighs the same
    on any micro-batch or rank (N ranks give one process's loss).
-6. The schedule, optimizer, clipping, DDP, resume and progress line are pretrain.py's.
+6. The schedule, optimizer, clipping, DDP (or --fsdp), resume and progress line are pretrain.py's.
 7. Before and after: greedy replies to the held-out prompts (data/eval.jsonl), exact match of the
    final answer per task family, the think rate, the share of replies ending with <|im_end|>, and
    after, the accuracy when every reply is made to start with <think> (what RL can reach).
@@ -36,6 +36,7 @@ Implementation details:
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -99,6 +100,8 @@ class Args:
     """torch.compile the model"""
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass: less memory, more compute"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
     """random seed (data order)"""
     lora_rank: int = 0
@@ -239,17 +242,18 @@ def sft_examples(tokenizer: Tokenizer, path: str, context: int) -> tuple[list[tu
 def micro_batches(examples: list[tuple], text, n_text: int, context: int, batch_size: int,
                   seed: int, step: int, rank=0, world=1, grad_accum=1) -> list[list[tuple]]:
     """(inputs, targets) rows: the rank's share of batch_size - n_text conversations, by length, in
-    grad_accum micro-batches, then its share of n_text windows of `text` (context + 1 tokens)."""
+    grad_accum micro-batches, then its share of n_text windows of `text` (context + 1 tokens) in as
+    many micro-batches as rank 0 (--fsdp's collectives run in each): else one row, no target."""
     chat = [examples[i] for i in batch_indices(len(examples), batch_size - n_text, seed, step)]
     chat = sorted(chat[rank::world], key=lambda e: len(e[0]))
     micros = [chat[len(chat) * m // grad_accum : len(chat) * (m + 1) // grad_accum]
               for m in range(grad_accum)]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a short text: 1 window
     starts = torch.randint(0, max(1, len(text) - context), (n_text,), generator=generator).tolist()
-    windows = [text[s : s + context + 1].tolist() for s in starts[rank::world]]
+    windows = [text[s : s + context + 1].tolist() for s in starts]
     micro = batch_size // (world * grad_accum)  # rows per micro-batch
-    return micros + [[(window[:-1], window[1:]) for window in windows[i : i + micro]]
-                     for i in range(0, len(windows), micro)]
+    return micros + [[(row[:-1], row[1:]) for row in windows[rank::world][i : i + micro]]
+                     or [([0], [-100])] for i in range(0, len(windows[::world]), micro)]  # loss 0
 
 
 def pad_batch(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -287,11 +291,9 @@ def main(args: Args):
     text = (tokenizer.encode_array(read_documents(args.ptx_data), tokenizer.think_tokens)
             if n_text else [])  # detail 9: one token stream, as pretrain.py reads it
     lengths = [len(inputs) for inputs, _ in examples]
-    # detail 5: the step loss's constant denominator is batch size x this
     tokens_per_conversation = sum(t != -100 for _, targets in examples
-                                  for t in targets) / len(examples)
+                                  for t in targets) / len(examples)  # detail 5: x batch size
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
-
     step = 0
     if args.resume:  # the model came from --out above; now the optimizer, RNG and step
         checkpoint = torch.load(args.out, map_location=args.device, weights_only=True)
@@ -306,12 +308,9 @@ def main(args: Args):
     if args.resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
     model.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(args.device).index]
-                    if device_type == "cuda" else None)
+    raw_model, model = model, torch.compile(model) if args.compile else model
+    device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model
 
     # -------------------------------------------------------------- the training loop
     if master:  # detail 7: held-out accuracy before training
@@ -327,6 +326,9 @@ def main(args: Args):
             kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
         log_file = open(log_path, "w")
         log_file.writelines(kept)
+    if args.fsdp:  # weights, gradients and optimizer state split over the ranks (fsdp.py), not DDP
+        from fsdp import gathered, shard
+        shard(raw_model, optimizer, bf16=args.dtype == "bfloat16")
     start_time, last_time, tokens_seen = time.time(), time.time(), 0
     sums, steps_since_log = {}, 0
     model.train()
@@ -341,13 +343,12 @@ def main(args: Args):
             per_row = context if micro >= args.grad_accum else tokens_per_conversation  # detail 9
             inputs = pad_batch([inputs for inputs, _ in rows], tokenizer.pad_id).to(args.device)
             targets = pad_batch([targets for _, targets in rows], -100).to(args.device)
-            n_micro = (targets != -100).sum()
             tokens_seen += inputs.numel() * world
             # gradients are synchronised on the last micro-step only
             no_sync = model.no_sync if ddp and micro < len(micros) - 1 else nullcontext
             with no_sync(), autocast:
                 _, loss = model(inputs, targets)  # mean over this micro-batch's target tokens
-                loss = loss * n_micro / (args.batch_size * per_row)  # detail 5: the step's share
+                loss = loss * (targets != -100).sum() / (args.batch_size * per_row)  # detail 5
             with no_sync():
                 (loss * world).backward()  # DDP averages gradients over ranks; undo the 1/world
             loss_sum += loss.detach()
@@ -370,11 +371,12 @@ def main(args: Args):
                 print(progress_line("sft", step, args.steps, logged, now - start_time))
                 log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 log_file.flush()
-        if master and step % args.save_every == 0 and step < args.steps:
+        if (master or args.fsdp) and step % args.save_every == 0 and step < args.steps:
             save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
-                            args=dataclasses.asdict(args), metrics={"before": before},
+                            args=dataclasses.asdict(args), metrics={"before": master and before},
                             optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
 
+    raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
         after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
         if tokenizer.think_id is not None:  # detail 7: the ceiling of what RL can teach
@@ -397,6 +399,7 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:  # after main: its DDP model, which holds the process group, is freed first
+    finally:  # DDP sits in a reference cycle: only a gc pass frees it and the group it holds
         if dist.is_initialized():
+            gc.collect()  # before the group is destroyed, else a gloo rank can abort at exit
             dist.destroy_process_group()
