@@ -71,7 +71,7 @@ def train(args, seed, work):
     data, log, L = f"{work}/data", f"{work}/log.txt", args.context
     tokenizer, phase1, phase2 = f"{work}/tokenizer.json", f"{work}/phase1.pt", f"{work}/phase2.pt"
     run(log, "data.py", "--out", data, "--seed", str(seed), "--retrieval", str(L),
-        "--retrieval-eval", str(args.eval))
+        "--retrieval-eval", str(args.eval), "--scale", str(args.scale))
     run(log, "tokenizer.py", "--data", f"{data}/retrieval.txt", "--vocab-size", "1024", "--out",
         tokenizer)
     common = ["--tokenizer", tokenizer, "--seed", str(seed), "--eval-every", "100000",
@@ -104,9 +104,11 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--context", type=int, default=128, help="phase-1 context (tokens)")
     parser.add_argument("--steps", type=int, default=1500, help="phase-1 steps (batch 16)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="data.py --scale: retrieval.txt is 1.5M pieces at 1")
     parser.add_argument("--phase2-steps", type=int, default=300, help="phase-2 steps (batch 4)")
     parser.add_argument("--rope-theta", type=float, default=1e6, help="phase 2's RoPE base")
-    parser.add_argument("--eval", type=int, default=100, help="questions per length")
+    parser.add_argument("--eval", type=int, default=50, help="questions per length")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--work", default="/tmp/long_context", help="runs and their logs")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "long_context.json"))
