@@ -32,6 +32,11 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
   steps.jsonl       8k {"prompt", "completions": [step, ...], "labels": [bool, ...], "family",
                     "level"}: replies with 0-2 wrong steps (a tenth bare), each step by the labeler
   steps_eval.jsonl  one such reply per eval problem, for a process reward model's held-out accuracy
+With --retrieval L (the long-context task, detail 9; nothing above changes):
+  retrieval.txt     ~1.5M pieces of documents of L/4 to L pieces (phase-1 pretraining)
+  retrieval_long.txt  the same, of L/4 to 4L pieces (phase 2 at a 4x context)
+  retrieval_eval.jsonl  --retrieval-eval held-out questions at each of 1, 2, 4, 8, 16 x L pieces,
+                    {"prompt", "answer", "length": the multiple of L, "depth": of the asked note}
 
 Task families (FAMILIES), each at level 1 (easy) to 3 (hard), levels drawn uniformly:
   add  "What is 385 + 48?"   "433" or "<think>385+048: 5+8+0=13 8+4+1=13 3+0+1=4</think>433"
@@ -66,6 +71,10 @@ Implementation details
 8. Step labels (TRL's stepwise format): a step starts at each space and at </think>, so the steps
    concatenate to the reply; the labeler's `judge_steps` marks each right iff a careful solver
    writes it there given the steps before it, so a mistake makes one wrong step, not all after it.
+9. Retrieval: notes on 2-6 boxes ("The code of box 17 is 482.") among sentences of prose, then
+   "What is the code of box 17? The code of box 17 is" 482 (passkey retrieval's form). Lengths count
+   pre-tokenizer pieces (a token each once BPE merged the words); a (box, code) pair is held out as
+   in detail 4, and only eval asks one.
 """
 
 import argparse
@@ -83,7 +92,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
-from tokenizer import final_answer, thinks
+from tokenizer import SPLIT_PATTERN, final_answer, thinks
 
 
 @dataclass
@@ -110,6 +119,10 @@ class Args:
     """held-out problems per family in eval.jsonl (and pairs in prefs_eval.jsonl)"""
     held_out: float = 0.08
     """fraction of every family's problem space kept out of training, for evaluation"""
+    retrieval: int = 0
+    """also write the retrieval task (detail 9) for a phase-1 context of this many pieces (0: no)"""
+    retrieval_eval: int = 100
+    """held-out retrieval questions at each length (1, 2, 4, 8 and 16 times --retrieval)"""
 
 
 def is_held_out(key: str, fraction: float) -> bool:
@@ -650,6 +663,80 @@ def held_out_problems(rng, per_family, fraction):
     return problems
 
 
+# ---- RETRIEVAL (detail 9): the code of one box among notes and prose, asked for at the end
+RETRIEVAL_LENGTHS = (1, 2, 4, 8, 16)  # of the eval prompts, in phase-1 contexts
+PHASE2_LENGTH = 4                     # the longest document of retrieval_long.txt, likewise
+RETRIEVAL_PIECES = 1_500_000          # in each retrieval training file at --scale 1
+
+
+def pieces(text: str) -> int:
+    """The pre-tokenizer's pieces (tokenizer.py detail 1): a digit is one, a word with its space
+    one, so a tokenizer trained on this text makes about a token of each."""
+    return len(re.findall(SPLIT_PATTERN, text))
+
+
+def box_code(rng, fraction, held_out=False):
+    """A (box, code) pair on the given side of the held-out split (its key: "box:17:482")."""
+    while True:
+        box, code = rng.randrange(10, 100), rng.randrange(100, 1000)
+        if is_held_out(f"box:{box}:{code}", fraction) == held_out:
+            return box, code
+
+
+def retrieval_document(rng, n_pieces, fraction, asked=None, questions=1):
+    """Notes on 2-6 boxes among sentences of prose, then `questions` of them asked, a line each,
+    about n_pieces pieces in all -> (the text up to the last answer, that answer, the depth of its
+    note in the prose). asked: the (box, code) asked last (held out at evaluation)."""
+    # as many notes and questions as fit: a note is 13 pieces, a question and its answer 24
+    notes = [asked or box_code(rng, fraction)]
+    count = max(2, min(rng.randint(2, 6), (n_pieces - 24 * questions) // 13))
+    while len(notes) < count:
+        box, code = box_code(rng, fraction)
+        if box not in (b for b, _ in notes):
+            notes.append((box, code))
+    texts = [f"The code of box {box} is {code}." for box, code in notes]
+    asks = [f"\nWhat is the code of box {box}? The code of box {box} is" for box, _ in notes]
+    questions = min(questions, count)
+    question = "".join(f"{ask} {code}." for ask, (_, code) in zip(asks[1:questions], notes[1:]))
+    question += asks[0]  # the asked note's question last
+    budget, prose = n_pieces - pieces(question) - sum(map(pieces, texts)), []
+    while budget > 0:
+        text = story(rng) if rng.random() < 0.5 else facts(rng)
+        for sentence in re.findall(r'[^.!?]+[.!?]"?', text):
+            budget -= pieces(sentence)
+            if budget < 0:
+                break
+            prose.append(sentence.strip())
+    for text in texts[1:] + texts[:1]:  # the asked note last: the others do not move it
+        prose.insert(rng.randint(0, len(prose)), text)
+    body = " ".join(prose)
+    depth = pieces(body[:body.index(texts[0])]) / pieces(body)
+    return body + question, str(notes[0][1]), depth
+
+
+def retrieval_text(rng, count, shortest, longest, fraction):
+    """Documents of shortest to longest pieces (answer included), ~count pieces in all."""
+    documents = []
+    while count > 0:
+        prompt, answer, _ = retrieval_document(rng, rng.randint(shortest, longest) - 5, fraction,
+                                               questions=rng.randint(1, 3))
+        documents.append(f"{prompt} {answer}.")
+        count -= pieces(documents[-1])
+    return "\n\n".join(documents) + "\n"
+
+
+def retrieval_eval(rng, context, per_length, fraction):
+    """per_length held-out questions at each of RETRIEVAL_LENGTHS x context pieces (with answer)."""
+    records = []
+    for length in RETRIEVAL_LENGTHS:
+        for _ in range(per_length):
+            prompt, answer, depth = retrieval_document(rng, length * context - 5, fraction,
+                                                       box_code(rng, fraction, held_out=True))
+            records.append({"prompt": prompt, "answer": answer, "length": length,
+                            "depth": round(depth, 3)})
+    return records
+
+
 def write_file(path, text):
     with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
@@ -662,6 +749,8 @@ def jsonl(records):
 
 def main(args: Args):
     t0 = time.time()
+    if args.retrieval and args.retrieval < 64:
+        raise ValueError(f"--retrieval {args.retrieval}: at least 64 pieces (or 0 = none)")
     if not 0 < args.held_out < 1 or not 0 <= args.think_share <= 1:
         raise ValueError(f"--held-out must be between 0 and 1 (got {args.held_out}), "
                          f"--think-share in [0, 1] (got {args.think_share})")
@@ -694,6 +783,13 @@ def main(args: Args):
                              for p in training_problems(steps_rng, n(args.step_traces), frac)),
         "steps_eval.jsonl": jsonl(step_record(steps_eval_rng, p) for p in evals),
     }
+    if args.retrieval:  # detail 9
+        L, size = args.retrieval, n(RETRIEVAL_PIECES)
+        files["retrieval.txt"] = retrieval_text(rng("retrieval"), size, L // 4, L, frac)
+        files["retrieval_long.txt"] = retrieval_text(rng("retrieval_long"), size, L // 4,
+                                                     PHASE2_LENGTH * L, frac)
+        files["retrieval_eval.jsonl"] = jsonl(retrieval_eval(
+            random.Random("retrieval_eval"), L, args.retrieval_eval, frac))
     for name, text in files.items():
         path = os.path.join(args.out, name)
         write_file(path, text)

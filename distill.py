@@ -101,6 +101,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the student"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     fsdp: bool = False
     """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
@@ -312,6 +314,7 @@ def main(args: Args):
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    student.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     student = torch.compile(student) if args.compile else student
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
     student = DDP(student, device_ids=device_ids) if ddp and not args.fsdp else student

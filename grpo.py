@@ -115,6 +115,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     fsdp: bool = False
     """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
@@ -303,6 +305,7 @@ def main(args: Args):
                                        args.prompts_per_step)
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
+    policy.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     model = torch.compile(policy) if args.compile else policy
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
     model = DDP(model, device_ids=device_ids) if ddp and not args.fsdp else model

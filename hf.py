@@ -20,6 +20,8 @@ Implementation details (tagged `# detail N` in the code):
  2. Architecture: Qwen2ForCausalLM when the q/k/v projections have a bias, LlamaForCausalLM when
     not, Qwen2MoeForCausalLM for a mixture of experts with a shared expert (zero q/k/v biases if
     we have none); a score head (reward model, PPO critic) -> *ForSequenceClassification, 1 label.
+    Dual Chunk Attention (model.py detail 11) goes under Qwen2.5-1M's `dual_chunk_attention_config`
+    both ways: vLLM runs it, transformers ignores it (full attention: the same within a chunk).
  3. Tokenizer: byte-level BPE as GPT-2 spells it (byte b is the char bytes_to_unicode()[b]) with
     our ids. tiktoken's rule (tokenizer.py's) is every split of a token as a merge, ranked by the
     token's id, plus `ignore_merges` (as Llama 3's); the same regex, no normalizer (ours has none).
@@ -195,6 +197,8 @@ def hf_config(config, tokenizer, eos_id, dtype):
                   mlp_only_layers=[])
     if score:
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if config.dual_chunk_attention_config:
+        hf.update(dual_chunk_attention_config=config.dual_chunk_attention_config)
     return hf
 
 
@@ -357,6 +361,7 @@ def config_from_hf(hf, model_dir):
                        "original_max_position_embeddings": original}
                       if rope_type == "yarn" else None),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        dual_chunk_attention_config=hf.get("dual_chunk_attention_config"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias={"Qwen2ForCausalLM": True, "Qwen2MoeForCausalLM": hf.get("qkv_bias", True),
                         "LlamaForCausalLM": hf.get("attention_bias", False)}[arch],

@@ -29,6 +29,11 @@ Implementation details (tagged `# detail N` in the code):
 10. Muon (configure_optimizer's muon_lr): the blocks' matrices step along their Nesterov momentum
    orthogonalised by a quintic Newton-Schulz iteration (Jordan et al. 2024, as modded-nanogpt and
    nanochat); AdamW keeps embeddings, the head, norms and biases.
+11. Dual Chunk Attention (An et al. 2024, arXiv:2402.17463; Qwen's `dual_chunk_attention_config`),
+   at inference past the trained context: every query-key distance is remapped into [0, chunk_size]
+   (dual_chunk_positions), the three kinds of scores are merged exactly, in one softmax.
+12. `model.grad_checkpoint = True`: each block's activations are recomputed in the backward pass
+   (torch.utils.checkpoint), so one block's activations exist at a time, not every block's.
 """
 import math
 import os
@@ -37,11 +42,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tokenizer import Tokenizer
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "distill")  # for "run X first" hints
 CHUNK_LOGITS = 2 ** 23  # logits held at once by the chunked loss (32 MB in float32)
+DCA_QUERIES = 256  # queries whose scores Dual Chunk Attention holds at once (detail 11)
 
 
 @dataclass
@@ -57,6 +64,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # YaRN (detail 2): {"type": "yarn", "factor": f, "original_max_position_embeddings": n}
     rope_scaling: dict | None = None
+    # Dual Chunk Attention (detail 11): {"chunk_size": c, "local_size": w}, Qwen's keys (others,
+    # such as its "original_max_position_embeddings", are kept and unused)
+    dual_chunk_attention_config: dict | None = None
     rms_norm_eps: float = 1e-6
     attention_bias: bool = True               # bias on q/k/v projections (Qwen2)
     tie_word_embeddings: bool = True          # lm_head shares the embedding matrix
@@ -107,6 +117,44 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    # rotate (x1, x2) by angle pos * freq: x * cos + rotate_half(x) * sin (detail 2)
+    return x * cos + rotate_half(x) * sin
+
+
+# detail 11: chunks of s = chunk_size - local_size positions; a key at position j sits at j mod s, a
+# query at i at i mod s for the keys of its own chunk (intra), at min(i mod s + s, chunk_size) for
+# the chunk before (successive), at chunk_size for earlier ones (inter). Every distance is then
+# in [0, chunk_size], those up to local_size exact (An et al. 2024; vLLM's Qwen2.5-1M).
+def dual_chunk_positions(positions, chunk_size, local_size):
+    """positions (B, T) -> (intra = key positions, successive positions, chunk index), (B, T)."""
+    s = chunk_size - local_size
+    within = positions % s
+    return within, (within + s).clamp(max=chunk_size), positions.div(s, rounding_mode="floor")
+
+
+# detail 11: score(i, j) = q_i^r . k_j / sqrt(D), r by how many chunks j is behind i: 0 intra,
+# 1 successive, more inter; one softmax over every key i may see, so the merge is exact
+def dual_chunk_attention(queries, k, v, query_chunk, key_chunk, mask):
+    """queries (intra, successive, inter), (B, H, T, D) each; k, v (B, KV, S, D); query_chunk
+    (B, T), key_chunk (B, S); mask (B, 1, T, S): True = may attend, None = causal -> (B, H, T, D)"""
+    B, H, T, D = queries[0].shape
+    KV, S = k.shape[1], k.shape[2]
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]
+    k, v = k[:, :, None], v[:, :, None]  # (B, KV, 1, S, D): one key head for its group of queries
+    out = []
+    for i in range(0, T, DCA_QUERIES):  # a block of b queries: its scores (B, KV, H/KV, b, S)
+        rows = slice(i, i + DCA_QUERIES)
+        q = [x[:, :, rows].unflatten(1, (KV, H // KV)) for x in queries]
+        behind = (query_chunk[:, rows, None] - key_chunk[:, None, :])[:, None, None]
+        scores = torch.where(behind == 0, q[0] @ k.mT,
+                             torch.where(behind == 1, q[1] @ k.mT, q[2] @ k.mT)) * D ** -0.5
+        scores = scores.float().masked_fill(~mask[:, :, None, rows], float("-inf"))
+        out.append(scores.softmax(dim=-1).to(v.dtype) @ v)  # (B, KV, H/KV, b, D)
+    return torch.cat(out, dim=3).flatten(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -119,20 +167,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
+    def forward(self, x, rope, mask, kv_cache):
+        """rope: (cos, sin) (B, 1, T, D), plus with DCA (detail 11) the successive and inter (cos,
+        sin) of the queries and the chunk index of the queries (B, T) and of every key (B, S)."""
         B, T, _ = x.shape
         # q (B, H, T, D); k, v (B, KV, T, D): H query heads, KV key/value heads (KV divides H)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # rotate (x1, x2) by angle pos * freq: x * cos + rotate_half(x) * sin (detail 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        (cos, sin), *dual = rope
+        k = apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = positions so far
-        # y (B, H, T, D); enable_gqa: each key/value head serves its group of query heads (detail 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if dual:  # detail 11: the queries at their three positions
+            successive, inter, (query_chunk, key_chunk) = dual
+            queries = [apply_rope(q, *rotation) for rotation in ((cos, sin), successive, inter)]
+            y = dual_chunk_attention(queries, k, v, query_chunk, key_chunk, mask)
+        else:  # y (B, H, T, D); enable_gqa: a key/value head serves its query heads (detail 4)
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -217,9 +271,8 @@ class Block(nn.Module):
                     else MLP(config.hidden_size, config.intermediate_size))
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
-        x = x + self.resid_dropout(
-            self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+    def forward(self, x, rope, mask, kv_cache):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, kv_cache))
         if self.is_moe:
             y, router_logits = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -285,17 +338,20 @@ class KVCache:
         self.length = 0                  # slots filled so far
 
     def update(self, layer, k, v):  # k, v (B, KV, T, D) -> all keys and values so far (B, KV, S, D)
+        # the model counted these T slots in before its blocks ran: a block recomputed by
+        # checkpointing (detail 12) in the backward pass writes the same slots again
+        start, end = self.length - k.shape[2], self.length
         if self.grown is not None:
             past = self.grown[layer]
-            self.grown[layer] = ((k, v) if past is None
-                                 else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)))
+            self.grown[layer] = ((k, v) if start == 0 else
+                                 (torch.cat([past[0][:, :, :start], k], 2),
+                                  torch.cat([past[1][:, :, :start], v], 2)))
             return self.grown[layer]
         if self.keys is None:
             self.keys = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.values = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def branch(self):
@@ -339,6 +395,10 @@ class Transformer(nn.Module):
             raise ValueError(f"head must be 'lm' or 'score', got {config.head!r}")
         inv_freq, self.rope_scale = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        dca = config.dual_chunk_attention_config
+        if dca and not 0 < dca["local_size"] < dca["chunk_size"]:
+            raise ValueError(f"dual_chunk_attention_config {dca}: 0 < local_size < chunk_size")
+        self.grad_checkpoint = False  # detail 12: set by the stages' --grad-checkpoint
         self.init_std = config.hidden_size ** -0.5  # detail 5
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # detail 5: residual projections, depth-scaled
@@ -363,7 +423,7 @@ class Transformer(nn.Module):
         logits_to_keep=n computes the head only for the last n positions (0 = all, as HF)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)                                   # (B, T, C)
-        mask = None  # detail 3: None = the is_causal fast path
+        mask, key_positions = None, None  # detail 3: None = the is_causal fast path
         if attention_mask is not None or kv_cache is not None:
             start = kv_cache.length if kv_cache is not None else 0
             real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -371,25 +431,35 @@ class Transformer(nn.Module):
             if kv_cache is not None:
                 kv_cache.mask[:, start:start + T] = real
                 real = kv_cache.mask[:, :start + T]                              # (B, S): all keys
+                kv_cache.length += T  # before the blocks (KVCache.update)
+            key_positions = (real.cumsum(-1) - 1).clamp(min=0)                   # (B, S)
             if position_ids is None:
-                position_ids = (real.cumsum(-1)[:, start:] - 1).clamp(min=0)     # (B, T)
+                position_ids = key_positions[:, start:]                          # (B, T)
             query = torch.arange(start, start + T, device=x.device)[:, None]
             key = torch.arange(start + T, device=x.device)[None, :]
             mask = ((key <= query) & real[:, None, None, :]) | (key == query)   # (B, 1, T, S)
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device)[None, :]
-        freqs = position_ids[..., None].float() * self.inv_freq                  # (B, T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]                      # (B, 1, T, D)
-        cos, sin = ((angles.cos() * self.rope_scale).to(x.dtype),
-                    (angles.sin() * self.rope_scale).to(x.dtype))
+        dca = self.config.dual_chunk_attention_config
+        if dca:  # detail 11: keys and intra-chunk queries at i mod s, two more query rotations
+            within, successive, chunk = dual_chunk_positions(position_ids, dca["chunk_size"],
+                                                             dca["local_size"])
+            key_chunk = (chunk if key_positions is None else dual_chunk_positions(
+                key_positions, dca["chunk_size"], dca["local_size"])[2])
+            rope = (self.rotation(within, x.dtype), self.rotation(successive, x.dtype),
+                    self.rotation(torch.full_like(within, dca["chunk_size"]), x.dtype),
+                    (chunk, key_chunk))
+        else:
+            rope = (self.rotation(position_ids, x.dtype),)
         router_logits = []
         for block in self.model.layers:
-            x, logits = block(x, cos, sin, mask, kv_cache)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # detail 12
+                x, logits = checkpoint(block, x, rope, mask, kv_cache, use_reentrant=False)
+            else:
+                x, logits = block(x, rope, mask, kv_cache)
             if logits is not None:
                 router_logits.append(logits)
         x = self.model.norm(x)
-        if kv_cache is not None:
-            kv_cache.length += T
         if self.config.head == "score":
             if targets is not None:
                 raise ValueError("a score-head model has no next-token loss: "
@@ -405,6 +475,13 @@ class Transformer(nn.Module):
                                       attention_mask)
             loss = loss + self.config.router_aux_loss_coef * aux
         return None, loss
+
+    def rotation(self, positions, dtype):
+        """RoPE's (cos, sin) (B, 1, T, D) at positions (B, T), times YaRN's scale (detail 2)."""
+        freqs = positions[..., None].float() * self.inv_freq                     # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]                      # (B, 1, T, D)
+        return ((angles.cos() * self.rope_scale).to(dtype),
+                (angles.sin() * self.rope_scale).to(dtype))
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding drops the input embedding (a lookup, no FLOPs) unless it
@@ -536,8 +613,9 @@ def save_checkpoint(path, model, tokenizer, stage, parent=None, step=0, args=Non
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, device="cpu", head=None):
-    """-> (model, tokenizer, checkpoint dict). head="lm"/"score" checks the kind of model."""
+def load_checkpoint(path, device="cpu", head=None, **changes):
+    """-> (model, tokenizer, checkpoint dict). head="lm"/"score" checks the kind of model; changes
+    replace fields of its config, e.g. dual_chunk_attention_config (detail 11) at inference."""
     if not os.path.exists(path):
         stage = os.path.splitext(os.path.basename(path))[0]
         raise FileNotFoundError(f"{path} not found"
@@ -550,7 +628,7 @@ def load_checkpoint(path, device="cpu", head=None):
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a model.py checkpoint (no 'model' and 'config' entries)")
     try:
-        config = ModelConfig(**checkpoint["config"])
+        config = ModelConfig(**{**checkpoint["config"], **changes})
     except TypeError as e:
         raise ValueError(f"{path} has a config this model.py does not know: {e}")
     if head is not None and config.head != head:

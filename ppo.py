@@ -117,6 +117,8 @@ class Args:
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the models"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     fsdp: bool = False
     """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
@@ -304,6 +306,8 @@ def main(args: Args):
                                                       device_type=device_type)
     # policy and critic as they train (compiled, in DDP or sharded); rollouts use the plain modules
     device_ids = [torch.device(args.device).index] if device_type == "cuda" else None
+    policy.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
+    value_model.grad_checkpoint = args.grad_checkpoint
     model, critic = (torch.compile(m) if args.compile else m for m in (policy, value_model))
     if ddp and not args.fsdp:
         model, critic = DDP(model, device_ids=device_ids), DDP(critic, device_ids=device_ids)

@@ -10,6 +10,7 @@ Run (after `python data.py` and `python tokenizer.py`):
     torchrun --nproc_per_node 8 pretrain.py --preset 125m            # many GPUs, no code change
     torchrun --nproc_per_node 8 pretrain.py --preset 125m --fsdp     # each GPU holds 1/8 (fsdp.py)
     python pretrain.py --resume                           # continue after a crash / kill -9
+    python pretrain.py --init out/pretrain.pt --context 512 --rope-theta 1e6 --out out/long.pt
 
 Implementation details:
 1. The corpus is tokenized once and cached as a numpy memmap next to the data
@@ -28,6 +29,9 @@ Implementation details:
    it does not depend on the tokenizer. Next to it, the unigram entropy H = -sum_t p_t log p_t.
 7. Checkpoints every `--save-every` steps carry the optimizer and RNG state (resumable); the final
    one does not. Writes are atomic, so a kill -9 during a save leaves the previous checkpoint.
+8. Two-phase pretraining (Qwen2, Qwen2.5): `--init` continues a checkpoint's weights at a longer
+   `--context` with a raised RoPE base `--rope-theta` (ABF, Xiong et al. 2023, arXiv:2309.16039),
+   a fresh optimizer and schedule; nothing else in its config changes.
 """
 
 import argparse
@@ -107,12 +111,18 @@ class Args:
     """print a progress line every N steps"""
     resume: bool = False
     """continue from the resumable checkpoint at --out"""
+    init: str = ""
+    """a checkpoint to go on from (phase 2, detail 8): its weights and config but the two below"""
+    rope_theta: float = 0.0
+    """RoPE base (0: 10000, or --init's); raised with --context for a long phase (detail 8)"""
     device: str = "auto"
     """cuda, mps, cpu or auto (the first available)"""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """bfloat16, float32 or auto (bfloat16 where supported, else float32)"""
     compile: bool = False
     """torch.compile the model"""
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass: less memory, more compute"""
     fsdp: bool = False
     """under torchrun: shard weights, gradients and optimizer state over the ranks (fsdp.py)"""
     seed: int = 0
@@ -226,15 +236,21 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(probs * np.log(probs)).sum())
 
 
-def model_config(args: Args, vocab_size: int) -> ModelConfig:
-    """The preset's shape, with --hidden-size, --num-layers, --context overriding it."""
+def model_config(args: Args, vocab_size: int, parent: dict | None = None) -> ModelConfig:
+    """The preset's shape, with --hidden-size, --num-layers, --context overriding it; with --init,
+    its config with --context and --rope-theta (detail 8)."""
+    if parent is not None:
+        config = ModelConfig(**parent["config"])
+        context = args.context or config.max_position_embeddings
+        return dataclasses.replace(config, max_position_embeddings=context,
+                                   rope_theta=args.rope_theta or config.rope_theta)
     preset_hidden, layers, heads, kv_heads, intermediate, context = PRESETS[args.preset]
     hidden = args.hidden_size or preset_hidden
     return ModelConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=args.num_layers or layers,
         intermediate_size=intermediate * hidden // preset_hidden,  # the preset's width ratio
         num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=args.context or context)
+        max_position_embeddings=args.context or context, rope_theta=args.rope_theta or 10000.0)
 
 
 @torch.no_grad()
@@ -263,6 +279,8 @@ def main(args: Args):
     micro_batch = args.batch_size // (world * args.grad_accum)
     if args.muon_lr <= 0:
         raise ValueError(f"--muon-lr {args.muon_lr}: must be > 0")
+    if args.init and (args.hidden_size or args.num_layers):
+        raise ValueError("--init takes its checkpoint's shape: no --hidden-size, --num-layers")
 
     # -------------------------------------------------------------- data and model
     tokenizer = Tokenizer.load(args.tokenizer)  # a missing file: "run `python tokenizer.py`"
@@ -271,23 +289,30 @@ def main(args: Args):
     tokens = load_tokens(args.data, tokenizer)
     if ddp and master:
         dist.barrier()
-    config = model_config(args, tokenizer.vocab_size)
+    parent = load_checkpoint(args.init)[2] if args.init else None  # detail 8
+    if parent is not None and parent["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"--init {args.init} has another tokenizer than {args.tokenizer}")
+    config = model_config(args, tokenizer.vocab_size, parent)
     context = config.max_position_embeddings
     n_val = max(int(len(tokens) * args.val_fraction), context + 2)
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
     if len(train_tokens) < context + 2:
         raise ValueError(f"{args.data}: {len(tokens)} tokens is too few for a context of {context}")
     model, step = Transformer(config).to(args.device), 0
+    if parent is not None:  # the RoPE base is no weight: phase 1's weights load as they are
+        model.load_state_dict(parent["model"])
     if args.resume:  # detail 7: the model, optimizer, RNG and step of the last resumable checkpoint
         model, _, checkpoint = load_checkpoint(args.out, device=args.device)
         check_resumable(args.out, checkpoint, args, (
             "data", "tokenizer", "preset", "hidden_size", "num_layers", "context", "steps", "seed",
-            "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction"))
+            "batch_size", "lr", "optimizer", "muon_lr", "warmup", "weight_decay", "val_fraction",
+            "init", "rope_theta"))
         if checkpoint["tokenizer"] != tokenizer.to_dict():
             raise ValueError(f"{args.out} was trained with another tokenizer than "
                              f"{args.tokenizer}: resume with its own")
         torch.set_rng_state(checkpoint["rng"]["torch"])
         step = checkpoint["step"]
+    model.grad_checkpoint = args.grad_checkpoint  # model.py detail 12
     muon_lr = args.muon_lr if args.optimizer == "muon" else 0.0
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device_type=device_type,
                                           muon_lr=muon_lr)
@@ -373,14 +398,14 @@ def main(args: Args):
             log_file.flush()
         # detail 7: resumable checkpoints carry the optimizer and RNG state (--fsdp: all gather)
         if (master or args.fsdp) and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,
+            save_checkpoint(args.out, raw_model, tokenizer, "pretrain", args.init or None, step,
                             args=dataclasses.asdict(args), optimizer=optimizer.state_dict(),
                             rng={"torch": torch.get_rng_state()})
 
     raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
         metrics = {"val_loss": val_loss, "val_bpb": val_bpb, "unigram_entropy": entropy}
-        save_checkpoint(args.out, raw_model, tokenizer, "pretrain", step=step,
+        save_checkpoint(args.out, raw_model, tokenizer, "pretrain", args.init or None, step,
                         args=dataclasses.asdict(args), metrics=metrics)
         print(f"pretrain | done in {format_time(time.time() - start_time)} | val loss "
               f"{val_loss:.4f} nats/token (unigram entropy {entropy:.4f}) | val bpb "

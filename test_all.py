@@ -266,6 +266,16 @@ def TINY_PRETRAIN(d):
             "1", "--eval-every", "1000", "--eval-batches", "2", "--device", "cpu"]
 
 
+def TINY_PHASE2(d):
+    """Phase 2 (pretrain.py detail 8) of the tiny world's pretrain.pt: twice its context, a raised
+    RoPE base, its shape."""
+    args = TINY_PRETRAIN(d)
+    for flag in ("--hidden-size", "--num-layers", "--context"):
+        del args[args.index(flag):args.index(flag) + 2]
+    return [*args, "--init", str(d / "out" / "pretrain.pt"), "--context", "128",
+            "--rope-theta", "1e5"]
+
+
 def TINY_SFT(d):
     return ["--init", str(d / "out" / "pretrain.pt"), "--data", str(d / "data" / "sft.jsonl"),
             "--eval-data", str(d / "data" / "eval.jsonl"), "--batch-size", "8", "--log-every", "1",
@@ -955,6 +965,52 @@ def test_data_is_deterministic(tiny_data, tmp_path):
                  for r in data_read(tiny_data, "eval.jsonl")}
     assert not eval_keys & {data_solve(r["family"], r["prompt"])[0]
                             for r in data_read(tmp_path / "seed1", "prompts.jsonl")}
+
+
+def retrieval_solve(document):
+    """The asked box, and the code its one note gives, read from a retrieval prompt alone (a
+    training document's earlier questions: answered by their notes too)."""
+    body, *answered, question = document.split("\n")
+    for line in answered:
+        box, code = re.fullmatch(r"What is the code of box (\d+)\? The code of box \1 is (\d+)\.",
+                                 line).groups()
+        assert f"The code of box {box} is {code}." in body
+    box = re.fullmatch(r"What is the code of box (\d+)\? The code of box \1 is", question)[1]
+    notes = re.findall(r"The code of box (\d+) is (\d+)\.", body)
+    [code] = [code for b, code in notes if b == box]  # exactly one note on the asked box
+    assert len({b for b, _ in notes}) == len(notes) >= 2
+    return box, code, notes
+
+
+def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
+    """detail 9: --retrieval leaves every default file as it was; each answer is the code of the
+    asked box's note; eval prompts have their length's pieces; no asked (box, code) trains."""
+    for seed in (0, 1):
+        data.main(data.Args(out=str(tmp_path / str(seed)), scale=0.02, seed=seed, retrieval=64,
+                            retrieval_eval=8))
+    for name in DATA_FILES:
+        assert (tmp_path / "0" / name).read_bytes() == (tiny_data / name).read_bytes(), name
+    evals = data_read(tmp_path / "0", "retrieval_eval.jsonl")
+    assert evals == data_read(tmp_path / "1", "retrieval_eval.jsonl")  # whatever the seed
+    assert Counter(r["length"] for r in evals) == {1: 8, 2: 8, 4: 8, 8: 8, 16: 8}
+    asked = set()
+    for r in evals:
+        box, code, _ = retrieval_solve(r["prompt"])
+        assert code == r["answer"] and data.is_held_out(f"box:{box}:{code}", 0.08)
+        n_pieces = len(re.findall(SPLIT_PATTERN, f"{r['prompt']} {code}."))
+        assert 64 * r["length"] - 20 < n_pieces <= 64 * r["length"]
+        asked.add((box, code))
+    assert 0.3 < np.mean([r["depth"] for r in evals]) < 0.7
+    for seed in (0, 1):
+        for name in ("retrieval.txt", "retrieval_long.txt"):
+            documents = data_read(tmp_path / str(seed), name).strip().split("\n\n")
+            assert len(documents) > 20
+            for document in documents:
+                prompt, answer = document.rsplit(" ", 1)
+                box, code, notes = retrieval_solve(prompt)
+                assert f"{code}." == answer
+                assert not any(data.is_held_out(f"box:{b}:{c}", 0.08) for b, c in notes)
+                assert not asked & set(notes)
 
 
 # ==================================================================================================
@@ -1778,6 +1834,100 @@ def test_moe_cached_greedy_equals_uncached():
     assert completion[0].tolist() == greedy_without_cache(model, [1, 2, 3], 8)
 
 
+DCA = {"chunk_size": 8, "local_size": 3}  # chunks of 5 positions
+
+
+def naive_dual_chunk_forward(self, x, rope, mask, kv_cache):
+    """Attention.forward by DCA's definition (An et al. 2024), unpadded, no cache: the remapped
+    position of every query-key pair in a matrix, each query rotated once per key, every score."""
+    B, T, _ = x.shape
+    c, s = DCA["chunk_size"], DCA["chunk_size"] - DCA["local_size"]
+    H, D = self.num_heads, self.head_dim
+    q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k, v = (proj(x).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // self.num_kv_heads, 1)
+            for proj in (self.k_proj, self.v_proj))                              # (B, H, T, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    behind = i // s - j // s
+    query_position = torch.where(behind == 0, i % s,
+                                 torch.where(behind == 1, (i % s + s).clamp(max=c), c))  # (T, T)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
+
+    def rotated(x, position):  # x (..., D) turned by position * inv_freq, in HF's two halves
+        angle = position[..., None].float() * inv_freq
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()],
+                         dim=-1)
+
+    scores = (rotated(q[:, :, :, None], query_position) * rotated(k, j[0] % s)[:, :, None]).sum(-1)
+    scores = (scores / math.sqrt(D)).masked_fill(j > i, float("-inf"))          # (B, H, T, T)
+    return self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("length", [5, 9, 37])  # 1, 2 and 8 chunks
+def test_dual_chunk_attention_equals_naive_with_and_without_cache(monkeypatch, length):
+    monkeypatch.setattr(model_module, "DCA_QUERIES", 4)  # several blocks of queries
+    dca, plain = tiny_model(dual_chunk_attention_config=DCA), tiny_model()
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+    logits = dca(ids)[0]
+    # the cache: a prompt, then one token, then the rest at once; row 1 left-padded by 3
+    cache, mask = KVCache(dca.config, 2, length + 3), torch.ones(2, length + 3, dtype=torch.long)
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    padded[0], mask[1, :3] = torch.cat([ids[0], torch.zeros(3, dtype=torch.long)]), 0
+    mask[0, length:] = 0  # row 0: its pads at the end, after every real token
+    cut = [0, min(4, length), min(5, length), length + 3]
+    cached = torch.cat([dca(padded[:, a:b], attention_mask=mask[:, a:b], kv_cache=cache)[0]
+                        for a, b in zip(cut, cut[1:]) if b > a], dim=1)
+    prompt = ids[0].tolist()  # generate's cache, across chunks, as its uncached greedy
+    assert generate(dca, [prompt], 6, temperature=0)[0][0].tolist() == greedy_without_cache(
+        dca, prompt, 6)
+    monkeypatch.setattr(model_module.Attention, "forward", naive_dual_chunk_forward)
+    naive = plain(ids)[0]
+    assert (logits - naive).abs().max() < 1e-5
+    assert (cached[0, :length] - naive[0]).abs().max() < 1e-5
+    assert (cached[1, 3:] - naive[1]).abs().max() < 1e-5
+
+
+def test_dual_chunk_attention_is_ordinary_attention_within_one_chunk():
+    dca, plain = tiny_model(dual_chunk_attention_config=DCA), tiny_model()
+    ids = torch.randint(0, 97, (3, 5))  # 5 positions: one chunk
+    assert (dca(ids)[0] - plain(ids)[0]).abs().max() < 1e-5
+    assert torch.equal(generate(dca, [[1, 2], [3]], 3, temperature=0)[0],
+                       generate(plain, [[1, 2], [3]], 3, temperature=0)[0])
+    with pytest.raises(ValueError, match="local_size < chunk_size"):
+        tiny_model(dual_chunk_attention_config={"chunk_size": 4, "local_size": 4})
+
+
+@pytest.mark.parametrize("path", ["loss", "shared_prompt"])
+def test_grad_checkpoint_gives_the_same_gradients_and_keeps_less(path):
+    """detail 12, with dropout (the recomputation replays its random masks) and through the grown
+    KV cache of the shared-prompt log-probs (GRPO, DPO): the same gradients, and the tensors saved
+    for the backward outside the checkpointed blocks are a fraction of all of them."""
+    model = tiny_model(dropout=0.1).train()
+    ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    grads, saved = {}, {}
+    for on in (False, True):
+        model.grad_checkpoint, numel = on, [0]
+        torch.manual_seed(1)
+
+        def pack(tensor):
+            numel[0] += tensor.numel()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if path == "loss":
+                loss = model(ids, ids)[1]
+            else:  # two replies per prompt, the prompts run once through a grown cache
+                prompt_mask = torch.ones(4, 10, dtype=torch.long)
+                prompt_mask[2:, :3] = 0
+                prompts = ids[::2, :10].repeat_interleave(2, dim=0)
+                loss = completion_logprobs(model, prompts, prompt_mask, ids[:, 10:],
+                                           torch.ones(4, 14), group_size=2).sum()
+        grads[on] = torch.autograd.grad(loss, list(model.parameters()))
+        saved[on] = numel[0]
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert saved[True] < 0.5 * saved[False]
+
+
 def test_sampling_reproducible_and_top_k_1_is_greedy():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5]]
@@ -2582,6 +2732,26 @@ def test_lora_reward_dpo_grpo_ppo(world, tiny_sft, tiny_reward, tmp_path):
 
 
 @pytest.mark.e2e
+def test_grad_checkpoint_in_every_stage_trains_the_same_weights(world, tiny_sft, tiny_reward,
+                                                                tmp_path):
+    """--grad-checkpoint (model.py detail 12) in every training stage: two steps with it move the
+    weights as two steps without do, to rounding (GRPO, DPO: through the shared-prompt cache)."""
+    rl = [*TINY_RL(world, tiny_sft), "--reward-model", str(tiny_reward)]
+    runs = {"pretrain": TINY_PRETRAIN(world), "sft": TINY_SFT(world),
+            "reward": TINY_REWARD(world), "dpo": TINY_DPO(world),
+            "grpo": [*rl, "--prompts-per-step", "4", "--group-size", "3"],
+            "ppo": [*rl, "--prompts-per-step", "8"], "distill": TINY_DISTILL(world, tiny_sft)}
+    for stage, args in runs.items():
+        weights = []
+        for flag in ([], ["--grad-checkpoint"]):
+            out = tmp_path / f"{stage}{len(flag)}.pt"
+            run_ok(f"{stage}.py", *args, "--steps", "2", *flag, "--out", str(out))
+            weights.append(torch.load(out, weights_only=True)["model"])
+        plain, checkpointed = weights
+        assert all(torch.allclose(plain[k], v, atol=1e-5) for k, v in checkpointed.items()), stage
+
+
+@pytest.mark.e2e
 def test_lora_bad_flags_are_one_line_errors(world, tiny_sft, tmp_path):
     out = tmp_path / "x.pt"
     for flags, expected in ((["--lora-rank", "-1"], "--lora-rank -1"),
@@ -2763,13 +2933,15 @@ def test_pretrain_ddp_equals_single_process(world, tmp_path, optimizer):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", ["pretrain", "pretrain-muon", "sft", "sft-lora"])
+@pytest.mark.parametrize("stage", ["pretrain", "pretrain-muon", "pretrain-phase2", "sft",
+                                   "sft-lora"])
 def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     """kill -9 mid-run, --resume, and the loss curve is the uninterrupted one, exactly (a LoRA run:
     its frozen base from --init, its adapter and the adapter's optimizer state from the checkpoint).
     """
     script = os.path.join(ROOT, f"{stage.split('-')[0]}.py")
-    args = [*(TINY_PRETRAIN(world) if stage.startswith("pretrain") else TINY_SFT(world)),
+    args = [*(TINY_PHASE2(world) if stage == "pretrain-phase2" else TINY_PRETRAIN(world)
+              if stage.startswith("pretrain") else TINY_SFT(world)),
             "--steps", "120", "--save-every", "4",
             *(["--lora-rank", "4"] if stage == "sft-lora" else []),
             *(["--optimizer", "muon"] if stage == "pretrain-muon" else [])]
@@ -2797,6 +2969,12 @@ def test_resume_after_kill_reproduces_the_loss_curve(world, tmp_path, stage):
     assert "optimizer" not in final and final["step"] == 120
     assert all(torch.equal(final["model"][k], v)
                for k, v in torch.load(tmp_path / "full.pt", weights_only=True)["model"].items())
+    if stage == "pretrain-phase2":  # phase 1's weights went on; only its context and base changed
+        phase1 = torch.load(world / "out" / "pretrain.pt", weights_only=True)
+        assert {name for name, value in final["config"].items()
+                if phase1["config"][name] != value} == {"max_position_embeddings", "rope_theta"}
+        assert final["config"]["rope_theta"] == 1e5 and final["parent"].endswith("pretrain.pt")
+        assert full[1] < losses(world / "out" / "pretrain.jsonl")[1] - 0.5
 
 
 @pytest.mark.e2e
@@ -4645,6 +4823,25 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, hf_tok, arc
         out = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                               eos_token_id=None)
     assert out[0, len(prompt):].tolist() == ours[0].tolist()
+
+
+def test_export_keeps_a_raised_rope_base_and_the_dual_chunk_config(tmp_path, hf_tok):
+    """A phase-2 model (pretrain.py detail 8) exports with its rope_theta; DCA, which transformers
+    does not run, goes to config.json under Qwen's key and comes back on import. Within one chunk
+    (where DCA is full attention) transformers gives our logits."""
+    dca = {"chunk_size": 48, "local_size": 8}
+    path, model = hf_checkpoint(tmp_path, hf_tok, rope_theta=1e6, dual_chunk_attention_config=dca)
+    hf.export_hf(path, str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_theta"] == 1e6 and config["dual_chunk_attention_config"] == dca
+    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "back.pt"))
+    back = load_checkpoint(str(tmp_path / "back.pt"))[2]["config"]
+    assert back["rope_theta"] == 1e6 and back["dual_chunk_attention_config"] == dca
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = hf_tok.encode(HF_SAMPLE)[:40]  # chunks of 40 positions
+    with torch.no_grad():
+        assert (theirs(torch.tensor([ids])).logits[0] - hf_logits_of(model, ids)).abs().max() < 1e-4
 
 
 def test_export_tokenizer_chat_template_and_eos(tmp_path, hf_tok):
