@@ -36,6 +36,7 @@ import json
 import os
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -557,6 +558,11 @@ def main(argv=None):
         host, port = server.server_address[:2]
         print(f"serving {name} at http://{host}:{port}/ (the chat page) and "
               f"http://{host}:{port}/v1 (the API); Ctrl-C stops", flush=True)
+
+        def stop(signum, frame):  # Ctrl-C, and kill's / docker stop's SIGTERM: a clean exit, even
+            raise KeyboardInterrupt  # when started in the background (SIGINT ignored there)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -5591,6 +5591,16 @@ def test_serve_command_serves_a_checkpoint(tmp_path):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert "serve | batch 1 | 1 requests, 1 rows" in stderr
+    # SIGTERM (kill, docker stop) stops it as cleanly, and so does SIGINT in a server started with
+    # SIGINT ignored (a shell's background job)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        process = subprocess.Popen(
+            [PY, "serve.py", str(tmp_path / "grpo.pt"), "--port", "0"], cwd=ROOT, env=ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert "serving grpo" in process.stdout.readline()
+        process.send_signal(stop)
+        assert process.wait(timeout=30) == 0
     assert run_error("serve.py", str(tmp_path / "missing.pt")).startswith("error: ")
 
 
