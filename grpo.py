@@ -171,6 +171,10 @@ def setup(args):
         args.dtype = "bfloat16" if bf16 else "float32"
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: at least 1")
+    log_path = os.path.abspath(os.path.splitext(args.out)[0] + ".jsonl")  # the metrics' file
+    for name, value in vars(args).items():  # --out data/sft.pt: metrics over --data data/sft.jsonl
+        if isinstance(value, str) and os.path.abspath(value) == log_path:
+            raise ValueError(f"--out {args.out} would write its metrics over --{name} {value}")
     bf16 = args.dtype == "bfloat16"
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return ddp, rank, world, device_type, autocast

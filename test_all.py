@@ -5609,6 +5609,17 @@ def test_serve_command_serves_a_checkpoint(tmp_path):
 # ==================================================================================================
 
 
+@pytest.mark.parametrize("module", [pretrain, sft, reward, ppo, grpo, dpo, distill])
+def test_no_stage_writes_its_metrics_over_an_input(module, tmp_path):
+    """--out data/sft.pt would put its metrics in data/sft.jsonl: with that file an input, every
+    stage stops first with a one-line error, and the input is untouched."""
+    (tmp_path / "sft.jsonl").write_text("kept\n")
+    args = module.Args(out=str(tmp_path / "sft.pt"), data=str(tmp_path / "sft.jsonl"), device="cpu")
+    with pytest.raises(ValueError, match=r"would write its metrics over --data .*sft\.jsonl"):
+        module.main(args)
+    assert (tmp_path / "sft.jsonl").read_text() == "kept\n" and not (tmp_path / "sft.pt").exists()
+
+
 @pytest.mark.parametrize("module", [data, pretrain, sft, reward, ppo, grpo, dpo, distill,
                                     evaluate])
 def test_every_stage_prints_its_help(module, monkeypatch, capsys):
