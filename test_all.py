@@ -5018,14 +5018,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, hf_tok):
 def test_sft_runs_on_an_imported_checkpoint(tmp_path, hf_tok):
     directory, _ = hf_save_model(tmp_path, hf_tok, "Qwen2ForCausalLM", tie_word_embeddings=True)
     hf.import_hf(directory, str(tmp_path / "imported.pt"))
-    with open(tmp_path / "sft.jsonl", "w") as f:
+    with open(tmp_path / "chats.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
                                              {"role": "assistant", "content": str(i + 1)}]}) + "\n")
     with open(tmp_path / "eval.jsonl", "w") as f:
         f.write(json.dumps({"prompt": "1+2?", "answer": "3"}) + "\n")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--init",
-                             str(tmp_path / "imported.pt"), "--data", str(tmp_path / "sft.jsonl"),
+                             str(tmp_path / "imported.pt"), "--data", str(tmp_path / "chats.jsonl"),
                              "--eval-data", str(tmp_path / "eval.jsonl"), "--out",
                              str(tmp_path / "sft.pt"), "--steps", "2", "--batch-size", "4",
                              "--warmup", "1", "--max-new-tokens", "4"],
