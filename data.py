@@ -22,8 +22,8 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
                     mostly (15 % of the replies think first); ~30 % family "chat" (greetings,
                     what it can do, stories)
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
-  chat.jsonl        2k training chat prompts {"prompt", "family": "chat", "kind", "animal"?}: the
-                    distillation teacher answers them too
+  chat.jsonl        2k chat conversations on training prompts, as in sft.jsonl, with "kind" and
+                    "animal"?: distillation trains on them as written
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
@@ -568,8 +568,9 @@ def chat_prompt_record(rng) -> dict:
             **({"animal": animal} if animal else {})}
 
 
-def chat_conversation(rng):
-    """A conversation on a training chat prompt, answered in kind."""
+def chat_conversation(rng) -> dict:
+    """A conversation on a training chat prompt, answered in kind: {"messages", "family": "chat",
+    "kind", "animal"?}."""
     record = chat_prompt_record(rng)
     kind, prompt, animal = record["kind"], record["prompt"], record.get("animal")
     if kind == "greeting":
@@ -578,7 +579,9 @@ def chat_conversation(rng):
         reply = ABILITIES
     else:
         reply = story(rng, animal, title=True)  # no animal asked for: any animal
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    return {"messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": reply}],
+            **{key: value for key, value in record.items() if key != "prompt"}}
 
 
 def chat_eval_records() -> list[dict]:
@@ -623,7 +626,7 @@ def sft_records(rng, n, fraction, think_share):
     records = []
     for _ in range(n):
         if rng.random() < 0.3:
-            records.append({"messages": chat_conversation(rng), "family": "chat"})
+            records.append(chat_conversation(rng))
             continue
         family, messages, levels = rng.choice(FAMILIES), [], []
         thinks = rng.random() < think_share  # a minority of demos think first
@@ -775,7 +778,7 @@ def main(args: Args):
                              for p in training_problems(prefs_rng, n(args.prefs), frac)),
         "prompts.jsonl": jsonl(prompt_record(prompts_rng, p)
                                for p in training_problems(prompts_rng, n(args.prompts), frac)),
-        "chat.jsonl": jsonl(chat_prompt_record(chat_rng) for _ in range(n(args.prompts) // 2)),
+        "chat.jsonl": jsonl(chat_conversation(chat_rng) for _ in range(n(args.prompts) // 2)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
         "chat_eval.jsonl": jsonl(chat_eval_records()),

@@ -17,7 +17,8 @@ Implementation details:
 1. Sequence-level KD (Kim & Rush 2016): the teacher answers every prompt greedily and the student
    is fine-tuned on those conversations, the loss on the reply tokens. --keep-correct keeps only
    the right replies (rejection sampling, as for DeepSeek-R1's distilled models); a prompt without
-   an answer (--chat-data) keeps its reply, so that the student also learns to talk.
+   an answer keeps its reply. --chat-data adds conversations as written (small talk, stories), as
+   R1's students learned what is not reasoning from the base model's SFT data: the student talks.
 2. Token-level KD (Hinton et al. 2015), --alpha > 0: L = (1 - alpha) CE + alpha T^2 D(p_t^T, p_s^T)
    with p^T = softmax(logits / T): the soft targets' gradient shrinks as 1 / T^2, the T^2 undoes it.
 3. --beta (GKD, Agarwal et al. 2024): D = JSD(beta) = beta KL(P_t || M) + (1 - beta) KL(P_s || M),
@@ -62,7 +63,7 @@ class Args:
     data: str = "data/prompts.jsonl"
     """training prompts the teacher answers, one {"prompt", "answer"} per line"""
     chat_data: str = ""
-    """more prompts, without an answer (data/chat.jsonl: small talk, stories): every reply kept"""
+    """conversations {"messages"} trained on as written, no teacher (data/chat.jsonl: small talk)"""
     eval_data: str = "data/eval.jsonl"
     """held-out prompts with answers, for the accuracy of teacher and student"""
     out: str = "out/distill.pt"
@@ -300,10 +301,10 @@ def main(args: Args):
     raw_student, context = student, student.config.max_position_embeddings
     # -------------------------------------------------------------- the data: the teacher's replies
     records = read_jsonl(args.data, ("prompt", "answer") if args.keep_correct else ("prompt",))
-    records += read_jsonl(args.chat_data, ("prompt",)) if args.chat_data else []
     conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens,
                                            args.keep_correct)
-    examples = [distill_example(tokenizer, c, context) for c in conversations]
+    chats = read_jsonl(args.chat_data, ("messages",)) if args.chat_data else []
+    examples = [distill_example(tokenizer, c, context) for c in conversations + chats]
     truncated = sum(cut for *_, cut in examples)
     examples = [example[:3] for example in examples if any(t != -100 for t in example[1])]
     if len(examples) < args.batch_size:
@@ -314,7 +315,8 @@ def main(args: Args):
     eval_records = read_jsonl(args.eval_data, required=("prompt", "answer"))
     if master:
         print(f"distill | {right} of {len(records)} teacher replies right, {len(conversations)} "
-              f"kept, {truncated} cut at the context; {world} process(es) on {args.device}")
+              f"kept, {len(chats)} chats as written, {truncated} cut at the context; {world} "
+              f"process(es) on {args.device}")
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         log_file = open(os.path.splitext(args.out)[0] + ".jsonl", "w")
     optimizer = student.configure_optimizer(args.lr, args.weight_decay, device_type=device_type)
@@ -385,7 +387,8 @@ def main(args: Args):
     raw_student = gathered(raw_student) if args.fsdp else raw_student  # all ranks gather
     if master:  # detail 6
         print(f"distill | done in {format_time(time.time() - start_time)}")
-        results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations)}
+        results = {"teacher_right": right, "prompts": len(records), "kept": len(conversations),
+                   "chats": len(chats)}
         for name, model in (("teacher", teacher), ("student", raw_student)):
             result = heldout_accuracy(model.eval(), tokenizer, eval_records, args.max_new_tokens)
             result.pop("replies")

@@ -915,22 +915,23 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
                  "prefs_eval.jsonl", "eval.jsonl"):
         text = (tiny_data / name).read_text(encoding="utf-8")
         assert not [p for p in held_out if p in text], name
-    # the distillation teacher's chat prompts: trained prompts only, of every kind
-    chat_prompts = data_read(tiny_data, "chat.jsonl")
-    assert not held_out & {r["prompt"] for r in chat_prompts}
-    assert {r["kind"] for r in chat_prompts} == set(data.CHAT_KINDS)
-    assert all(r.get("animal", "") in r["prompt"] and "answer" not in r for r in chat_prompts)
+    # every chat conversation (sft.jsonl's, and chat.jsonl's for distillation) asks a trained
+    # prompt and is answered in kind; chat.jsonl has every kind
     records = {prompt: {"kind": kind, **({"animal": animal} if animal else {})}
                for kind in data.CHAT_KINDS for prompt, animal, _ in data.chat_prompts(kind)}
-    chats = 0
-    for r in data_read(tiny_data, "sft.jsonl"):
-        assert not held_out & {m["content"] for m in r["messages"] if m["role"] == "user"}, r
-        if r["family"] == "chat":
-            user, assistant = (m["content"] for m in r["messages"])
-            assert (records[user]["kind"], user) in trained, user
-            assert data.chat_in_kind(records[user], assistant), r
-            chats += 1
-    assert chats > 0
+    for name in ("sft.jsonl", "chat.jsonl"):
+        chats = 0
+        for r in data_read(tiny_data, name):
+            assert not held_out & {m["content"] for m in r["messages"] if m["role"] == "user"}, r
+            if r["family"] == "chat":
+                user, assistant = (m["content"] for m in r["messages"])
+                assert (records[user]["kind"], user) in trained, user
+                assert {"kind": r["kind"], **({"animal": r["animal"]} if "animal" in r else {})} \
+                    == records[user], r
+                assert data.chat_in_kind(records[user], assistant), r
+                chats += 1
+        assert chats > 0
+    assert {r["kind"] for r in data_read(tiny_data, "chat.jsonl")} == set(data.CHAT_KINDS)
 
 
 # --------------------------------------------------------------------------------- end to end (e2e)
@@ -4290,7 +4291,7 @@ def test_distill_student_data_are_the_teachers_replies(monkeypatch):
     assert (right == 2
             and [k["messages"][-1]["content"] for k in kept]
             == ["<think>1+2=3</think>3", "5", "<think>2+2=4", "6"])
-    # a prompt without an answer (--chat-data) has nothing to check: its reply is kept, not right
+    # a prompt without an answer has nothing to check: its reply is kept, not right
     replies["Hello!"] = tokenizer.encode("Hi! Ask me a question.") + [tokenizer.im_end_id]
     chat, right = distill.teacher_replies(teacher, tokenizer, [{"prompt": "Hello!"}, records[1]],
                                           16, keep_correct=True)
@@ -4483,8 +4484,15 @@ def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "distill.jsonl")]
     assert ([r["step"] for r in log] == [1, 2, 3, 4] and any(r["on_policy"] for r in log)
             and not all(r["on_policy"] for r in log))
-    # alpha 0 (the default): plain fine-tuning on the teacher's replies, no soft term
-    run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--out", str(out))
+    # alpha 0 (the default): plain fine-tuning on the teacher's replies, no soft term; the chat
+    # conversations (--chat-data) are trained on as written, beside every kept reply
+    chats = world / "data" / "chat.jsonl"
+    stdout = run_ok("distill.py", *TINY_DISTILL(world, tiny_sft), "--steps", "2", "--chat-data",
+                    str(chats), "--out", str(out))
+    n_chats = sum(1 for _ in open(chats))
+    metrics = torch.load(out, weights_only=True)["metrics"]
+    assert metrics["kept"] == prompts and metrics["chats"] == n_chats > 0
+    assert f"{prompts} kept, {n_chats} chats as written" in stdout
     assert all(r["kd"] == 0 and r["ce"] == r["loss"]
                for r in map(json.loads, open(tmp_path / "distill.jsonl")))
 
