@@ -22,8 +22,8 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
                     mostly (15 % of the replies think first); ~30 % family "chat" (greetings,
                     what it can do, stories)
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
-  chat.jsonl        2k chat conversations on training prompts, as in sft.jsonl, with "kind" and
-                    "animal"?: distillation trains on them as written
+  chat.jsonl        6k chat conversations on training prompts (as many as sft.jsonl's), with
+                    "kind" and "animal"?: distillation trains on them as written
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
@@ -543,6 +543,7 @@ GREETING_REPLIES = ["Hello! How can I help you?", "Hi! Ask me a question.",
                     "Hello! What shall we do today?"]
 ABILITIES = "I can add and subtract numbers, step by step if you like, and tell short stories."
 CHAT_KINDS = {"greeting": 0.3, "abilities": 0.1, "story": 0.6}  # shares of the chat in sft.jsonl
+CHAT_SHARE = 0.3  # of the conversations of sft.jsonl; chat.jsonl has as many
 GREETING_WORDS = r"(hello|hi|hey|good (morning|afternoon|evening|day)|greetings)\b"
 
 
@@ -625,7 +626,7 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a careful assistant."
 def sft_records(rng, n, fraction, think_share):
     records = []
     for _ in range(n):
-        if rng.random() < 0.3:
+        if rng.random() < CHAT_SHARE:
             records.append(chat_conversation(rng))
             continue
         family, messages, levels = rng.choice(FAMILIES), [], []
@@ -770,6 +771,7 @@ def main(args: Args):
     eval_rng, prefs_eval_rng = random.Random("eval"), random.Random("prefs_eval")  # at every seed
     steps_rng, steps_eval_rng = rng("steps"), random.Random("steps_eval")
     evals = held_out_problems(eval_rng, args.eval_per_family, frac)
+    n_chats = round(CHAT_SHARE * n(args.sft))  # as many as sft.jsonl has, for distillation
     files = {
         "pretrain.txt": pretrain_text(rng("pretrain"), n(args.pretrain_bytes), frac),
         "pretrain_val.txt": pretrain_text(rng("pretrain_val"), n(args.pretrain_bytes * 0.05), frac),
@@ -778,7 +780,7 @@ def main(args: Args):
                              for p in training_problems(prefs_rng, n(args.prefs), frac)),
         "prompts.jsonl": jsonl(prompt_record(prompts_rng, p)
                                for p in training_problems(prompts_rng, n(args.prompts), frac)),
-        "chat.jsonl": jsonl(chat_conversation(chat_rng) for _ in range(n(args.prompts) // 2)),
+        "chat.jsonl": jsonl(chat_conversation(chat_rng) for _ in range(n_chats)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
         "chat_eval.jsonl": jsonl(chat_eval_records()),

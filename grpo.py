@@ -95,8 +95,8 @@ class Args:
     """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
     """clip the global gradient norm at this value (0 = off)"""
-    beta: float = 0.04
-    """weight of the k3 KL to the reference in the loss (0 = no reference model)"""
+    beta: float = 0.1
+    """weight of the k3 KL to the reference (0 = none; DeepSeekMath 0.04: it let chat drift here)"""
     eps_low: float = 0.2
     """the ratio is clipped below at 1 - eps_low"""
     eps_high: float = 0.2

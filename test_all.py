@@ -920,7 +920,7 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
     records = {prompt: {"kind": kind, **({"animal": animal} if animal else {})}
                for kind in data.CHAT_KINDS for prompt, animal, _ in data.chat_prompts(kind)}
     for name in ("sft.jsonl", "chat.jsonl"):
-        chats = 0
+        in_kind = 0
         for r in data_read(tiny_data, name):
             assert not held_out & {m["content"] for m in r["messages"] if m["role"] == "user"}, r
             if r["family"] == "chat":
@@ -929,9 +929,11 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
                 assert {"kind": r["kind"], **({"animal": r["animal"]} if "animal" in r else {})} \
                     == records[user], r
                 assert data.chat_in_kind(records[user], assistant), r
-                chats += 1
-        assert chats > 0
-    assert {r["kind"] for r in data_read(tiny_data, "chat.jsonl")} == set(data.CHAT_KINDS)
+                in_kind += 1
+        assert in_kind > 0
+    chats, sft_records = data_read(tiny_data, "chat.jsonl"), data_read(tiny_data, "sft.jsonl")
+    assert {r["kind"] for r in chats} == set(data.CHAT_KINDS)
+    assert len(chats) == round(data.CHAT_SHARE * len(sft_records))  # as many as SFT's
 
 
 # --------------------------------------------------------------------------------- end to end (e2e)
