@@ -301,9 +301,14 @@ def main(args: Args):
     raw_student, context = student, student.config.max_position_embeddings
     # -------------------------------------------------------------- the data: the teacher's replies
     records = read_jsonl(args.data, ("prompt", "answer") if args.keep_correct else ("prompt",))
+    chats = read_jsonl(args.chat_data, ("messages",)) if args.chat_data else []
+    for line_no, chat in enumerate(chats, 1):  # as sft.py's conversations
+        if not isinstance(chat["messages"], list) or not any(
+                isinstance(m, dict) and m.get("role") == "assistant" for m in chat["messages"]):
+            raise ValueError(f"{args.chat_data}:{line_no}: a conversation needs at least one "
+                             f"assistant turn")
     conversations, right = teacher_replies(teacher, tokenizer, records, args.max_new_tokens,
                                            args.keep_correct)
-    chats = read_jsonl(args.chat_data, ("messages",)) if args.chat_data else []
     examples = [distill_example(tokenizer, c, context) for c in conversations + chats]
     truncated = sum(cut for *_, cut in examples)
     examples = [example[:3] for example in examples if any(t != -100 for t in example[1])]

@@ -4536,6 +4536,9 @@ def test_distill_bad_input(world, tiny_sft, tmp_path):
         "--out",
         str(out),
     )
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    assert "chat.jsonl:1: a conversation needs at least one assistant turn" in run_error(
+        "distill.py", *args, "--chat-data", str(tmp_path / "chat.jsonl"), "--out", str(out))
     assert not out.exists()
 
 
