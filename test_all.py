@@ -987,7 +987,8 @@ def retrieval_solve(document):
 
 def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
     """detail 9: --retrieval leaves every default file as it was; each answer is the code of the
-    asked box's note; eval prompts have their length's pieces; no asked (box, code) trains."""
+    asked box's note; eval prompts have their length's pieces; training documents ask about every
+    note; no asked (box, code) trains."""
     for seed in (0, 1):
         data.main(data.Args(out=str(tmp_path / str(seed)), scale=0.02, seed=seed, retrieval=64,
                             retrieval_eval=8))
@@ -1012,6 +1013,7 @@ def test_data_retrieval_answers_lengths_and_held_out_split(tiny_data, tmp_path):
                 prompt, answer = document.rsplit(" ", 1)
                 box, code, notes = retrieval_solve(prompt)
                 assert f"{code}." == answer
+                assert prompt.count("\nWhat is the code of box") == len(notes)  # every note asked
                 assert not any(data.is_held_out(f"box:{b}:{c}", 0.08) for b, c in notes)
                 assert not asked & set(notes)
 
