@@ -10,8 +10,9 @@ the phase-1 model and on the phase-2 model: the README's long-context table.
 Writes docs/long_context.json (every accuracy, the settings) and prints the table.
 
 1. Per seed, as a user runs them, one thread each: `data.py --retrieval L`, `tokenizer.py` on
-   retrieval.txt, `pretrain.py` on it at context L (phase 1), then `pretrain.py --init` on
-   retrieval_long.txt at 4L with the RoPE base raised to --rope-theta (phase 2, as Qwen2.5).
+   retrieval.txt, `pretrain.py` on it at context L with --layers blocks (phase 1), then
+   `pretrain.py --init` on retrieval_long.txt at 4L with the RoPE base raised to --rope-theta
+   (phase 2, as Qwen2.5).
 2. A method is a checkpoint and changes to its config, nothing trained: YaRN with factor k at k x L
    (HF's rope_scaling); DCA with chunk_size 3/4 and local_size 1/8 of the trained context
    (ChunkLlama's defaults, An et al. 2024). max_position_embeddings only lifts generate's limit.
@@ -77,7 +78,8 @@ def train(args, seed, work):
     common = ["--tokenizer", tokenizer, "--seed", str(seed), "--eval-every", "100000",
               "--save-every", "100000", "--device", "cpu", "--log-every", "100"]
     run(log, "pretrain.py", *common, "--data", f"{data}/retrieval.txt", "--context", str(L),
-        "--steps", str(args.steps), "--batch-size", "16", "--out", phase1)
+        "--num-layers", str(args.layers), "--steps", str(args.steps), "--batch-size", "16",
+        "--out", phase1)
     run(log, "pretrain.py", *common, "--data", f"{data}/retrieval_long.txt", "--init", phase1,
         "--context", str(4 * L), "--rope-theta", str(args.rope_theta), "--steps",
         str(args.phase2_steps), "--batch-size", "4", "--warmup", "20", "--out", phase2)
@@ -103,10 +105,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--context", type=int, default=128, help="phase-1 context (tokens)")
+    parser.add_argument("--layers", type=int, default=6,
+                        help="blocks of the tiny model (with 4, the lookup was a lottery)")
     parser.add_argument("--steps", type=int, default=1500, help="phase-1 steps (batch 16)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="data.py --scale: retrieval.txt is 1.5M pieces at 1")
-    parser.add_argument("--phase2-steps", type=int, default=300, help="phase-2 steps (batch 4)")
+    parser.add_argument("--phase2-steps", type=int, default=600, help="phase-2 steps (batch 4)")
     parser.add_argument("--rope-theta", type=float, default=1e6, help="phase 2's RoPE base")
     parser.add_argument("--eval", type=int, default=50, help="questions per length")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
