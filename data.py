@@ -73,9 +73,9 @@ Implementation details
    writes it there given the steps before it, so a mistake makes one wrong step, not all after it.
 9. Retrieval: notes on 2-6 boxes ("The code of box 17 is 482.") among sentences of prose, then
    "What is the code of box 17? The code of box 17 is" 482 (passkey retrieval's form); a training
-   document asks about every note, an eval prompt about one. Lengths count
-   pre-tokenizer pieces (a token each once BPE merged the words); a (box, code) pair is held out as
-   in detail 4, and only eval asks one.
+   document asks about every note, an eval prompt about one. Lengths count pre-tokenizer pieces (a
+   token each once BPE merged the words); a (box, code) pair is held out as in detail 4, and only
+   eval asks one.
 """
 
 import argparse
@@ -723,7 +723,7 @@ def retrieval_text(rng, count, shortest, longest, fraction):
     """Documents of shortest to longest pieces (answer included), ~count pieces in all. Every note
     is asked (as many notes as fit beside six questions: two in a short document), so that a good
     share of the loss is on looking codes up: with one to three questions, whether a tiny model
-    learned the lookup at all within phase 1 was a lottery (detail 9)."""
+    learned the lookup at all within phase 1 was a lottery (README, Long context)."""
     documents = []
     while count > 0:
         prompt, answer, _ = retrieval_document(rng, rng.randint(shortest, longest) - 5, fraction,
