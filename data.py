@@ -75,7 +75,7 @@ Implementation details
    "What is the code of box 17? The code of box 17 is" 482 (passkey retrieval's form); a training
    document asks about every note, an eval prompt about one. Lengths count pre-tokenizer pieces (a
    token each once BPE merged the words); a (box, code) pair is held out as in detail 4, and only
-   eval asks one.
+   eval asks about a held-out one.
 """
 
 import argparse
@@ -722,8 +722,7 @@ def retrieval_document(rng, n_pieces, fraction, asked=None, questions=1):
 def retrieval_text(rng, count, shortest, longest, fraction):
     """Documents of shortest to longest pieces (answer included), ~count pieces in all. Every note
     is asked (as many notes as fit beside six questions: two in a short document), so that a good
-    share of the loss is on looking codes up: with one to three questions, whether a tiny model
-    learned the lookup at all within phase 1 was a lottery (README, Long context)."""
+    share of the loss is on looking codes up."""
     documents = []
     while count > 0:
         prompt, answer, _ = retrieval_document(rng, rng.randint(shortest, longest) - 5, fraction,

@@ -106,7 +106,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--context", type=int, default=128, help="phase-1 context (tokens)")
     parser.add_argument("--layers", type=int, default=6,
-                        help="blocks of the tiny model (with 4, the lookup was a lottery)")
+                        help="blocks of the phase-1 model (the tiny preset's width)")
     parser.add_argument("--steps", type=int, default=1500, help="phase-1 steps (batch 16)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="data.py --scale: retrieval.txt is 1.5M pieces at 1")
