@@ -3,7 +3,7 @@ fsdp.py: the stages' --fsdp: each rank holds 1/N of the weights, gradients and o
 (FSDP2, PyTorch's `fully_shard`), and the checkpoints stay model.py's full files. Imported by a
 stage only when `--fsdp` is set, under torchrun (as lora.py with --lora-rank): else none needs it.
 
-    torchrun --nproc_per_node 8 sft.py --fsdp
+    torchrun --nproc_per_node 8 sft.py --fsdp --grad-accum 1
 
     from fsdp import gathered, shard
     shard(model, optimizer, bf16=True)     # in place, once the optimizer is made (and resumed)

@@ -75,7 +75,7 @@ class Args:
     """a process reward model (reward.py --process): per-step rewards instead (detail 11)"""
     process_outcome: bool = False
     """with --process-reward: add the outcome advantage (details 3, 4) on top"""
-    steps: int = 20
+    steps: int = 12
     """optimizer steps = steps x iterations; one batch of samples per step"""
     prompts_per_step: int = 16
     """prompts sampled per step, summed over ranks"""

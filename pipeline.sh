@@ -12,8 +12,8 @@
 # Each stage's output goes to the terminal and to O/logs/STAGE.log; the first failing stage stops
 # the pipeline and is named; the end prints each stage's wall time and headline (before/after).
 # Every stage runs with its own defaults (the CPU defaults); only paths and the seed are passed (and
-# a 1k vocabulary to the tokenizer, the student's size, distill's budget to the baseline), plus tiny
-# sizes with --quick. Flags: `python STAGE.py --help`.
+# a 1k vocabulary to the tokenizer, the student's size and steps, distill's budget to the
+# baseline), plus tiny sizes with --quick. Flags: `python STAGE.py --help`.
 set -eo pipefail  # (no -u: empty "${ARRAY[@]}" is an error under -u in bash < 4.4, macOS's bash)
 PYTHON=${PYTHON:-python}
 QUICK=0 DATA="" OUT="" SEED=0
@@ -68,7 +68,7 @@ if [ "$QUICK" = 1 ]; then
 else
   Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=()
   Q_DPO=() Q_DISTILL=() Q_BASELINE=() Q_EVAL=()
-  Q_STUDENT=(--hidden-size 64 --num-layers 4)  # a quarter of the default model's parameters
+  Q_STUDENT=(--hidden-size 64 --num-layers 4 --steps 500)  # a quarter of the default's parameters
   DISTILL_BUDGET=(--steps 400 --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 30
                   --weight-decay 0.1 --grad-clip 1.0)  # distill.py's defaults
 fi

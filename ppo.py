@@ -67,7 +67,7 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/ppo.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 30
+    steps: int = 20
     """rollout steps; each does ppo_epochs x minibatches optimizer steps"""
     prompts_per_step: int = 32
     """prompts sampled per step (one reply each), summed over ranks"""
@@ -79,7 +79,7 @@ class Args:
     """passes over each batch of samples"""
     minibatches: int = 2
     """minibatches per pass (per rank)"""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """peak learning rate of the policy and the value model"""
     warmup: int = 5
     """linear warmup steps"""

@@ -6,8 +6,8 @@ sft.py: supervised fine-tuning on conversations, with the loss on assistant toke
 Run:
 
     python sft.py                                                     # CPU defaults
-    python sft.py --device cuda --batch-size 64 --steps 2000          # one GPU
-    torchrun --nproc_per_node 8 sft.py --batch-size 256               # many GPUs, no code change
+    python sft.py --device cuda --batch-size 64 --grad-accum 1 --steps 2000      # one GPU
+    torchrun --nproc_per_node 8 sft.py --batch-size 256 --grad-accum 1  # many GPUs, no code change
     python sft.py --resume                                # continue after a crash / kill -9
 
 Implementation details:
@@ -19,7 +19,8 @@ Implementation details:
 3. Conversations longer than the context are cut at the context (counted in a warning).
 4. Batches: random conversations, a fresh order every epoch, not sorted by length (engine.py
    detail 4). A step's rows are sorted by length and cut into --grad-accum micro-batches, each
-   right-padded to its own longest row: little padding, the same gradient (detail 5).
+   right-padded to its own longest row: little padding, the same gradient (detail 5). The default
+   4 is for the CPU, where padding costs time (on 2 cores a step takes ~0.15 s, not ~0.23 s with 1).
 5. Step loss = sum of the losses of the global batch's assistant tokens / (batch size x the mean
    assistant tokens per conversation of the data set): a constant, so every token weighs the same
    on any micro-batch or rank (N ranks give one process's loss).
@@ -70,11 +71,11 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 400
+    steps: int = 600
     """optimizer steps"""
     batch_size: int = 32
     """rows per optimizer step (conversations, text windows), summed over ranks and accumulation"""
-    grad_accum: int = 1
+    grad_accum: int = 4
     """micro-batches per optimizer step (per rank), each of rows of like length (detail 4)"""
     lr: float = 3e-3
     """peak learning rate"""
