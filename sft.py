@@ -6,8 +6,8 @@ sft.py: supervised fine-tuning on conversations, with the loss on assistant toke
 Run:
 
     python sft.py                                                     # CPU defaults
-    python sft.py --device cuda --batch-size 64 --grad-accum 1 --steps 2000      # one GPU
-    torchrun --nproc_per_node 8 sft.py --batch-size 256 --grad-accum 1  # many GPUs, no code change
+    python sft.py --device cuda --batch-size 64 --grad-accum 1 --steps 2000  # one GPU
+    torchrun --nproc_per_node 8 sft.py --batch-size 256 --grad-accum 1   # many GPUs, no code change
     python sft.py --resume                                # continue after a crash / kill -9
 
 Implementation details:
