@@ -10,12 +10,14 @@ data.py: the built-in "thinking world", deterministic procedural datasets for ev
 Nothing is downloaded. For a given --seed and --scale every file is byte-identical on every run.
 
 The story, stage by stage: a small model can add and subtract three-digit numbers when it works
-column by column, but rarely gets them right answering straight away. Pretraining shows both ways;
-SFT teaches the chat format with a minority of demos that think first; RL and DPO teach the model to
-think where that gets problems right, as the labeler prefers; distillation hands that on.
+column by column, but rarely gets them right answering straight away. Pretraining shows both ways,
+in text and in conversations in the chat template; SFT teaches the assistant's habits from demos of
+which a minority think first; RL and DPO teach the model to think where that gets problems right, as
+the labeler prefers; distillation hands that on.
 
 Files written (sizes at --scale 1; the eval files depend on neither --scale nor --seed)
-  pretrain.txt      ~4 MB of documents separated by a blank line: ~77 % skill lines, ~10 % copy
+  pretrain.txt      ~4 MB of documents separated by a blank line: of the documents ~57 % skill
+                    lines, ~20 % conversations in the chat template (detail 10), ~10 % copy
                     drills, ~13 % prose (stories, requested stories, facts)
   pretrain_val.txt  ~200 KB more documents of the same kind, for a validation loss
   sft.jsonl         20k {"messages", "family", "level", "thinks"}: ~70 % tasks, one per conversation
@@ -76,6 +78,11 @@ Implementation details
    document asks about every note, an eval prompt about one. Lengths count pre-tokenizer pieces (a
    token each once BPE merged the words); a (box, code) pair is held out as in detail 4, and only
    eval asks about a held-out one.
+10. Transcripts: a fifth of the pretraining documents are conversations of sft.jsonl's kind in the
+   chat template (ChatML, tokenizer.render_chat), half of the tasks' replies thinking. The base
+   model learns the template's tokens and to work its traces inside it (nanochat's midtraining
+   mixes conversations in the same way): without them SFT spends most of its steps learning to
+   restate the operands after `<|im_start|>assistant`, and can leave that half learned.
 """
 
 import argparse
@@ -93,7 +100,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, get_args, get_origin
 
-from tokenizer import SPLIT_PATTERN, final_answer, thinks
+from tokenizer import SPLIT_PATTERN, final_answer, render_chat, thinks
 
 
 @dataclass
@@ -515,6 +522,13 @@ def story_openings(rng):
     return "\n".join(lines)
 
 
+def transcript(rng, fraction):
+    """detail 10: two to five conversations of sft.jsonl's kind in the chat template, half of the
+    tasks' replies thinking."""
+    records = sft_records(rng, rng.randint(2, 5), fraction, think_share=0.5)
+    return "".join(render_chat(record["messages"]) for record in records).rstrip("\n")
+
+
 def pretrain_text(rng, n_bytes, fraction):
     documents, size = [], 0
     while size < n_bytes:
@@ -522,6 +536,7 @@ def pretrain_text(rng, n_bytes, fraction):
         document = (story(rng) if r < 0.03 else requested_story(rng) if r < 0.06
                     else story_openings(rng) if r < 0.1 else facts(rng) if r < 0.13
                     else copy_document(rng, fraction) if r < 0.23
+                    else transcript(rng, fraction) if r < 0.43
                     else skill_document(rng, fraction))
         documents.append(document)
         size += len(document) + 2

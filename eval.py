@@ -387,7 +387,7 @@ def main(args: Args):
         if val_documents is not None:
             key = json.dumps(checkpoint["tokenizer"], sort_keys=True)
             if key not in val_cache:  # tokenize once per tokenizer
-                tokens = tokenizer.encode_array(val_documents, tokenizer.think_tokens)
+                tokens = tokenizer.encode_array(val_documents, tokenizer.text_tokens)
                 val_cache[key] = torch.tensor(tokens[: args.val_tokens + 1].astype("int64"))
             row["val_bpb"] = bits_per_byte(model, tokenizer, val_cache[key], args.batch_size)
         rows.append(row)

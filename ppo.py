@@ -87,7 +87,7 @@ class Args:
     """AdamW weight decay (matrices only)"""
     grad_clip: float = 1.0
     """clip each model's global gradient norm at this value (0 = off)"""
-    kl_coef: float = 0.2
+    kl_coef: float = 0.4
     """weight of the per-token KL penalty in the reward (TRL: 0.05; docs/reward-hacking.md)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (Ziegler et al. 2019)"""

@@ -15,9 +15,10 @@ Run (after `python data.py` and `python tokenizer.py`):
 Implementation details:
 1. The corpus is tokenized once and cached as a numpy memmap next to the data
    (`data/pretrain.txt.<hash>.bin`); the hash covers the tokenizer and the data bytes.
-2. Documents (tokenizer.read_documents) are joined with <|endoftext|>; <think> / </think> in the
-   text are the think tokens. Training reads random windows of `context + 1` tokens from the
-   stream (packed: no padding). The last `val_fraction` of the stream is held out.
+2. Documents (tokenizer.read_documents) are joined with <|endoftext|>; <|im_start|>, <|im_end|>,
+   <think> and </think> in the text are special tokens (conversations in the chat template).
+   Training reads random windows of `context + 1` tokens from the stream (packed: no padding).
+   The last `val_fraction` of the stream is held out.
 3. The windows of step s come from a generator seeded with (seed, s): the data position is the
    step, so `--resume` replays exactly the batches an uninterrupted run would have seen.
 4. DDP: every rank draws the same global batch and takes its rows (rank::world), so N processes
@@ -215,8 +216,8 @@ def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
         key.update(f.read())
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     cache = f"{path}.{key.hexdigest()[:12]}.bin"
-    if not os.path.exists(cache):  # detail 2: <think> in the text is the think token
-        tokens = tokenizer.encode_array(read_documents(path), tokenizer.think_tokens)
+    if not os.path.exists(cache):  # detail 2: the chat template's and think tokens are special
+        tokens = tokenizer.encode_array(read_documents(path), tokenizer.text_tokens)
         with open(cache + ".tmp", "wb") as f:
             f.write(np.asarray(tokens, dtype=dtype).tobytes())
         os.replace(cache + ".tmp", cache)

@@ -71,13 +71,13 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 600
+    steps: int = 200
     """optimizer steps"""
     batch_size: int = 32
     """rows per optimizer step (conversations, text windows), summed over ranks and accumulation"""
     grad_accum: int = 4
     """micro-batches per optimizer step (per rank), each of rows of like length (detail 4)"""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """peak learning rate"""
     warmup: int = 50
     """linear warmup steps"""
@@ -293,7 +293,7 @@ def main(args: Args):
     if truncated and master:
         print(f"sft | warning: {truncated} of {len(examples)} conversations were longer than the "
               f"context ({context}) and were cut")
-    text = (tokenizer.encode_array(read_documents(args.ptx_data), tokenizer.think_tokens)
+    text = (tokenizer.encode_array(read_documents(args.ptx_data), tokenizer.text_tokens)
             if n_text else [])  # detail 9: one token stream, as pretrain.py reads it
     lengths = [len(inputs) for inputs, _ in examples]
     tokens_per_conversation = sum(t != -100 for _, targets in examples

@@ -479,11 +479,48 @@ def data_check_reply(family, prompt, reply):
     return m[5]
 
 
+DATA_TURN = r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>(?:\n|$)"
+
+
+def data_transcript_problems(document):
+    """(family, key) of every task in a document of conversations in the chat template; fails on
+    anything else in it, a wrong answer or trace, or a chat reply with a digit or a think block."""
+    turns = re.findall(DATA_TURN, document, flags=re.S)
+    written = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns)
+    assert written.rstrip("\n") == document.rstrip("\n")  # (a file's last document ends in \n)
+    problems, asked = [], None
+    for role, content in turns:
+        if role == "user":
+            assert asked is None, document
+            asked = content
+        elif role == "assistant":
+            assert asked is not None, document
+            if re.search(r"\d", asked):  # a task: the family from the prompt's operator
+                family = "add" if re.search(r"\+|Add ", asked) else "sub"
+                key, answer = data_solve(family, asked)
+                if content.startswith("<think>"):
+                    assert data_check_reply(family, asked, content) == answer, content
+                else:
+                    assert content == answer, content
+                problems.append((family, key))
+            else:
+                assert not re.search(r"\d|<think>", content), content
+            asked = None
+    assert asked is None and turns[-1][0] == "assistant", document
+    return problems
+
+
 def data_pretrain_problems(text):
-    """(family, key) of every skill line; fails on a line that looks like a skill but is not one,
-    and on a thinking line whose trace is wrong."""
+    """(family, key) of every skill line and every task of a conversation; fails on a line that
+    looks like a skill but is not one, and on a thinking line whose trace is wrong."""
     problems = []
-    for line in text.splitlines():
+    lines = []
+    for document in text.split("\n\n"):
+        if document.startswith("<|im_start|>"):
+            problems += data_transcript_problems(document)
+        else:
+            lines += document.splitlines()
+    for line in lines:
         if not re.search(r"\d", line):
             continue  # prose
         copy = re.fullmatch(r"(?:Repeat|Copy|Say) (.+): (.+)", line)
@@ -767,17 +804,30 @@ def test_data_step_labels_checked_by_an_independent_solver(tiny_data):
 def test_data_pretraining_text(tiny_data):
     for name in ("pretrain.txt", "pretrain_val.txt"):
         text = data_read(tiny_data, name)
-        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
-            assert token not in text, f"chat markup {token!r} in {name}"
+        assert "<|endoftext|>" not in text, name  # it joins the documents
         documents = text.split("\n\n")
         assert all(document.strip() for document in documents)
+        # chat markup only in the conversations, each turn whole (data_transcript_problems)
+        for document in documents:
+            if not document.startswith("<|im_start|>"):
+                assert "<|im_" not in document, document
         problems = data_pretrain_problems(text)  # also checks every skill line and every trace
         if name == "pretrain.txt":
             assert {family for family, _key in problems} == set(DATA_FAMILIES)
             assert any(document.startswith("Once upon a time") for document in documents)
-            thinking = sum("<think>" in line for line in text.splitlines())
-            assert 0.7 < thinking / len(problems) < 0.9  # four fifths of the skill lines think
+            lines = [line for d in documents if not d.startswith("<|im_start|>")
+                     for line in d.splitlines() if re.search(r"\d", line)
+                     and not line.startswith(("Copy", "Say", "Repeat"))]
+            thinking = sum("<think>" in line for line in lines)
+            assert 0.7 < thinking / len(lines) < 0.9  # four fifths of the skill lines think
             assert any(document.startswith(("Copy", "Say", "Repeat")) for document in documents)
+            # detail 10: a fifth of the documents are conversations, half of their tasks thinking
+            transcripts = [d for d in documents if d.startswith("<|im_start|>")]
+            assert 0.15 < len(transcripts) / len(documents) < 0.25
+            replies = re.findall(DATA_TURN, "\n".join(transcripts), flags=re.S)
+            tasks = [c for r, c in replies if r == "assistant" and re.search(r"\d", c)]
+            assert 0.4 < sum(c.startswith("<think>") for c in tasks) / len(tasks) < 0.6
+            assert any(r == "assistant" and c.startswith("Here is a story") for r, c in replies)
 
 
 def test_data_held_out_split_is_disjoint(tiny_data):
@@ -914,6 +964,9 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
     for name in ("pretrain.txt", "pretrain_val.txt", "prompts.jsonl", "prefs.jsonl",
                  "prefs_eval.jsonl", "eval.jsonl"):
         text = (tiny_data / name).read_text(encoding="utf-8")
+        turns = re.findall(DATA_TURN, text, flags=re.S)  # the pretraining text's conversations
+        assert not held_out & {content for role, content in turns if role == "user"}, name
+        text = re.sub(DATA_TURN, "", text, flags=re.S)  # ("Hello there." in a trained greeting)
         assert not [p for p in held_out if p in text], name
     # every chat conversation (sft.jsonl's, and chat.jsonl's for distillation) asks a trained
     # prompt and is answered in kind; chat.jsonl has every kind
@@ -1272,6 +1325,23 @@ def test_think_tokens_are_special_in_replies_only(tok):
     assert old.think_tokens == () and old.think_id is None
     assert (old.think_tokens == ()
             and old.decode(old.encode_chat(messages)[0]) == tok.render_chat(messages))
+
+
+def test_pretraining_conversations_encode_as_sft_encodes_them(tok, tiny_data):
+    # tokenizer.py detail 10: a conversation in a pretraining text is the token sequence that SFT
+    # trains on (encode_chat), so the base model has seen the template's tokens where SFT puts them
+    documents = [d.strip("\n") for d in data_read(tiny_data, "pretrain.txt").split("\n\n")
+                 if d.startswith("<|im_start|>")]  # as tokenizer.read_documents reads them
+    assert documents
+    for document in documents[:200]:
+        messages = [{"role": role, "content": content}
+                    for role, content in re.findall(DATA_TURN, document, flags=re.S)]
+        ids, _ = tok.encode_chat(messages)
+        assert tok.encode(document, tok.text_tokens) == ids[: -len(tok.encode("\n"))]
+        assert tok.render_chat(messages).rstrip("\n") == document
+    # <|endoftext|> stays text in a corpus: it is the boundary encode_array puts between documents
+    assert tok.eot_id not in tok.encode("a<|endoftext|>b", tok.text_tokens)
+    assert tok.encode_array(["a", "b"], tok.text_tokens).tolist().count(tok.eot_id) == 1
 
 
 def test_final_answer_rule():
@@ -3562,8 +3632,8 @@ def test_ppo_end_to_end_and_under_torchrun(world, tiny_sft, tiny_reward, tmp_pat
     log = read_log(tmp_path / "ppo.jsonl")
     assert all({"score", "kl", "clip", "approx_kl", "value_loss", "explained_var", "entropy",
                 "length"} <= r.keys() for r in log)
-    # KL 0 < target: it falls from the default
-    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[0]["kl_coef"] < 0.2
+    # KL 0 < target: it falls from the default (0.4)
+    assert log[0]["kl"] == 0 and log[0]["updates"] == 3 * 2 and log[0]["kl_coef"] < 0.4
     # 2 ranks with a KL limit nothing passes: the first update of a step sees the rollout
     # policy itself (approx KL 0), the second does not, so every rank stops after 2 of the 6
     # updates (a rank that went on alone would wait forever for the other in DDP's gradient

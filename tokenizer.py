@@ -8,6 +8,7 @@ Special tokens, the pretraining text format; numpy and the standard library only
     ids = tok.encode("Hello world!")     # list[int]; tok.decode(ids) == "Hello world!"
     arr = tok.encode_array(documents)    # np.uint16 array, documents joined by <|endoftext|>
     ids, mask = tok.encode_chat(messages)  # mask: 1 on the tokens of the assistant's replies
+    corpus = tok.encode_array(documents, tok.text_tokens)  # a pretraining text with conversations
 
 Ids 0..255 are the raw bytes, id 256+i is made by merges[i], then come the special tokens
 <|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>. `out/tokenizer.json` (and `to_dict()`,
@@ -33,7 +34,9 @@ Implementation details:
 9. `final_answer`, the one rule every stage scores with: a reply that starts with <think> answers
    with the text after the first </think> (None if it never closes), else the whole reply; stripped.
 10. `read_documents`, the one pretraining reader: .txt files, documents separated by a blank line
-   (the tokenizer trains on each file whole), or .jsonl files, one {"text": ...} per line.
+   (the tokenizer trains on each file whole), or .jsonl files, one {"text": ...} per line. A
+   pretraining text may hold conversations in the chat template: `text_tokens` (the template's and
+   the think tokens) are special in it; <|endoftext|> is not (it joins the documents).
 """
 import argparse
 import ast
@@ -123,6 +126,8 @@ class Tokenizer:
         self.eot_id, self.im_start_id, self.im_end_id = map(self.special_tokens.get, SPECIAL_TOKENS)
         # special in assistant text; think_id is None when the tokenizer has no think tokens
         self.think_tokens = tuple(s for s in THINK_TOKENS if s in self.special_tokens)
+        # special in a pretraining text (detail 10): the chat template's and the think tokens
+        self.text_tokens = ("<|im_start|>", "<|im_end|>", *self.think_tokens)
         self.think_id = self.special_tokens.get("<think>")
         self.pad_id = self.eot_id  # padding is always masked out, any id will do
         try:
@@ -240,9 +245,7 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------- chat
     def render_chat(self, messages, add_generation_prompt=False) -> str:
         """ChatML text of `messages` (detail 8)."""
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-                       for m in _check_messages(messages))
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        return render_chat(messages, add_generation_prompt)
 
     def encode_chat(self, messages, add_generation_prompt=False) -> tuple:
         """(ids, mask) of `messages`: mask is 1 on the assistant contents and their <|im_end|>."""
@@ -331,6 +334,14 @@ class Tokenizer:
         word_counts = {w.encode("utf-8"): n for w, n in word_counts.items()}
         merges = _learn_merges(word_counts, n_merges, verbose)
         return cls(merges, special_tokens)
+
+
+def render_chat(messages, add_generation_prompt=False) -> str:
+    """ChatML text of `messages` (detail 8): what encode_chat encodes, and a pretraining text's
+    conversations (detail 10)."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                   for m in _check_messages(messages))
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def final_answer(reply: str) -> str | None:
@@ -519,7 +530,7 @@ def main(args: Args):
                           verbose=args.verbose)
     train_time = time.time() - start_time
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
-    n_tokens = len(tok.encode_array(documents)) - (len(documents) - 1)  # without <|endoftext|>s
+    n_tokens = len(tok.encode_array(documents, tok.text_tokens)) - (len(documents) - 1)  # no EOTs
     tok.save(args.out)
     print(f"trained in {train_time:.1f}s | vocab {tok.vocab_size} ({len(tok.merges)} merges) | "
           f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {n_bytes / 1e6:.2f} MB | "
