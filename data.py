@@ -81,8 +81,7 @@ Implementation details
 10. Transcripts: a fifth of the pretraining documents are conversations of sft.jsonl's kind in the
    chat template (ChatML, tokenizer.render_chat), half of the tasks' replies thinking. The base
    model learns the template's tokens and to work its traces inside it (nanochat's midtraining
-   mixes conversations in the same way): without them SFT spends most of its steps learning to
-   restate the operands after `<|im_start|>assistant`, and can leave that half learned.
+   mixes conversations in the same way), so SFT only has the assistant's habits to teach.
 """
 
 import argparse
