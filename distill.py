@@ -26,7 +26,8 @@ Implementation details:
 4. --on-policy (GKD): that share of the steps, drawn from (seed, step), trains on replies the
    student samples, every token scored by the teacher, with the divergence alone (alpha = 1).
 5. The teacher runs in eval mode without gradients, only when its logits count (alpha > 0).
-   Batches, schedule, optimizer, clipping, DDP (or --fsdp), the loss's constant denominator: sft's.
+   Batches (the micro-batches by length), schedule, optimizer, clipping, DDP (or --fsdp), the loss's
+   constant denominator: sft's.
 6. Teacher and student: greedy held-out accuracy and think rate on --eval-data.
 """
 
@@ -49,7 +50,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import batch_indices, format_accuracy, generate, heldout_accuracy, right_pad
+from engine import (batch_indices, by_length, format_accuracy, generate, heldout_accuracy,
+                    right_pad)
 from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, final_answer
 
@@ -82,8 +84,8 @@ class Args:
     """optimizer steps"""
     batch_size: int = 32
     """conversations per optimizer step, summed over ranks and accumulation steps"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step (per rank)"""
+    grad_accum: int = 2
+    """micro-batches per optimizer step (per rank), the step's rows sorted by length (sft's)"""
     lr: float = 3e-3
     """peak learning rate"""
     warmup: int = 30
@@ -263,7 +265,7 @@ def student_rollouts(student, tokenizer: Tokenizer, rows: list, max_new_tokens: 
 
 # detail 1: the teacher answers every training prompt; keep_correct keeps its right replies only
 def teacher_replies(teacher, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int,
-                    keep_correct: bool, batch_size: int = 128) -> tuple[list[dict], int]:
+                    keep_correct: bool, batch_size: int = 512) -> tuple[list[dict], int]:
     """({"messages": prompt + the teacher's greedy reply} per kept record, how many were right).
     Without keep_correct every reply is kept, one cut at max_new_tokens as if it ended there."""
     conversations, right = [], 0
@@ -289,7 +291,6 @@ def main(args: Args):
     if args.batch_size % (world * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
                          f"--grad-accum = {world * args.grad_accum}")
-    micro_batch = args.batch_size // (world * args.grad_accum)
     # -------------------------------------------------------------- teacher and student
     teacher, tokenizer, _ = load_checkpoint(args.teacher, args.device, head="lm")
     teacher.eval().requires_grad_(False)  # detail 5
@@ -352,8 +353,7 @@ def main(args: Args):
                 dist.all_reduce(count)
             n_targets, alpha = count.item(), 1.0
         step_sums = torch.zeros(3, device=args.device)  # loss, ce, kd
-        for micro in range(args.grad_accum):
-            part = rows[micro * micro_batch: (micro + 1) * micro_batch]
+        for micro, part in enumerate(by_length(rows, args.grad_accum, lambda row: len(row[0]))):
             inputs, _ = right_pad([row[0] for row in part], tokenizer.pad_id, args.device)  # (B, T)
             targets, _ = right_pad([row[1] for row in part], -100, args.device)            # (B, T)
             share = (targets != -100).sum() / n_targets  # detail 5: its share of the step's loss

@@ -543,11 +543,24 @@ def newton_schulz(G, steps=5):
     return X.mT if tall else X
 
 
-def orthogonalised(update):
-    """newton_schulz(update); of a matrix sharded by --fsdp (a DTensor of this rank's rows, fsdp.py
-    detail 7): the whole matrix gathered, orthogonalised on every rank, this rank's rows kept."""
-    if not hasattr(update, "full_tensor"):
-        return newton_schulz(update)
+def orthogonalised(updates: list) -> list:
+    """newton_schulz of each update, those of one shape as one batch (a few large products, not
+    many small ones: a fifth of a CPU step's time); of a matrix sharded by --fsdp (a DTensor of
+    this rank's rows, fsdp.py detail 7): the whole matrix gathered, orthogonalised on every rank,
+    this rank's rows kept."""
+    if not hasattr(updates[0], "full_tensor"):
+        shapes = {}
+        for i, update in enumerate(updates):
+            shapes.setdefault(update.shape, []).append(i)
+        result = [None] * len(updates)
+        for same in shapes.values():
+            for i, update in zip(same, newton_schulz(torch.stack([updates[i] for i in same]))):
+                result[i] = update
+        return result
+    return [sharded_orthogonalised(update) for update in updates]
+
+
+def sharded_orthogonalised(update):
     from torch.distributed.tensor import distribute_tensor  # only a sharded run gets here
     return distribute_tensor(newton_schulz(update.full_tensor()), update.device_mesh,
                              update.placements, src_data_rank=None)  # no copy sent: all hold it
@@ -564,16 +577,17 @@ class Muon(torch.optim.AdamW):
             if not group.get("muon"):
                 continue
             mu = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            nesterov = []
+            for p in params:
                 state = self.state[p]
                 if not state:  # a step count too: AdamW's load_state_dict expects one in a state
                     state.update(step=torch.tensor(0.0), momentum_buffer=torch.zeros_like(p))
                 state["step"] += 1
                 momentum = state["momentum_buffer"]
                 momentum.lerp_(p.grad, 1 - mu)
-                update = orthogonalised(p.grad.lerp(momentum, mu))
+                nesterov.append(p.grad.lerp(momentum, mu))
+            for p, update in zip(params, orthogonalised(nesterov) if params else []):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
                 p.grad = None  # done: AdamW's step below skips a parameter without a gradient

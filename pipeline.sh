@@ -69,7 +69,7 @@ else
   Q_DATA=() Q_TOKENIZER=(--vocab-size 1024) Q_PRETRAIN=() Q_SFT=() Q_REWARD=() Q_PPO=() Q_GRPO=()
   Q_DPO=() Q_DISTILL=() Q_BASELINE=() Q_EVAL=()
   Q_STUDENT=(--hidden-size 64 --num-layers 4 --steps 500)  # a quarter of the default's parameters
-  DISTILL_BUDGET=(--steps 400 --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 30
+  DISTILL_BUDGET=(--steps 400 --batch-size 32 --grad-accum 2 --lr 3e-3 --warmup 30
                   --weight-decay 0.1 --grad-clip 1.0)  # distill.py's defaults
 fi
 

@@ -13,8 +13,9 @@ Implementation details:
    for the lm head, initialised from N(0, 1/sqrt(hidden + 1)) as in TRL.
 2. The reward of a reply (tokenizer.encode_reply) is the score at the last real token of prompt +
    reply, found from the attention mask (engine.sequence_scores), never from a pad id.
-3. Batches: random pairs (engine.batch_indices); the chosen and the rejected replies are two passes,
-   each padded to its own longest reply. The held-out pairs are evaluated sorted by length.
+3. Batches: random pairs (engine.batch_indices), in --grad-accum micro-batches by length
+   (engine.by_length); the chosen and the rejected replies are two passes, each padded to its own
+   longest reply. The held-out pairs are evaluated sorted by length.
 4. L = -log σ(r_c - r_r - m) + c mean((r_c + r_r)²): Bradley-Terry, margin m (Llama 2), centering
    (Eisenstein et al. 2023); the checkpoint stores the rewards' mean and std (for PPO's scaling).
 5. Unusable pairs (identical or empty sides, longer than the context) are skipped and counted.
@@ -52,8 +53,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import (all_pairs, batch_indices, format_skipped, least_step_scores, pair_scores,
-                    preference_pairs, sequence_scores, step_accuracy, step_examples, step_scores)
+from engine import (all_pairs, batch_indices, by_length, format_skipped, least_step_scores,
+                    pair_scores, preference_pairs, sequence_scores, step_accuracy, step_examples,
+                    step_scores)
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 
 
@@ -79,8 +81,8 @@ class Args:
     """optimizer steps"""
     batch_size: int = 32
     """pairs per optimizer step, summed over ranks and accumulation steps"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step (per rank)"""
+    grad_accum: int = 2
+    """micro-batches per optimizer step (per rank), the step's pairs sorted by length (detail 3)"""
     lr: float = 1e-3
     """peak learning rate"""
     warmup: int = 12
@@ -293,6 +295,11 @@ def with_replay(pairs: list, old_pairs: list, share: float, seed: int) -> list:
     return pairs + [old_pairs[i] for i in order[:n_old].tolist()]
 
 
+def pair_tokens(pair: dict) -> int:
+    """The tokens a pair (or a process example) puts through the model: its prompt and replies."""
+    return sum(len(pair[key]) for key in ("prompt", "chosen", "rejected", "reply") if key in pair)
+
+
 def main(args: Args):
     if not 0 <= args.replay_share < 1:
         raise ValueError(f"--replay-share {args.replay_share}: must be in [0, 1)")
@@ -302,7 +309,6 @@ def main(args: Args):
     if args.batch_size % (world * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by ranks x "
                          f"--grad-accum = {world * args.grad_accum}")
-    micro_batch = args.batch_size // (world * args.grad_accum)
 
     reward_model, tokenizer, _ = load_checkpoint(args.init, device=args.device)
     if reward_model.config.head == "lm" and not args.process:  # detail 1 (11: or go on; 9)
@@ -371,8 +377,9 @@ def main(args: Args):
         count = sum(len(pairs[i]["labels"]) for i in indices) if args.process else args.batch_size
         indices = indices[rank::world]
         stats = torch.zeros(3, device=args.device)  # this rank's sums: losses, correct, margins
-        for micro in range(args.grad_accum):
-            rows = [pairs[i] for i in indices[micro * micro_batch: (micro + 1) * micro_batch]]
+        # detail 3: the step's pairs (process: replies) by length, in --grad-accum micro-batches
+        for micro, rows in enumerate(by_length([pairs[i] for i in indices], args.grad_accum,
+                                               pair_tokens)):
             tokens_seen += world * sum(len(p[side]) for p in rows for side in sides)
             no_sync = model.no_sync if ddp and micro < args.grad_accum - 1 else nullcontext
             with no_sync(), autocast:

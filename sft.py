@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine import batch_indices, check_resumable, format_accuracy, heldout_accuracy
+from engine import batch_indices, by_length, check_resumable, format_accuracy, heldout_accuracy
 from model import load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, read_documents
 
@@ -250,9 +250,7 @@ def micro_batches(examples: list[tuple], text, n_text: int, context: int, batch_
     grad_accum micro-batches, then its share of n_text windows of `text` (context + 1 tokens) in as
     many micro-batches as rank 0 (--fsdp's collectives run in each): else one row, no target."""
     chat = [examples[i] for i in batch_indices(len(examples), batch_size - n_text, seed, step)]
-    chat = sorted(chat[rank::world], key=lambda e: len(e[0]))
-    micros = [chat[len(chat) * m // grad_accum : len(chat) * (m + 1) // grad_accum]
-              for m in range(grad_accum)]
+    micros = by_length(chat[rank::world], grad_accum, length=lambda e: len(e[0]))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a short text: 1 window
     starts = torch.randint(0, max(1, len(text) - context), (n_text,), generator=generator).tolist()
     windows = [text[s : s + context + 1].tolist() for s in starts]

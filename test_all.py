@@ -48,10 +48,10 @@ from distill import generalized_jsd, kd_loss
 import dpo
 from dpo import LOSS_TYPES, dpo_loss
 import engine
-from engine import (batch_indices, completion_logprobs, completion_values, format_accuracy,
-                    generate, heldout_accuracy, judge_replies, left_pad, pair_logps,
-                    pair_scores as pair_rewards, preference_pairs, reply_texts, right_pad,
-                    sample_token, sequence_scores, shared_prompt_logprobs)
+from engine import (batch_indices, by_length, completion_logprobs, completion_values,
+                    format_accuracy, generate, heldout_accuracy, judge_replies, left_pad,
+                    pair_logps, pair_scores as pair_rewards, preference_pairs, reply_texts,
+                    right_pad, sample_token, sequence_scores, shared_prompt_logprobs)
 import eval as evaluate
 from eval import bits_per_byte, sampled_replies
 import grpo
@@ -1714,6 +1714,16 @@ def test_newton_schulz_maps_singular_values_by_the_quintic(shape):
         np.testing.assert_allclose(X.numpy(), quintic_newton_schulz_by_hand(G.numpy()), atol=1e-12)
 
 
+def test_orthogonalised_batches_each_shape_as_one():
+    """The updates of one shape orthogonalised as one batch: each as newton_schulz alone, in its
+    place among updates of other shapes."""
+    generator = torch.Generator().manual_seed(0)
+    updates = [torch.randn(*shape, generator=generator, dtype=torch.float64)
+               for shape in ((6, 4), (4, 6), (6, 4), (3, 3), (4, 6), (6, 4))]
+    for update, alone in zip(model_module.orthogonalised(updates), updates):
+        torch.testing.assert_close(update, model_module.newton_schulz(alone), rtol=0, atol=1e-12)
+
+
 def test_muon_steps_by_hand_and_adamw_keeps_the_rest():
     """Two steps of a tall matrix in float64: m <- mu m + (1 - mu) g, u = (1 - mu) g + mu m,
     W <- (1 - lr wd) W - lr sqrt(rows / cols) NS(u); a vector in an AdamW group steps as
@@ -2427,6 +2437,17 @@ def test_batches_cover_every_example_and_are_random():
     long = set(range(0, 1000, 10)) | set(range(3, 1000, 10)) | set(range(7, 1000, 10))
     shares = [sum(i in long for i in batch_indices(1000, 32, 0, step)) / 32 for step in range(31)]
     assert min(shares) > 0.05 and max(shares) < 0.65 and abs(sum(shares) / len(shares) - 0.3) < 0.05
+
+
+def test_micro_batches_by_length_hold_the_steps_rows():
+    rows = [[0] * n for n in (5, 1, 9, 3, 3, 7, 2)]
+    parts = by_length(rows, 3)
+    assert [len(part) for part in parts] == [2, 2, 3]  # near-equal sizes, every row once
+    assert [len(row) for part in parts for row in part] == [1, 2, 3, 3, 5, 7, 9]
+    assert by_length(rows, 1) == [sorted(rows, key=len)]
+    pairs = [{"prompt": [1] * p, "chosen": [2] * c} for p, c in ((4, 1), (1, 1), (2, 5))]
+    assert by_length(pairs, 2, lambda p: len(p["prompt"]) + len(p["chosen"])) == [
+        [pairs[1]], [pairs[0], pairs[2]]]
 
 
 def test_preference_pairs_skip_and_count(tmp_path):
@@ -3373,8 +3394,8 @@ def test_process_loss_reads_exactly_the_step_ends(tmp_path):
 @pytest.mark.e2e
 def test_reward_end_to_end_and_ddp_equals_single_process(tiny_sft, tmp_path):
     world = tiny_sft.parent.parent
-    args = [*TINY_REWARD(world), "--steps", "3"]
-    out = run_ok("reward.py", *args, "--out", str(tmp_path / "single.pt"))
+    args = [*TINY_REWARD(world), "--steps", "3"]  # one batch against 2 x 2 sorted by length
+    out = run_ok("reward.py", *args, "--grad-accum", "1", "--out", str(tmp_path / "single.pt"))
     assert "longer than the context skipped" in out and "reward | after:  pairwise accuracy" in out
     # a standard checkpoint
     model, _, checkpoint = load_checkpoint(str(tmp_path / "single.pt"), head="score")
@@ -4573,9 +4594,10 @@ def test_distill_end_to_end_with_gkd_options(world, tiny_sft, tmp_path):
 
 @pytest.mark.e2e
 def test_distill_ddp_equals_single_process(world, tiny_sft, tmp_path):
-    """The student's losses of 2 ranks x 2 micro-steps equal one process's."""
+    """The student's losses of 2 ranks x 2 micro-steps (sorted by length) equal those of one
+    process with one batch."""
     args = [*TINY_DISTILL(world, tiny_sft), "--steps", "3"]
-    run_ok("distill.py", *args, "--out", str(tmp_path / "single.pt"))
+    run_ok("distill.py", *args, "--grad-accum", "1", "--out", str(tmp_path / "single.pt"))
     result = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2", os.path.join(ROOT, "distill.py"), *args, "--grad-accum", "2",
                              "--out", str(tmp_path / "ddp.pt")],
