@@ -556,14 +556,14 @@ def main(argv=None):
         name = args.model_name or os.path.splitext(os.path.basename(args.checkpoint))[0]
         server = ChatServer((args.host, args.port), model, tokenizer, name, args.max_batch_size)
         host, port = server.server_address[:2]
-        print(f"serving {name} at http://{host}:{port}/ (the chat page) and "
-              f"http://{host}:{port}/v1 (the API); Ctrl-C stops", flush=True)
 
         def stop(signum, frame):  # Ctrl-C, and kill's / docker stop's SIGTERM: a clean exit, even
             raise KeyboardInterrupt  # when started in the background (SIGINT ignored there)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, stop)
-        try:
+        try:  # announced once a signal can stop it cleanly: a kill right after the line exits 0
+            print(f"serving {name} at http://{host}:{port}/ (the chat page) and "
+                  f"http://{host}:{port}/v1 (the API); Ctrl-C stops", flush=True)
             server.serve_forever()
         except KeyboardInterrupt:
             pass
