@@ -62,7 +62,7 @@ class Args:
     init: str = "out/pretrain.pt"
     """checkpoint to fine-tune (from pretrain.py)"""
     data: str = "data/sft.jsonl"
-    """conversations, one {"messages": [...]} per line"""
+    """conversations, one {"messages": [...]} per line (several files: comma-separated)"""
     ptx_data: str = "data/pretrain.txt"
     """pretraining text mixed into the batches (detail 9), read as pretrain.py reads --data"""
     ptx_share: float = 0.1
@@ -77,7 +77,7 @@ class Args:
     """rows per optimizer step (conversations, text windows), summed over ranks and accumulation"""
     grad_accum: int = 4
     """micro-batches per optimizer step (per rank), each of rows of like length (detail 4)"""
-    lr: float = 1e-3
+    lr: float = 5e-4
     """peak learning rate"""
     warmup: int = 50
     """linear warmup steps"""
@@ -224,11 +224,13 @@ def sft_example(tokenizer: Tokenizer, messages: list[dict],
     return ids[:-1], targets, truncated
 
 
-def sft_examples(tokenizer: Tokenizer, path: str, context: int) -> tuple[list[tuple], int]:
-    """(inputs, targets) of each conversation of `path` with an assistant token, and how many
-    were cut at the context."""
+def sft_examples(tokenizer: Tokenizer, paths: str, context: int) -> tuple[list[tuple], int]:
+    """(inputs, targets) of each conversation of the files `paths` (comma-separated) with an
+    assistant token, and how many were cut at the context."""
     examples, truncated = [], 0
-    for line_no, record in enumerate(read_jsonl(path, required=("messages",)), 1):
+    records = ((path, line_no, record) for path in paths.split(",")
+               for line_no, record in enumerate(read_jsonl(path, required=("messages",)), 1))
+    for path, line_no, record in records:
         messages = record["messages"]
         if not isinstance(messages, list) or not any(
                 isinstance(m, dict) and m.get("role") == "assistant" for m in messages):

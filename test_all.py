@@ -70,7 +70,7 @@ from reward import pairwise_accuracy, process_loss, reward_loss, reward_model_fr
 import serve
 from serve import show_reply
 import sft
-from sft import lr_at as sft_lr_at, micro_batches, sft_example
+from sft import lr_at as sft_lr_at, micro_batches, sft_example, sft_examples
 from tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, THINK_TOKENS, Tokenizer, _CHUNK_PATTERN,
                        final_answer, read_documents, thinks)
 
@@ -3116,6 +3116,25 @@ def test_sft_example_keeps_the_head_and_aligns_targets():
         assert (targets
                 == [t if m else -100 for t, m in zip(ids[1:context + 1], mask[1:context + 1])])
     assert 0 < sum(t != -100 for t in targets) < 50  # context 40 cuts inside the assistant turn
+
+
+def test_sft_reads_several_files_as_one(tmp_path):
+    """--data a,b: a's conversations then b's, as each alone; an error names the file and line."""
+    tokenizer = Tokenizer(merges=[])
+
+    def turns(question, answer):
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}]}
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(turns(f"{i}?", str(i))) + "\n"
+                                              for i in range(3)))
+    (tmp_path / "b.jsonl").write_text(json.dumps(turns("Hi.", "Hello!")) + "\n")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    both, truncated = sft_examples(tokenizer, f"{a},{b}", 40)
+    assert truncated == 0 and len(both) == 4
+    assert both == sft_examples(tokenizer, a, 40)[0] + sft_examples(tokenizer, b, 40)[0]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}))
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: a conversation needs"):
+        sft_examples(tokenizer, f"{a},{tmp_path / 'c.jsonl'}", 40)
 
 
 def test_sft_ptx_mixture_rows():
