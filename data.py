@@ -25,7 +25,8 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
                     what it can do, stories)
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
   chat.jsonl        6k chat conversations on training prompts (as many as sft.jsonl's), with
-                    "kind" and "animal"?: distillation trains on them as written
+                    "kind" and "animal"? (half the stories "thing"?: about a kite, say):
+                    distillation and its baseline train on them as written
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
@@ -68,8 +69,10 @@ Implementation details
    iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. A requested
    story restates the request ("Here is a story about a frog.") as a trace restates its operands:
    copying the animal is what a tiny model learns. Pretraining has requested stories and drills of
-   request and opening; three in ten SFT conversations chat. `chat_in_kind` judges a reply: a
-   greeting back, "I can ...", a story naming the animal; no <think>, no digit.
+   request and opening; three in ten SFT conversations chat. chat.jsonl, for the small student,
+   asks half its stories about a thing in any phrasing, which no animal remembered for a phrasing
+   answers. `chat_in_kind` judges a reply: a greeting back, "I can ...", a story naming the
+   animal; no <think>, no digit.
 8. Step labels (TRL's stepwise format): a step starts at each space and at </think>, so the steps
    concatenate to the reply; the labeler's `judge_steps` marks each right iff a careful solver
    writes it there given the steps before it, so a mistake makes one wrong step, not all after it.
@@ -584,17 +587,23 @@ def chat_prompt_record(rng) -> dict:
             **({"animal": animal} if animal else {})}
 
 
-def chat_conversation(rng) -> dict:
+def chat_conversation(rng, thing_share=0.0) -> dict:
     """A conversation on a training chat prompt, answered in kind: {"messages", "family": "chat",
-    "kind", "animal"?}."""
+    "kind", "animal" or "thing"?}. A `thing_share` of the story requests ask, in any phrasing, for a
+    story about a thing ("Tell me a story about a kite."): never a held-out prompt, and answered by
+    no animal remembered for the phrasing, only by copying the noun."""
     record = chat_prompt_record(rng)
-    kind, prompt, animal = record["kind"], record["prompt"], record.get("animal")
+    if thing_share and record["kind"] == "story" and rng.random() < thing_share:
+        thing = rng.choice(THINGS)
+        record = {"prompt": rng.choice(STORY_REQUESTS).format(about=f" about {a(thing)}"),
+                  "family": "chat", "kind": "story", "thing": thing}
+    kind, prompt = record["kind"], record["prompt"]
     if kind == "greeting":
         reply = rng.choice(GREETING_REPLIES)
     elif kind == "abilities":
         reply = ABILITIES
-    else:
-        reply = story(rng, animal, title=True)  # no animal asked for: any animal
+    else:  # no animal or thing asked for: any animal
+        reply = story(rng, record.get("animal") or record.get("thing"), title=True)
     return {"messages": [{"role": "user", "content": prompt},
                          {"role": "assistant", "content": reply}],
             **{key: value for key, value in record.items() if key != "prompt"}}
@@ -797,7 +806,7 @@ def main(args: Args):
                              for p in training_problems(prefs_rng, n(args.prefs), frac)),
         "prompts.jsonl": jsonl(prompt_record(prompts_rng, p)
                                for p in training_problems(prompts_rng, n(args.prompts), frac)),
-        "chat.jsonl": jsonl(chat_conversation(chat_rng) for _ in range(n_chats)),
+        "chat.jsonl": jsonl(chat_conversation(chat_rng, thing_share=0.5) for _ in range(n_chats)),
         "eval.jsonl": jsonl(prompt_record(eval_rng, p) for p in evals),
         "prefs_eval.jsonl": jsonl(preference_record(prefs_eval_rng, p) for p in evals),
         "chat_eval.jsonl": jsonl(chat_eval_records()),

@@ -969,21 +969,27 @@ def test_data_chat_prompts_are_held_out_of_every_training_file(tiny_data):
         text = re.sub(DATA_TURN, "", text, flags=re.S)  # ("Hello there." in a trained greeting)
         assert not [p for p in held_out if p in text], name
     # every chat conversation (sft.jsonl's, and chat.jsonl's for distillation) asks a trained
-    # prompt and is answered in kind; chat.jsonl has every kind
+    # prompt, or (chat.jsonl's alone) a story about a thing, and is answered in kind; chat.jsonl
+    # has every kind
     records = {prompt: {"kind": kind, **({"animal": animal} if animal else {})}
                for kind in data.CHAT_KINDS for prompt, animal, _ in data.chat_prompts(kind)}
     for name in ("sft.jsonl", "chat.jsonl"):
-        in_kind = 0
+        in_kind, things = 0, 0
         for r in data_read(tiny_data, name):
             assert not held_out & {m["content"] for m in r["messages"] if m["role"] == "user"}, r
             if r["family"] == "chat":
                 user, assistant = (m["content"] for m in r["messages"])
+                if "thing" in r:  # any phrasing: no animal, so never a held-out prompt
+                    assert r["thing"] in data.THINGS and user not in records, r
+                    assert data.chat_in_kind({"kind": "story", "animal": r["thing"]}, assistant)
+                    things += 1
+                    continue
                 assert (records[user]["kind"], user) in trained, user
                 assert {"kind": r["kind"], **({"animal": r["animal"]} if "animal" in r else {})} \
                     == records[user], r
                 assert data.chat_in_kind(records[user], assistant), r
                 in_kind += 1
-        assert in_kind > 0
+        assert in_kind > 0 and (things > 0) == (name == "chat.jsonl"), (name, things)
     chats, sft_records = data_read(tiny_data, "chat.jsonl"), data_read(tiny_data, "sft.jsonl")
     assert {r["kind"] for r in chats} == set(data.CHAT_KINDS)
     assert len(chats) == round(data.CHAT_SHARE * len(sft_records))  # as many as SFT's
