@@ -120,9 +120,7 @@ run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.p
 # the baseline: the same student, budget and seed, fine-tuned on the SFT demos, not the teacher's
 # replies (and, as distill, on the chats of chat.jsonl too, with no pretraining text mixed in)
 run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl,$DATA/chat.jsonl" \
-  --ptx-share 0 \
-  --eval-data "$DATA/eval.jsonl" \
-  --out "$OUT/distill_baseline.pt" "${S[@]}" \
+  --ptx-share 0 --eval-data "$DATA/eval.jsonl" --out "$OUT/distill_baseline.pt" "${S[@]}" \
   "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
 run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" \
   --val-data "$DATA/pretrain_val.txt" --chat-data "$DATA/chat_eval.jsonl" \
