@@ -218,9 +218,10 @@ def load_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
     cache = f"{path}.{key.hexdigest()[:12]}.bin"
     if not os.path.exists(cache):  # detail 2: the chat template's and think tokens are special
         tokens = tokenizer.encode_array(read_documents(path), tokenizer.text_tokens)
-        with open(cache + ".tmp", "wb") as f:
+        tmp = f"{cache}.{os.getpid()}.tmp"  # two runs at once (pipeline.sh's student) both write
+        with open(tmp, "wb") as f:
             f.write(np.asarray(tokens, dtype=dtype).tobytes())
-        os.replace(cache + ".tmp", cache)
+        os.replace(tmp, cache)  # the same bytes from either: the last replace is as good
     return np.memmap(cache, dtype=dtype, mode="r")
 
 

@@ -3012,6 +3012,32 @@ def test_lr_schedule_key_steps():
             == [lr_at(s, 3e-4, 7, 50) for s in range(60)])
 
 
+def test_two_pretrainings_at_once_share_the_token_cache(tok, tmp_path, monkeypatch):
+    """pipeline.sh pretrains the student beside the default model, on one corpus: both processes
+    tokenize it at once and write the cache (each waits for the other before its atomic rename);
+    both end with the tokens and one cache file, no temporary left behind."""
+    import multiprocessing
+    path = tmp_path / "pretrain.txt"
+    path.write_text("Tom has a red ball.\n\nWhat is 12 + 30? 42\n\nHello there.\n")
+    context = multiprocessing.get_context("fork")
+    both_written, rename = context.Barrier(2, timeout=30), os.replace
+
+    def rename_when_both_wrote(source, target):
+        both_written.wait()
+        rename(source, target)
+    monkeypatch.setattr(os, "replace", rename_when_both_wrote)
+    runs = [context.Process(target=pretrain.load_tokens, args=(str(path), tok)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(60)
+    monkeypatch.undo()
+    assert [run.exitcode for run in runs] == [0, 0]
+    [cache] = [name for name in os.listdir(tmp_path) if name != "pretrain.txt"]
+    assert cache.endswith(".bin")
+    tokens = tok.encode_array(read_documents(str(path)), tok.text_tokens)
+    assert pretrain.load_tokens(str(path), tok).tolist() == list(tokens)
+
 # --------------------------------------------------------------------------------- end to end (e2e)
 
 
