@@ -3012,6 +3012,7 @@ def test_lr_schedule_key_steps():
             == [lr_at(s, 3e-4, 7, 50) for s in range(60)])
 
 
+
 def test_two_pretrainings_at_once_share_the_token_cache(tok, tmp_path, monkeypatch):
     """pipeline.sh pretrains the student beside the default model, on one corpus: both processes
     tokenize it at once and write the cache (each waits for the other before its atomic rename);
@@ -5788,14 +5789,37 @@ def test_every_stage_prints_its_help(module, monkeypatch, capsys):
     assert exit_info.value.code == 0 and "--seed" in capsys.readouterr().out
 
 
+def recorded_pipeline(tmp_path, *flags, env=None):
+    """pipeline.sh with a python that records each command line (OMP_NUM_THREADS first) as it
+    starts, takes a moment (pretraining longer), records "done" and its --out, and writes nothing:
+    the calls, as lists of words, and every line in the order written."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS $@" >> {tmp_path}/calls\n'
+                    'case "$1" in pretrain.py) sleep 0.6 ;; *) sleep 0.2 ;; esac\n'
+                    f'echo "done $(echo "$@" | sed "s/.*--out \\([^ ]*\\).*/\\1/")" '
+                    f'>> {tmp_path}/calls\n')
+    fake.chmod(0o755)
+    (tmp_path / "calls").unlink(missing_ok=True)
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *flags, "--data",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                            env={**(env or ENV), "PYTHON": str(fake)}, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "calls").read_text().splitlines()
+    return [line.split() for line in lines if not line.startswith("done ")], lines
+
+
+def call_writing(calls, name):
+    """The one call whose --out is `name` (sft.pt, student.pt, ...), OMP_NUM_THREADS dropped."""
+    [call] = [c[1:] for c in calls if "--out" in c and c[c.index("--out") + 1].endswith(name)]
+    return call
+
+
 @pytest.mark.e2e
 def test_distill_baseline_shares_the_students_start(tmp_path):
     """pipeline.sh's baseline (sft.py on the student) has distill's start and budget: the same
     --init, and the same steps, batch, schedule, optimizer and seed once each stage's defaults fill
     in, in both sizes."""
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
-    fake.chmod(0o755)
     budget = ["init", "steps", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
               "grad_clip", "seed"]
 
@@ -5807,50 +5831,66 @@ def test_distill_baseline_shares_the_students_start(tmp_path):
                 values[name] = type(values[name])(value)
         return {name: values[name] for name in budget}
     for quick in ([], ["--quick"]):
-        (tmp_path / "calls").unlink(missing_ok=True)
-        result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *quick, "--seed", "2",
-                                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
-                                env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        calls = [call.split() for call in (tmp_path / "calls").read_text().splitlines()]
-        assert [call[0] for call in calls][-3:] == ["distill.py", "sft.py", "eval.py"]
-        assert settings(calls[-3], distill.Args) == settings(calls[-2], sft.Args), quick
-        assert settings(calls[-2], sft.Args)["init"] == str(tmp_path / "out" / "student.pt")
+        calls, _ = recorded_pipeline(tmp_path, *quick, "--seed", "2")
+        distilled = call_writing(calls, "/distill.pt")
+        baseline = call_writing(calls, "/distill_baseline.pt")
+        assert distilled[0] == "distill.py" and baseline[0] == "sft.py"
+        assert settings(distilled, distill.Args) == settings(baseline, sft.Args), quick
+        assert settings(baseline, sft.Args)["init"] == str(tmp_path / "out" / "student.pt")
 
 
 @pytest.mark.e2e
 def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
     """bash pipeline.sh --seed 3: a python that records its command lines sees --seed 3 in every one
-    but the tokenizer's."""
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
-    fake.chmod(0o755)
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", "3", "--data",
-                             str(tmp_path / "data"), "--out", str(tmp_path / "out")],
-                            env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    calls = (tmp_path / "calls").read_text().splitlines()
-    scripts = [call.split()[0] for call in calls]
-    assert scripts == [
+    but the tokenizer's; --one-at-a-time runs them in the order of the docs."""
+    calls, _ = recorded_pipeline(tmp_path, "--seed", "3", "--one-at-a-time")
+    assert [call[1] for call in calls] == [
         "data.py",
         "tokenizer.py",
         "pretrain.py",
         "sft.py",
-        "reward.py",
-        "ppo.py",
-        "grpo.py",
-        "dpo.py",
         "pretrain.py",
+        "grpo.py",
+        "reward.py",
         "distill.py",
+        "dpo.py",
         "sft.py",
+        "ppo.py",
         "eval.py",
     ]
     for call in calls:
-        assert (" --seed 3" in call) == (not call.startswith("tokenizer.py")), call
+        assert ("--seed 3" in " ".join(call)) == (call[1] != "tokenizer.py"), call
     for bad in ("x", "-1", ""):
         result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--seed", bad],
                                 capture_output=True, text=True)
         assert result.returncode == 2 and "--seed needs a whole number" in result.stderr
+
+
+@pytest.mark.e2e
+def test_pipeline_runs_stages_side_by_side_after_sft(tmp_path):
+    """After SFT, stages run two at a time with OMP_NUM_THREADS at half the cores (of 4 here),
+    the others alone with all of them; no stage starts before each stage whose file it reads is
+    done."""
+    calls, lines = recorded_pipeline(tmp_path, env={**ENV, "OMP_NUM_THREADS": "4"})
+    threads = {call[call.index("--out") + 1].split("/")[-1]: call[0] for call in calls}
+    assert threads == {"data": "4", "tokenizer.json": "4", "pretrain.pt": "4", "sft.pt": "4",
+                       "student.pt": "2", "grpo.pt": "2", "reward.pt": "2", "distill.pt": "2",
+                       "dpo.pt": "2", "distill_baseline.pt": "2", "ppo.pt": "2", "eval.json": "4"}
+    started, done = {}, {}  # the line on which the stage writing a file started, and finished
+    for i, words in enumerate(line.split() for line in lines):
+        if words[0] == "done":
+            done[words[1].split("/")[-1]] = i
+        else:
+            started[words[words.index("--out") + 1].split("/")[-1]] = i
+    reads = {"pretrain.pt": ["tokenizer.json"], "sft.pt": ["pretrain.pt"], "grpo.pt": ["sft.pt"],
+             "reward.pt": ["sft.pt"], "ppo.pt": ["sft.pt", "reward.pt"], "dpo.pt": ["sft.pt"],
+             "student.pt": ["tokenizer.json"], "distill.pt": ["grpo.pt", "student.pt"],
+             "distill_baseline.pt": ["student.pt"],
+             "eval.json": ["sft.pt", "reward.pt", "ppo.pt", "grpo.pt", "dpo.pt", "student.pt",
+                           "distill.pt", "distill_baseline.pt"]}
+    for then, firsts in reads.items():
+        for first in firsts:
+            assert done[first] < started[then], (first, then)
 
 
 @pytest.mark.e2e
@@ -5880,6 +5920,20 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
     assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
     assert "pipeline | pretrain" not in result.stdout
+    # a stage beside another (the reward model): named, its exit code, and no stage after it
+    # starts (the student's pretraining beside it runs to its end)
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$1" in reward.py) '
+                    'echo "reward broke" >&2; exit 4 ;; esac\nexit 0\n')
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--data",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                            env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 4
+    assert "pipeline: stage reward failed (exit 4)" in result.stderr
+    assert "reward broke" in (tmp_path / "out" / "logs" / "reward.log").read_text()
+    scripts = [call.split()[0] for call in (tmp_path / "calls").read_text().splitlines()]
+    assert sorted(scripts) == sorted(["data.py", "tokenizer.py", "pretrain.py", "sft.py",
+                                      "pretrain.py", "grpo.py", "reward.py"])
 
 
 @pytest.mark.e2e
