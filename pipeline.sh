@@ -8,7 +8,7 @@
 #   bash pipeline.sh --one-at-a-time  # every stage alone on all the cores, one after another
 #   PYTHON=python3.11 bash pipeline.sh
 #
-# data -> tokenizer -> pretrain -> sft -> (student | grpo -> reward) -> (distill -> dpo | baseline
+# data -> tokenizer -> pretrain -> sft -> (grpo -> reward | student) -> (distill -> dpo | baseline
 # -> ppo) -> eval; "|": side by side, each on half the cores. student: a quarter-size pretrain;
 # baseline: sft.py on the student with distill's budget. Each stage's output goes to
 # O/logs/STAGE.log, and to the terminal but for the chains right of a "|"; the first failing stage
@@ -128,17 +128,17 @@ run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/
 run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" \
   --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" \
   "${Q_SFT[@]}"
-student() {
-  run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
-    --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
-}
 grpo_and_reward() {
   run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" \
     --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${S[@]}" "${Q_GRPO[@]}"
   run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
     --eval-pairs "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
 }
-beside student grpo_and_reward
+student() {
+  run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
+    --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
+}
+beside grpo_and_reward student
 distill_and_dpo() {
   run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" \
     --data "$DATA/prompts.jsonl" --chat-data "$DATA/chat.jsonl" --eval-data "$DATA/eval.jsonl" \
