@@ -310,20 +310,22 @@ def reply_texts(tokenizer, completion_ids, completion_mask):
 
 
 def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=128, score=None,
-                     force_think=False):
+                     force_think=False, forced_too=False):
     """Greedy replies to held-out {"prompt", "answer", "family"} records, the way every stage
     scores them: "accuracy" (final_answer(reply) == answer.strip(), tokenizer.py's one rule),
     "think_rate" (the reply starts with <think>), "well_formed" (it closed with <|im_end|> within
     max_new_tokens), "accuracy/<family>" per task family; "replies": the texts (for a win rate);
     with `score` (load_reward's), "score": the mean reward of the replies. force_think: every reply
     is made to start with <think> (appended to the prompt, counted in max_new_tokens): how well the
-    model executes its traces, the ceiling of what RL can teach it by making it think."""
-    if force_think and tokenizer.think_id is None:
+    model executes its traces, the ceiling of what RL can teach it by making it think. forced_too:
+    also "forced_think_accuracy", force_think's accuracy, in fewer replies: a greedy reply that
+    begins with the <think> token is its own forced reply, so only the others are made again."""
+    if (force_think or forced_too) and tokenizer.think_id is None:
         raise ValueError("force_think: this tokenizer has no <think> token")
     forced = [tokenizer.think_id] if force_think else []
     was_training = model.training
     model.eval()
-    replies, correct, closed, families, total_score = [], [], [], [], 0.0
+    replies, correct, closed, families, started, total_score = [], [], [], [], [], 0.0
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         prompts = [tokenizer.encode_prompt(record["prompt"]) + forced for record in batch]
@@ -341,6 +343,7 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
             correct.append(final_answer(text) == str(record.get("answer", "")).strip())
             families.append(record.get("family"))
         closed += ended.tolist()
+        started += (completions[:, 0] == tokenizer.think_id).tolist()
     model.train(was_training)
     n = max(len(correct), 1)
     result = {"accuracy": sum(correct) / n, "think_rate": sum(map(thinks, replies)) / n,
@@ -351,6 +354,12 @@ def heldout_accuracy(model, tokenizer, records, max_new_tokens=32, batch_size=12
     result["replies"] = replies
     if score is not None:
         result["score"] = total_score / len(records)
+    if forced_too:  # greedy decoding from prompt + <think> goes on as the reply that chose <think>
+        again = [record for record, began in zip(records, started) if not began]
+        forced = heldout_accuracy(model, tokenizer, again, max_new_tokens, batch_size,
+                                  force_think=True)["accuracy"] if again else 0.0
+        kept = sum(right for right, began in zip(correct, started) if began)
+        result["forced_think_accuracy"] = (kept + round(forced * len(again))) / n
     return result
 
 

@@ -360,13 +360,10 @@ def main(args: Args):
             print(f"eval | {paths[i]}: context {context} < the longest prompt ({longest}) "
                   f"+ --max-new-tokens {args.max_new_tokens}: no replies", file=sys.stderr)
         else:
-            row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens,
-                                        args.batch_size))
+            row.update(heldout_accuracy(model, tokenizer, records, args.max_new_tokens,  # and
+                                        args.batch_size,  # made to think: forced_think_accuracy
+                                        forced_too=tokenizer.think_id is not None))
             replies = row.pop("replies")
-            if tokenizer.think_id is not None:  # the reply made to start with <think>
-                row["forced_think_accuracy"] = heldout_accuracy(
-                    model, tokenizer, records, args.max_new_tokens, args.batch_size,
-                    force_think=True)["accuracy"]
             if votes:  # column 8, beside the families' accuracies
                 row.update({f"accuracy/vote@{k}": accuracy for k, accuracy in vote_accuracy(
                     model, tokenizer, records, votes, args.vote_temperature, args.max_new_tokens,

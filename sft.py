@@ -383,11 +383,9 @@ def main(args: Args):
 
     raw_model = gathered(raw_model) if args.fsdp else raw_model  # all ranks gather
     if master:
-        after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens)
-        if tokenizer.think_id is not None:  # detail 7: the ceiling of what RL can teach
-            forced = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens,
-                                      force_think=True)
-            after["forced_think_accuracy"] = forced["accuracy"]
+        # detail 7: and the forced-think accuracy, the ceiling of what RL can teach
+        after = heldout_accuracy(raw_model, tokenizer, eval_records, args.max_new_tokens,
+                                 forced_too=tokenizer.think_id is not None)
         save_checkpoint(args.out, raw_model, tokenizer, "sft", parent=args.init, step=step,
                         args=dataclasses.asdict(args), metrics={"before": before, "after": after})
         print(f"sft | done in {format_time(time.time() - start_time)}")

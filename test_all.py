@@ -2377,6 +2377,39 @@ def test_heldout_accuracy_forced_think_scores_by_the_same_rule(monkeypatch):
     assert "forced think 33.3%" in format_accuracy({**plain, "forced_think_accuracy": 1 / 3})
 
 
+def test_heldout_accuracy_forced_too_makes_again_only_the_replies_that_did_not_think(monkeypatch):
+    """forced_too: a greedy reply whose first token is <think> is its own forced reply; only the
+    others are made again, from prompt + <think>, and forced_think_accuracy is over every record."""
+    tokenizer = Tokenizer(merges=[])
+    think, end = tokenizer.think_id, tokenizer.special_tokens["</think>"]
+    worked = {a: tokenizer.encode(f"6+6={a}") + [end] + tokenizer.encode(a) for a in ("12", "13")}
+    greedy = [[think] + worked["12"], [think] + worked["13"],  # thought: right, wrong
+              tokenizer.encode("13"), tokenizer.encode("11")]  # straight away: both wrong
+    forced = [worked["12"], worked["13"]]  # records 2 and 3 made to think: right, wrong
+    records = [{"prompt": prompt, "answer": "12"} for prompt in "abcd"]
+    calls = []
+
+    def fixed_generate(model, prompts, max_new_tokens, **kwargs):
+        calls.append((prompts, max_new_tokens))
+        rows = [r + [tokenizer.im_end_id] for r in (greedy if len(calls) == 1 else forced)]
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in rows])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (n - len(r)) for r in rows])
+        return ids, torch.zeros(len(rows), n), mask
+
+    monkeypatch.setattr(engine, "generate", fixed_generate)
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    result = heldout_accuracy(model, tokenizer, records, max_new_tokens=20, forced_too=True)
+    assert len(calls) == 2 and calls[1] == ([tokenizer.encode_prompt(r["prompt"]) + [think]
+                                             for r in records[2:]], 19)
+    assert result["accuracy"] == pytest.approx(1 / 4) and result["think_rate"] == 0.5
+    assert result["forced_think_accuracy"] == pytest.approx(2 / 4)  # records 0 and 2
+    calls.clear()
+    greedy, records = greedy[:2], records[:2]  # every reply thought: nothing is made again
+    result = heldout_accuracy(model, tokenizer, records, max_new_tokens=20, forced_too=True)
+    assert len(calls) == 1 and result["forced_think_accuracy"] == result["accuracy"] == 0.5
+
+
 def test_majority_answer_ties_and_replies_without_an_answer():
     assert engine.majority_answer(["<think>1+1=2</think>2", " 3", "3 "]) == "3"
     # a tie goes to the answer given first; a think block never closed casts no vote
