@@ -8,11 +8,12 @@
 #   bash pipeline.sh --one-at-a-time  # every stage alone on all the cores, one after another
 #   PYTHON=python3.11 bash pipeline.sh
 #
-# data -> tokenizer -> pretrain -> sft -> (grpo -> reward | student) -> (distill -> dpo | baseline
-# -> ppo) -> eval; "|": side by side, each on half the cores. student: a quarter-size pretrain;
-# baseline: sft.py on the student with distill's budget. Each stage's output goes to
-# O/logs/STAGE.log, and to the terminal but for the chains right of a "|"; the first failing stage
-# stops the pipeline and is named; the end prints each stage's wall time and headline.
+# data -> tokenizer -> pretrain -> sft -> (grpo -> student -> distill | reward -> ppo -> dpo ->
+# baseline) -> eval; "|": two lanes side by side, each on half the cores, a stage waiting for the
+# other lane's stages it reads. student: a quarter-size pretrain; baseline: sft.py on the student
+# with distill's budget. Each stage's output goes to O/logs/STAGE.log, and to the terminal but for
+# the lane right of the "|"; the first failing stage stops the pipeline and is named; the end
+# prints each stage's wall time and headline.
 # Every stage runs with its own defaults (the CPU defaults); only paths and the seed are passed (and
 # a 1k vocabulary to the tokenizer, the student's size and steps, distill's budget to the
 # baseline), plus tiny sizes with --quick. Flags: `python STAGE.py --help`.
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
       case "$2" in /*) dir=$2 ;; *) dir=$PWD/$2 ;; esac  # relative to where you are, not the repo
       if [ "$1" = --data ]; then DATA=$dir; else OUT=$dir; fi
       shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "pipeline: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -76,20 +77,20 @@ else
                   --weight-decay 0.1 --grad-clip 1.0)  # distill.py's defaults
 fi
 
-# After SFT, stages that need nothing of each other run two at a time, OMP_NUM_THREADS=1 each on 2
-# cores (half the cores each on more): at these sizes a stage on two threads runs ~1.5x as fast as
-# on one, so two stages side by side get ~1.4x the work done. Each pair of chains takes about as
-# long as the other, and a chain reads only what the steps before it wrote. Pretraining and SFT, which set the
-# ceiling, run alone on every core, in the floating-point order their heights were measured in.
-# The first chain's output goes to the terminal, the second's to its logs only. --one-at-a-time:
-# every stage alone, in order.
+# After SFT, two lanes of stages side by side, OMP_NUM_THREADS=1 each on 2 cores (half the cores
+# each on more): at these sizes a stage on two threads runs ~1.5x as fast as on one, so two stages
+# side by side get ~1.4x the work done. A stage that reads a checkpoint of the other lane waits
+# until that stage is done (`after`). Pretraining and SFT, which set the ceiling, run alone on
+# every core, in the floating-point order their heights were measured in. The first lane's output
+# goes to the terminal, the second's to its logs only. --one-at-a-time: every stage alone, the
+# first lane and then the second.
 CORES=${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}
 HALF=$(( CORES > 1 ? CORES / 2 : 1 ))
-rm -f "$OUT/logs/failed"
+rm -f "$OUT/logs/failed" "$OUT"/logs/*.done
 run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
   local name=$1 start rc=0
   shift
-  [ ! -e "$OUT/logs/failed" ] || exit 1  # the stage beside failed: go no further
+  [ ! -e "$OUT/logs/failed" ] || exit 1  # the other lane failed: go no further
   echo "pipeline | $name: $*"
   start=$(date +%s.%N)
   if [ "$LOG_ONLY" = 1 ]; then
@@ -107,8 +108,18 @@ run() {  # run NAME COMMAND...: time it, log it, stop the pipeline if it fails
   fi
   echo "pipeline | $name took ${seconds}s${BESIDE:+ (beside another, OMP_NUM_THREADS=$BESIDE)}" \
     | tee -a "$OUT/logs/$name.log"
+  touch "$OUT/logs/$name.done"
 }
-beside() {  # beside CHAIN1 CHAIN2: two functions of stages at once, on half the cores each
+after() {  # after NAME...: wait until the other lane's stages NAME are done
+  local name
+  for name in "$@"; do
+    until [ -e "$OUT/logs/$name.done" ]; do
+      [ ! -e "$OUT/logs/failed" ] || exit 1
+      sleep 0.5
+    done
+  done
+}
+beside() {  # beside LANE1 LANE2: two functions of stages at once, on half the cores each
   if [ "$ONE_AT_A_TIME" = 1 ]; then "$1"; "$2"; return; fi
   (export OMP_NUM_THREADS=$HALF BESIDE=$HALF; "$1") &
   local first=$!
@@ -128,36 +139,32 @@ run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/
 run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" \
   --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" \
   "${Q_SFT[@]}"
-grpo_and_reward() {
+grpo_student_distill() {
   run grpo      $PYTHON grpo.py --init "$OUT/sft.pt" --data "$DATA/prompts.jsonl" \
     --eval-data "$DATA/eval.jsonl" --out "$OUT/grpo.pt" "${S[@]}" "${Q_GRPO[@]}"
-  run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
-    --eval-pairs "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
-}
-student() {
   run student   $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
     --out "$OUT/student.pt" "${S[@]}" "${Q_STUDENT[@]}"
-}
-beside grpo_and_reward student
-distill_and_dpo() {
   run distill   $PYTHON distill.py --teacher "$OUT/grpo.pt" --init "$OUT/student.pt" \
     --data "$DATA/prompts.jsonl" --chat-data "$DATA/chat.jsonl" --eval-data "$DATA/eval.jsonl" \
     --out "$OUT/distill.pt" "${S[@]}" "${DISTILL_BUDGET[@]}" "${Q_DISTILL[@]}"
-  run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
-    --eval-pairs "$DATA/prefs_eval.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" \
-    "${S[@]}" "${Q_DPO[@]}"
 }
-baseline_and_ppo() {
-  # the baseline: the same student, budget and seed as distill, fine-tuned on the SFT demos, not
-  # the teacher's replies (and, as distill, on the chats of chat.jsonl, with no pretraining text)
-  run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl,$DATA/chat.jsonl" \
-    --ptx-share 0 --eval-data "$DATA/eval.jsonl" --out "$OUT/distill_baseline.pt" "${S[@]}" \
-    "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
+reward_ppo_dpo_baseline() {
+  run reward    $PYTHON reward.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
+    --eval-pairs "$DATA/prefs_eval.jsonl" --out "$OUT/reward.pt" "${S[@]}" "${Q_REWARD[@]}"
   run ppo       $PYTHON ppo.py --init "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \
     --data "$DATA/prompts.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/ppo.pt" "${S[@]}" \
     "${Q_PPO[@]}"
+  run dpo       $PYTHON dpo.py --init "$OUT/sft.pt" --data "$DATA/prefs.jsonl" \
+    --eval-pairs "$DATA/prefs_eval.jsonl" --eval-data "$DATA/eval.jsonl" --out "$OUT/dpo.pt" \
+    "${S[@]}" "${Q_DPO[@]}"
+  # the baseline: the same student, budget and seed as distill, fine-tuned on the SFT demos, not
+  # the teacher's replies (and, as distill, on the chats of chat.jsonl, with no pretraining text)
+  after student
+  run baseline  $PYTHON sft.py --init "$OUT/student.pt" --data "$DATA/sft.jsonl,$DATA/chat.jsonl" \
+    --ptx-share 0 --eval-data "$DATA/eval.jsonl" --out "$OUT/distill_baseline.pt" "${S[@]}" \
+    "${DISTILL_BUDGET[@]}" "${Q_BASELINE[@]}"
 }
-beside distill_and_dpo baseline_and_ppo
+beside grpo_student_distill reward_ppo_dpo_baseline
 run eval      $PYTHON eval.py --checkpoints "$OUT/*.pt" --eval-data "$DATA/eval.jsonl" \
   --val-data "$DATA/pretrain_val.txt" --chat-data "$DATA/chat_eval.jsonl" \
   --reference "$OUT/sft.pt" --reward-model "$OUT/reward.pt" \

@@ -3047,9 +3047,9 @@ def test_lr_schedule_key_steps():
 
 
 def test_two_pretrainings_at_once_share_the_token_cache(tok, tmp_path, monkeypatch):
-    """pipeline.sh pretrains the student beside the default model, on one corpus: both processes
-    tokenize it at once and write the cache (each waits for the other before its atomic rename);
-    both end with the tokens and one cache file, no temporary left behind."""
+    """Two pretrainings of one corpus at once (say the default model's and the student's, started
+    by hand): both processes tokenize it and write the cache (each waits for the other before its
+    atomic rename); both end with the tokens and one cache file, no temporary left behind."""
     import multiprocessing
     path = tmp_path / "pretrain.txt"
     path.write_text("Tom has a red ball.\n\nWhat is 12 + 30? 42\n\nHello there.\n")
@@ -5883,12 +5883,12 @@ def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
         "pretrain.py",
         "sft.py",
         "grpo.py",
-        "reward.py",
         "pretrain.py",
         "distill.py",
+        "reward.py",
+        "ppo.py",
         "dpo.py",
         "sft.py",
-        "ppo.py",
         "eval.py",
     ]
     for call in calls:
@@ -5901,9 +5901,9 @@ def test_pipeline_seed_reaches_data_and_every_stage(tmp_path):
 
 @pytest.mark.e2e
 def test_pipeline_runs_stages_side_by_side_after_sft(tmp_path):
-    """After SFT, stages run two at a time with OMP_NUM_THREADS at half the cores (of 4 here),
-    the others alone with all of them; no stage starts before each stage whose file it reads is
-    done."""
+    """After SFT, stages run in two lanes with OMP_NUM_THREADS at half the cores (of 4 here), the
+    others alone with all of them; no stage starts before each stage whose file it reads is done
+    (the baseline waits for the student's pretraining in the other lane)."""
     calls, lines = recorded_pipeline(tmp_path, env={**ENV, "OMP_NUM_THREADS": "4"})
     threads = {call[call.index("--out") + 1].split("/")[-1]: call[0] for call in calls}
     assert threads == {"data": "4", "tokenizer.json": "4", "pretrain.pt": "4", "sft.pt": "4",
@@ -5953,10 +5953,10 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "pipeline: stage tokenizer failed (exit 3)" in result.stderr
     assert "tokenizer broke" in (tmp_path / "out" / "logs" / "tokenizer.log").read_text()
     assert "pipeline | pretrain" not in result.stdout
-    # a stage beside another (the reward model): named, its exit code, and no stage after it
-    # starts (the student's pretraining beside it runs to its end)
+    # a stage in a lane (the reward model, first in the second): named, its exit code, and no
+    # stage after it starts (GRPO in the other lane runs to its end)
     fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$1" in reward.py) '
-                    'echo "reward broke" >&2; exit 4 ;; esac\nexit 0\n')
+                    'echo "reward broke" >&2; exit 4 ;; esac\nsleep 0.3\n')
     result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), "--data",
                              str(tmp_path / "data"), "--out", str(tmp_path / "out")],
                             env={**ENV, "PYTHON": str(fake)}, capture_output=True, text=True,
@@ -5966,7 +5966,7 @@ def test_pipeline_stops_at_the_first_failing_stage(tmp_path):
     assert "reward broke" in (tmp_path / "out" / "logs" / "reward.log").read_text()
     scripts = [call.split()[0] for call in (tmp_path / "calls").read_text().splitlines()]
     assert sorted(scripts) == sorted(["data.py", "tokenizer.py", "pretrain.py", "sft.py",
-                                      "pretrain.py", "grpo.py", "reward.py"])
+                                      "grpo.py", "reward.py"])
 
 
 @pytest.mark.e2e
