@@ -71,7 +71,7 @@ class Args:
     """ipo only: each reply's log-ratio per token (TRL's IPO; beta then counts per token)"""
     precompute_ref: bool = False
     """compute the reference log-probs once before training and hold no reference model"""
-    steps: int = 30
+    steps: int = 20
     """optimizer steps"""
     batch_size: int = 32
     """pairs per optimizer step, summed over ranks and accumulation steps"""

@@ -136,7 +136,7 @@ run tokenizer $PYTHON tokenizer.py --data "$DATA/pretrain.txt" --out "$OUT/token
   "${Q_TOKENIZER[@]}"
 run pretrain  $PYTHON pretrain.py --data "$DATA/pretrain.txt" --tokenizer "$OUT/tokenizer.json" \
   --out "$OUT/pretrain.pt" "${S[@]}" "${Q_PRETRAIN[@]}"
-run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl" \
+run sft       $PYTHON sft.py --init "$OUT/pretrain.pt" --data "$DATA/sft.jsonl,$DATA/chat.jsonl" \
   --ptx-data "$DATA/pretrain.txt" --eval-data "$DATA/eval.jsonl" --out "$OUT/sft.pt" "${S[@]}" \
   "${Q_SFT[@]}"
 grpo_student_distill() {
