@@ -26,7 +26,7 @@ Files written (sizes at --scale 1; the eval files depend on neither --scale nor 
   prompts.jsonl     4k {"prompt", "answer", "family", "level"} for RL (PPO, GRPO) and distillation
   chat.jsonl        6k chat conversations on training prompts (as many as sft.jsonl's), with
                     "kind" and "animal"? (half the stories "thing"?: about a kite, say):
-                    distillation and its baseline train on them as written
+                    SFT, distillation and its baseline train on them as written
   prefs.jsonl       8k {"prompt", "chosen", "rejected", "family", "level", "kind"}, by `prefer`
   eval.jsonl        150 held-out problems per family, {"prompt", "answer", "family", "level"}
   prefs_eval.jsonl  one preference pair per eval problem, for the held-out reward / DPO accuracy
@@ -69,9 +69,9 @@ Implementation details
    iff (row + column) % 3 == 0, so every phrasing and every animal is also trained. A requested
    story restates the request ("Here is a story about a frog.") as a trace restates its operands:
    copying the animal is what a tiny model learns. Pretraining has requested stories and drills of
-   request and opening; three in ten SFT conversations chat. chat.jsonl, for the small student,
-   asks half its stories about a thing in any phrasing, which no animal remembered for a phrasing
-   answers. `chat_in_kind` judges a reply: a greeting back, "I can ...", a story naming the
+   request and opening; three in ten sft.jsonl conversations chat. chat.jsonl, which SFT and the
+   small student train on too, asks half its stories about a thing in any phrasing, which no
+   animal remembered for a phrasing answers. `chat_in_kind` judges a reply: a greeting back, "I can ...", a story naming the
    animal; no <think>, no digit.
 8. Step labels (TRL's stepwise format): a step starts at each space and at </think>, so the steps
    concatenate to the reply; the labeler's `judge_steps` marks each right iff a careful solver
