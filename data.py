@@ -71,8 +71,8 @@ Implementation details
    copying the animal is what a tiny model learns. Pretraining has requested stories and drills of
    request and opening; three in ten sft.jsonl conversations chat. chat.jsonl, which SFT and the
    small student train on too, asks half its stories about a thing in any phrasing, which no
-   animal remembered for a phrasing answers. `chat_in_kind` judges a reply: a greeting back, "I can ...", a story naming the
-   animal; no <think>, no digit.
+   animal remembered for a phrasing answers. `chat_in_kind` judges a reply: a greeting back,
+   "I can ...", a story naming the animal; no <think>, no digit.
 8. Step labels (TRL's stepwise format): a step starts at each space and at </think>, so the steps
    concatenate to the reply; the labeler's `judge_steps` marks each right iff a careful solver
    writes it there given the steps before it, so a mistake makes one wrong step, not all after it.
