@@ -71,7 +71,7 @@ class Args:
     """held-out prompts with answers, for the before/after accuracy"""
     out: str = "out/sft.pt"
     """checkpoint to write (the metrics go to the same path with .jsonl)"""
-    steps: int = 200
+    steps: int = 400
     """optimizer steps"""
     batch_size: int = 32
     """rows per optimizer step (conversations, text windows), summed over ranks and accumulation"""
