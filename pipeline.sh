@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pipeline.sh: every stage on the built-in data, from nothing to the results table.
 #
-#   bash pipeline.sh                  # CPU defaults: data/ and out/, about 6 minutes on 2 cores
+#   bash pipeline.sh                  # CPU defaults: data/ and out/, about 7 minutes on 2 cores
 #   bash pipeline.sh --seed 1         # another seed: data.py's training data and every stage's seed
 #   bash pipeline.sh --quick          # tiny sizes in data/quick/ and out/quick/, about 1 minute
 #   bash pipeline.sh --data D --out O # other directories (for --quick too)
