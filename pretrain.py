@@ -60,7 +60,7 @@ from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tokenizer import Tokenizer, read_documents
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, context)
-    "tiny": (128, 4, 4, 2, 384, 128),  # ~0.9M params + embeddings: the CPU default
+    "tiny": (128, 4, 4, 4, 384, 128),  # ~1M params with the tied embeddings: the CPU default
     "30m": (384, 12, 6, 2, 1024, 1024),  # 25M with a 16k vocab, 31M with 32k: one GPU
     "125m": (768, 12, 12, 4, 2048, 1024),  # 100M with a 32k vocab (tied), GPT-2 small scale
 }
@@ -82,7 +82,7 @@ class Args:
     """number of Transformer blocks (0 = from the preset)"""
     context: int = 0
     """sequence length in tokens (0 = from the preset)"""
-    steps: int = 700
+    steps: int = 500
     """optimizer steps"""
     batch_size: int = 16
     """sequences per optimizer step, summed over ranks and accumulation steps"""
