@@ -49,7 +49,7 @@ from model import Transformer, load_checkpoint  # noqa: E402
 from pretrain import Args, load_tokens, model_config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-# (hidden, layers): pretrain.py's shape family (4 heads, 2 kv heads, MLP 3x hidden)
+# (hidden, layers): pretrain.py's shape family (4 heads, 4 key/value heads, MLP 3x hidden)
 SIZES = [(32, 2), (48, 3), (64, 4), (96, 4), (128, 4), (160, 5)]
 TOKENS = [500_000, 1_000_000, 2_000_000, 4_000_000]  # the default pretrain.txt holds ~2.9M
 QUICK_SIZES, QUICK_TOKENS = [(32, 2), (48, 2), (64, 2)], [100_000, 200_000, 400_000]
